@@ -1,0 +1,16 @@
+"""Packages of the one `allocator` namespace, found under the folders that pyproject.toml's package-dir maps."""
+from setuptools import find_packages, setup
+
+FOLDERS = {"allocator": "allocator", "allocator.evaluators": "evaluators", "allocator.kernels": "kernels",
+           "allocator.conf": "conf"}
+
+
+def packages():
+    found = []
+    for name, folder in FOLDERS.items():
+        found.append(name)
+        found += [f"{name}.{sub}" for sub in find_packages(folder) if not (name == "allocator" and sub == "tests")]
+    return sorted(set(found))
+
+
+setup(packages=packages())
