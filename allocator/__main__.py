@@ -46,11 +46,15 @@ def run_synthetic(cfg: DictConfig, out: Path) -> dict:
             uniform = minimize(problem, "uniform")
         except ValueError:
             pass
+    from .plot import plot_allocation
+    shown = {cfg.solver.name: result.allocation, **({"uniform": uniform.allocation} if uniform is not None else {})}
+    plot_allocation(shown, title=f"{exp.model_config}: {problem.direction} ({problem.cost_kind})").savefig(
+        out / "allocation.png", dpi=120)
     lines = [f"# allocator: synthetic job on {exp.model_config}", "",
              f"- problem: {problem.describe()}", f"- solver: {result.summary()}"]
     if uniform is not None:
         lines.append(f"- uniform baseline: {uniform.summary()}")
-    lines += ["", result.allocation.to_frame().to_markdown(index=False)]
+    lines += ["", "![allocation](allocation.png)", "", result.allocation.to_frame().to_markdown(index=False)]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     if cfg.print_allocation:
         print(result.allocation.to_frame().to_string(index=False))
