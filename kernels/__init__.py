@@ -1,0 +1,29 @@
+"""Triton kernels for activation-sparse decode (imported as `allocator.kernels`; needs torch and triton).
+
+- `sparse_gemv_triton` / `sparse_gemv_reference`: y = (x * m) @ Wt, m = score(x) > threshold, Wt [K, N].
+- `rsparse_gemv_triton` / `rsparse_gemv_reference`: the R-Sparse layer, sparse + low-rank of the dropped part.
+- `torch.ops.allocator.sparse_gemv` / `rsparse_gemv`: the same as custom ops (CUDA graphs, torch.compile).
+- `allocator.kernels.latency`: the latency evaluator and `latency_cost_matrix` (cost kind `latency_decode`).
+- `allocator.kernels.llama_decode`: a random-weight Llama-shaped decoder for end-to-end decode timing.
+
+See kernels/README.md for layouts and measured numbers.
+"""
+
+from .ops import kernel_pays, rsparse_gemv, sparse_gemv, sparse_linear
+from .rsparse import low_rank_factors, rsparse_gemv_reference, rsparse_gemv_triton, rsparse_rank
+from .gemv import GemvConfig, keep_mask, sparse_gemv_reference, sparse_gemv_triton
+
+__all__ = [
+    "GemvConfig",
+    "keep_mask",
+    "kernel_pays",
+    "low_rank_factors",
+    "rsparse_gemv",
+    "rsparse_gemv_reference",
+    "rsparse_gemv_triton",
+    "rsparse_rank",
+    "sparse_gemv",
+    "sparse_gemv_reference",
+    "sparse_gemv_triton",
+    "sparse_linear",
+]

@@ -1,0 +1,179 @@
+"""A random-weight Llama-shaped decoder for one-token decode steps, dense or through the sparse kernels.
+
+Why: the end-to-end speedup of activation sparsity is bounded by what stays dense (LM head, attention,
+norms, launch gaps), and only a whole decode step shows it. No weights are downloaded: the shapes are
+what matter for time, and for the logits check both paths see the same random weights.
+
+Each layer sparsifies the four inputs TEAL / R-Sparse sparsify: the attention input (fused q|k|v), the
+attention output (o), the MLP input (fused gate|up) and the down-projection input. Modes of `step`:
+* "dense": standard row-major nn.Linear weights through cuBLAS (the baseline; no masking);
+* "sparse": the Triton kernels on the transposed weights (`torch.ops.allocator.sparse_gemv`);
+* "reference": the same masked function through the PyTorch reference (fp32 accumulate).
+The step takes a token id tensor and a position tensor, so one CUDA graph replays every decode step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .gemv import sparse_gemv_reference
+
+SITES = ("qkv", "o", "gate_up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderShape:
+    hidden: int
+    intermediate: int
+    n_heads: int
+    n_kv_heads: int
+    n_layers: int
+    vocab: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.n_heads
+
+
+LLAMA3_8B = DecoderShape(4096, 14336, 32, 8, 32, 128256, rope_theta=500000.0)
+LLAMA2_7B = DecoderShape(4096, 11008, 32, 32, 32, 32000)
+SMOLLM2_135M = DecoderShape(576, 1536, 9, 3, 30, 49152, rope_theta=100000.0)
+
+
+class RandomLlamaDecoder:
+    """Weights drawn N(0, 1/fan_in); KV cache of `max_len` positions pre-filled with random keys/values."""
+
+    def __init__(
+        self,
+        shape: DecoderShape,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        max_len: int = 512,
+        keep_dense_weights: bool = True,
+        seed: int = 0,
+    ):
+        self.shape, self.dtype, self.device, self.max_len = shape, dtype, torch.device(device), max_len
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        H, I, hd = shape.hidden, shape.intermediate, shape.head_dim
+        q_out, kv_out = shape.n_heads * hd, shape.n_kv_heads * hd
+
+        def rand(n_out: int, n_in: int) -> torch.Tensor:  # row-major [n_out, n_in]
+            w = torch.randn(n_out, n_in, generator=g, device=self.device, dtype=torch.float32)
+            return w.mul_(1.0 / math.sqrt(n_in)).to(dtype)
+
+        self.embed = rand(shape.vocab, H).mul_(math.sqrt(H))
+        self.lm_head = rand(shape.vocab, H)
+        self.final_norm = torch.ones(H, device=self.device, dtype=dtype)
+        self.layers = []
+        for _ in range(shape.n_layers):
+            w_qkv, w_o = rand(q_out + 2 * kv_out, H), rand(H, q_out)
+            w_gu, w_down = rand(2 * I, H), rand(H, I)
+            layer = {
+                "attn_norm": torch.ones(H, device=self.device, dtype=dtype),
+                "mlp_norm": torch.ones(H, device=self.device, dtype=dtype),
+                # transposed [K, N] weights for the kernels
+                "qkv": w_qkv.T.contiguous(),
+                "o": w_o.T.contiguous(),
+                "gate_up": w_gu.T.contiguous(),
+                "down": w_down.T.contiguous(),
+            }
+            if keep_dense_weights:  # row-major [N, K], what nn.Linear holds
+                layer.update(qkv_dense=w_qkv, o_dense=w_o, gate_up_dense=w_gu, down_dense=w_down)
+            del w_qkv, w_o, w_gu, w_down
+            self.layers.append(layer)
+        # KV cache [layers, 2, kv_heads, max_len, head_dim] with random content (a long prompt already seen)
+        self.kv = torch.randn(
+            shape.n_layers, 2, shape.n_kv_heads, max_len, hd, generator=g, device=self.device, dtype=torch.float32
+        ).to(dtype)
+        inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, hd, 2, device=self.device).float() / hd))
+        angles = torch.arange(max_len, device=self.device).float()[:, None] * inv_freq[None, :]
+        self.rope_cos, self.rope_sin = angles.cos(), angles.sin()  # [max_len, hd/2]
+        # per-layer, per-site thresholds (0: keep every nonzero channel)
+        self.thresholds = [dict.fromkeys(SITES, 0.0) for _ in range(shape.n_layers)]
+        self.record: list[dict[str, torch.Tensor]] | None = None
+
+    # -- pieces --
+    def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.shape.norm_eps)).to(self.dtype) * w
+
+    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # x [heads, hd]
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [1, hd/2]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(self.dtype)
+
+    def _linear(self, x: torch.Tensor, layer: dict, site: str, mode: str, i: int) -> torch.Tensor:
+        if self.record is not None:
+            self.record[i][site] = x.detach().clone()
+        if mode == "dense":
+            return F.linear(x, layer[site + "_dense"])
+        thr = [self.thresholds[i][site]]
+        if mode == "sparse":
+            return torch.ops.allocator.sparse_gemv(x, layer[site], thr, [], None, False)
+        return sparse_gemv_reference(x, layer[site], thr)
+
+    # -- one decode step --
+    def step(self, token: torch.Tensor, pos: torch.Tensor, mode: str = "sparse") -> torch.Tensor:
+        """token [1] int64, pos [1] int64 (position written into the KV cache) -> logits [1, vocab] fp32."""
+        s = self.shape
+        hd, nh, nkv = s.head_dim, s.n_heads, s.n_kv_heads
+        h = self.embed[token]  # [1, H]
+        visible = (torch.arange(self.max_len, device=self.device) <= pos).view(1, 1, 1, -1)
+        for i, layer in enumerate(self.layers):
+            x = self._rms_norm(h, layer["attn_norm"])
+            qkv = self._linear(x, layer, "qkv", mode, i)[0]  # [(nh + 2 nkv) hd]
+            q = self._rope(qkv[: nh * hd].view(nh, hd), pos)
+            k = self._rope(qkv[nh * hd : (nh + nkv) * hd].view(nkv, hd), pos)
+            v = qkv[(nh + nkv) * hd :].view(nkv, hd)
+            cache = self.kv[i]
+            cache[0].index_copy_(1, pos, k.unsqueeze(1))
+            cache[1].index_copy_(1, pos, v.unsqueeze(1))
+            attn = F.scaled_dot_product_attention(
+                q.view(1, nh, 1, hd), cache[0].unsqueeze(0), cache[1].unsqueeze(0), attn_mask=visible,
+                enable_gqa=nkv != nh,
+            )  # [1, nh, 1, hd]
+            h = h + self._linear(attn.reshape(1, nh * hd), layer, "o", mode, i)
+            x = self._rms_norm(h, layer["mlp_norm"])
+            gate, up = self._linear(x, layer, "gate_up", mode, i).chunk(2, dim=-1)
+            h = h + self._linear(F.silu(gate) * up, layer, "down", mode, i)
+        return F.linear(self._rms_norm(h, self.final_norm), self.lm_head).float()
+
+    @torch.no_grad()
+    def calibrate(self, sparsity: float, steps: int = 4, start_pos: int = 0) -> None:
+        """Set each site's threshold to the `sparsity` quantile of |input| over a few dense steps."""
+        samples = [{site: [] for site in SITES} for _ in self.layers]
+        for t in range(steps):
+            self.record = [{} for _ in self.layers]
+            token = torch.randint(0, self.shape.vocab, (1,), device=self.device)
+            self.step(token, torch.tensor([start_pos + t], device=self.device), mode="dense")
+            for i, rec in enumerate(self.record):
+                for site in SITES:
+                    samples[i][site].append(rec[site].float().abs().flatten())
+        self.record = None
+        for i in range(len(self.layers)):
+            for site in SITES:
+                values = torch.cat(samples[i][site])
+                self.thresholds[i][site] = 0.0 if sparsity <= 0 else float(torch.quantile(values, sparsity))
+
+    @torch.no_grad()
+    def measured_sparsity(self, steps: int = 4, start_pos: int = 0) -> float:
+        """Parameter-weighted fraction of input channels below threshold on fresh steps (reference path)."""
+        dropped = total = 0.0
+        for t in range(steps):
+            self.record = [{} for _ in self.layers]
+            token = torch.randint(0, self.shape.vocab, (1,), device=self.device)
+            self.step(token, torch.tensor([start_pos + t], device=self.device), mode="reference")
+            for i, rec in enumerate(self.record):
+                for site in SITES:
+                    w = self.layers[i][site]
+                    frac = (rec[site].float().abs() <= self.thresholds[i][site]).float().mean().item()
+                    dropped += frac * w.numel()
+                    total += w.numel()
+        self.record = None
+        return dropped / total
