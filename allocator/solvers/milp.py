@@ -1,0 +1,88 @@
+"""`milp`: the exact optimum of the table problem through ``scipy.optimize.milp`` (HiGHS branch and cut).
+
+Formulation (the chain of ``dp.chain_items``): one binary y[k] per item k = (start, end, level). Per unit (or
+fixed group) the items are (u, u+1, l), i.e. x[u, l] with one level per unit; with consecutive grouping they are
+the spans i..j at level l (cost / degradation from the span tables, so measured group rows are used). Flow
+conservation over the node boundaries (one unit of flow leaves node 0, in = out at every inner node) makes the
+chosen items a partition; one knapsack row ``sum cons[k] y[k] <= limit``; with ``max_groups`` also
+``sum y <= max_groups``. Variables: n m per unit, L (L+1) m / 2 grouped. Worst case exponential (NP-hard
+knapsack), in practice seconds for the per-unit problem; the grouped model grows as L^2 m, so ``time_limit``
+caps it (the result then says ``optimal: False`` and carries HiGHS' gap). Source: the standard MCKP / shortest
+path ILP (Kellerer, Pferschy, Pisinger, *Knapsack Problems*, 2004, ch. 11); this is the certificate every
+other solver is measured against.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_array
+
+from ..registry import register_solver
+from .base import Solver, SolveOutput
+from .dp import chain_items, chain_solution
+
+
+def _scale(values: np.ndarray) -> float:
+    """Divide by the largest magnitude when it is far from 1 (HiGHS' tolerances are absolute)."""
+    top = float(np.abs(values).max()) if values.size else 1.0
+    return top if top > 1e4 or 0 < top < 1e-2 else 1.0
+
+
+@register_solver("milp")
+class MILPSolver(Solver):
+    """Options: ``time_limit`` (seconds, default none), ``mip_rel_gap`` (1e-9), ``presolve`` (True)."""
+
+    exact = True
+
+    def _solve(self, problem, rng) -> SolveOutput:
+        start, end, level, cons, obj, n = chain_items(problem)
+        limit = problem.limit + problem.tolerance * max(1.0, abs(problem.limit))
+        history = []
+        rhs = limit
+        for attempt in range(3):
+            res = self._model(start, end, obj, n, problem.max_groups, cons, rhs)
+            history.append({"attempt": attempt, "status": int(res.status), "message": res.message,
+                            "objective": None if res.x is None else float(obj[res.x > 0.5].sum())})
+            if res.x is None:
+                break
+            chosen = np.flatnonzero(res.x > 0.5)
+            over = cons[chosen].sum() - limit
+            if over <= 0:
+                break
+            rhs -= 2 * over + 1e-9 * max(1.0, abs(limit))   # HiGHS accepted a tolerance-level violation
+        if res.status == 2:
+            best = self._model(start, end, cons, n, problem.max_groups, None, None)
+            if best.x is None:
+                raise RuntimeError(f"HiGHS failed on the relaxed problem: {best.message}")
+            raise problem.infeasible(float(cons[best.x > 0.5].sum()), scope="any allocation (MILP)")
+        if res.x is None:
+            raise TimeoutError(f"milp found no feasible allocation (HiGHS: {res.message}; time_limit="
+                               f"{self.options.get('time_limit')} s); raise the limit or use 'dp'")
+        unit_levels, groups = chain_solution(problem, start, end, level, chosen)
+        info = {"optimal": res.status == 0, "status": res.message, "variables": int(len(cons)),
+                "mip_gap": float(getattr(res, "mip_gap", 0.0) or 0.0),
+                "dual_bound": float(getattr(res, "mip_dual_bound", np.nan) or np.nan) * self._obj_scale}
+        return SolveOutput(unit_levels, n_evals=int(getattr(res, "mip_node_count", 0) or 0), history=history,
+                           groups=groups, info=info)
+
+    def _model(self, start, end, objective, n, max_groups, cons, rhs):
+        """Solve min objective.y over chain partitions (with the knapsack row when ``cons`` is given)."""
+        k = len(objective)
+        cols = np.arange(k)
+        flow = csr_array((np.concatenate([np.ones(k), -np.ones(k)]),
+                          (np.concatenate([start, end]), np.concatenate([cols, cols]))), shape=(n + 1, k))[:n]
+        target = np.zeros(n)
+        target[0] = 1.0
+        constraints = [LinearConstraint(flow, target, target)]
+        if cons is not None:
+            scale = _scale(np.append(cons, rhs))
+            constraints.append(LinearConstraint(cons[None, :] / scale, -np.inf, rhs / scale))
+        if max_groups is not None:
+            constraints.append(LinearConstraint(np.ones((1, k)), 0, max_groups))
+        self._obj_scale = _scale(objective)
+        options = {"mip_rel_gap": self.options.get("mip_rel_gap", 1e-9),
+                   "presolve": self.options.get("presolve", True)}
+        if self.options.get("time_limit") is not None:
+            options["time_limit"] = float(self.options["time_limit"])
+        return milp(objective / self._obj_scale, integrality=np.ones(k), bounds=Bounds(0, 1),
+                    constraints=constraints, options=options)
