@@ -1,0 +1,280 @@
+"""Benchmark of the activation-sparse decode GEMV and the fused R-Sparse layer against cuBLAS (GPU only).
+
+    python studies/kernel_bench.py all --out DIR          # tune, gemv table, R-Sparse table (~5 min, H100)
+    python studies/kernel_bench.py report --out DIR       # DIR/*.csv -> studies/results/kernel_bench_h100.md
+
+Protocol (kernels/latency.py): each call captured in a CUDA graph cycling through >= 300 MB of weight copies
+(L2 defeated), median of do_bench over graph replays, random unstructured masks at exactly s shared by the
+batch rows. "dense" is cuBLAS `F.linear(x, W)` on the usual row-major W; "fallback" is the same masked
+function through cuBLAS on the transposed Wt (what the op runs below the crossover sparsity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+import pandas as pd
+
+SHAPES = [  # (d_out, d_in) = (N, K)
+    (4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008),
+    (576, 576), (1536, 576), (576, 1536),
+]
+E2E_SHAPES = [(28672, 4096), (22016, 4096), (12288, 4096), (960, 576), (3072, 576)]  # fused projections
+SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.7, 0.9, 1.0]
+MLP_SHAPES = [(14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008)]
+
+
+def _candidates():
+    from allocator.kernels import GemvConfig
+
+    tiles = [  # (block_n, block_k, use_dot, num_warps, num_stages)
+        (64, 32, False, 4, 3), (128, 32, False, 4, 3), (256, 32, False, 8, 3), (128, 16, False, 4, 4),
+        (128, 64, False, 8, 3), (256, 16, False, 4, 4), (128, 32, True, 4, 3), (128, 64, True, 4, 3),
+        (256, 64, True, 8, 3), (64, 64, True, 4, 3), (256, 32, True, 4, 4), (128, 32, False, 8, 4),
+    ]
+    return [GemvConfig(block_n=bn, block_k=bk, use_dot=d, num_warps=w, num_stages=st) for bn, bk, d, w, st in tiles]
+
+
+def _split_options(K, N, cfg, device):
+    from allocator.kernels.gemv import _pick_splits
+
+    auto = _pick_splits(K, N, cfg, device)
+    return sorted({max(1, auto // 2), auto, min(auto * 2, max(1, K // 128))})
+
+
+def _weights(d_out, d_in, dtype, device):
+    import torch
+
+    from allocator.kernels.latency import n_copies_for
+
+    copies = n_copies_for(d_out * d_in * torch.finfo(dtype).bits // 8)
+    w = [torch.randn(d_out, d_in, device=device, dtype=dtype) * d_in**-0.5 for _ in range(copies)]
+    return w, [m.T.contiguous() for m in w]
+
+
+def tune(out: pathlib.Path, shapes, rep_ms: int = 15) -> dict:
+    """Best config per shape for fp16, batch 1, by the time at s=0.5 plus the time at s=0."""
+    import torch
+
+    from allocator.kernels import sparse_gemv_triton
+    from allocator.kernels.latency import THRESHOLD, graph_time_us, sparse_input
+
+    dev = torch.device("cuda")
+    rows, best = [], {}
+    for d_out, d_in in shapes:
+        w, wt = _weights(d_out, d_in, torch.float16, dev)
+        del w
+        xs = {s: sparse_input(1, d_in, s, torch.float16, dev) for s in (0.0, 0.5)}
+        scores = []
+        for base in _candidates():
+            for splits in _split_options(d_in, d_out, base, dev):
+                cfg = dataclasses.replace(base, n_splits=splits)
+                t = {}
+                try:
+                    for s, x in xs.items():
+                        t[s] = graph_time_us([lambda m=m: sparse_gemv_triton(x, m, THRESHOLD, config=cfg) for m in wt],
+                                             rep_ms)
+                except Exception as exc:  # a tile that does not compile (registers, shared memory)
+                    print(f"skip {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                    continue
+                rows.append({"d_out": d_out, "d_in": d_in, **dataclasses.asdict(cfg), "us_s0": t[0.0], "us_s50": t[0.5]})
+                scores.append((t[0.5] + 0.5 * t[0.0], cfg, t))
+        scores.sort(key=lambda r: r[0])
+        best[f"{d_in},{d_out}"] = dataclasses.asdict(scores[0][1])
+        print(f"tune {d_out}x{d_in}: best {scores[0][1]} s0={scores[0][2][0.0]:.2f} s50={scores[0][2][0.5]:.2f} us",
+              flush=True)
+        del wt
+        torch.cuda.empty_cache()
+    pd.DataFrame(rows).to_csv(out / "tune.csv", index=False)
+    (out / "tuned.json").write_text(json.dumps(best, indent=1))
+    return best
+
+
+def load_tuned(path: pathlib.Path) -> None:
+    from allocator.kernels import GemvConfig
+    from allocator.kernels.gemv import TUNED_CONFIGS
+
+    for key, cfg in json.loads(path.read_text()).items():
+        K, N = map(int, key.split(","))
+        TUNED_CONFIGS[(K, N, 1)] = GemvConfig(**cfg)
+
+
+def gemv_table(out: pathlib.Path, rep_ms: int = 30) -> pd.DataFrame:
+    import torch
+    import torch.nn.functional as F
+
+    from allocator.kernels import keep_mask, sparse_gemv_reference, sparse_gemv_triton
+    from allocator.kernels.gemv import _pick_splits, default_config
+    from allocator.kernels.latency import THRESHOLD, graph_time_us, sparse_input
+
+    dev = torch.device("cuda")
+    gpu = torch.cuda.get_device_name(dev)
+    rows = []
+    for d_out, d_in in SHAPES:
+        for dtype in (torch.float16, torch.bfloat16):
+            w, wt = _weights(d_out, d_in, dtype, dev)
+            for batch in (1, 2, 4) if dtype == torch.float16 else (1,):
+                x0 = sparse_input(batch, d_in, 0.0, dtype, dev)
+                dense = graph_time_us([lambda m=m: F.linear(x0, m) for m in w], rep_ms)
+                fallback = graph_time_us(
+                    [lambda m=m: (x0 * keep_mask(x0, THRESHOLD)) @ m for m in wt], rep_ms
+                )
+                cfg = default_config(d_in, d_out, batch, dev)
+                xc = sparse_input(batch, d_in, 0.5, dtype, dev)
+                err = ((sparse_gemv_triton(xc, wt[0], THRESHOLD).float() - sparse_gemv_reference(xc, wt[0], THRESHOLD)
+                        .float()).norm() / sparse_gemv_reference(xc, wt[0], THRESHOLD).float().norm()).item()
+                assert err < 2e-2, f"{d_out}x{d_in} {dtype} b{batch}: relative error {err:.2e}"
+                for s in SPARSITIES if batch == 1 else (0.0, 0.5, 0.9):
+                    x = sparse_input(batch, d_in, s, dtype, dev)
+                    ours = graph_time_us([lambda m=m: sparse_gemv_triton(x, m, THRESHOLD) for m in wt], rep_ms)
+                    kept_bytes = (1 - s) * d_out * d_in * wt[0].element_size()
+                    rows.append(dict(
+                        gpu=gpu, d_out=d_out, d_in=d_in, dtype=str(dtype)[6:], batch=batch, s=s,
+                        dense_us=dense, fallback_us=fallback, ours_us=ours, speedup=dense / ours,
+                        ideal=1 / (1 - s) if s < 1 else float("inf"),
+                        frac_ideal=(dense / ours) * (1 - s), ours_tbps=kept_bytes / ours / 1e6,
+                        dense_tbps=d_out * d_in * wt[0].element_size() / dense / 1e6,
+                        block_n=cfg.block_n, block_k=cfg.block_k, splits=_pick_splits(d_in, d_out, cfg, dev),
+                        use_dot=cfg.use_dot, warps=cfg.num_warps, stages=cfg.num_stages,
+                    ))
+                    r = rows[-1]
+                    print(f"{d_out}x{d_in} {r['dtype']} b{batch} s={s:.2f}: dense {dense:.2f} ours {ours:.2f} "
+                          f"x{r['speedup']:.2f} ({r['frac_ideal']:.0%} of ideal) {r['ours_tbps']:.2f} TB/s", flush=True)
+            del w, wt
+            torch.cuda.empty_cache()
+            pd.DataFrame(rows).to_csv(out / "kernel_bench_gemv.csv", index=False)
+    df = pd.DataFrame(rows)
+    return df
+
+
+def rsparse_table(out: pathlib.Path, rep_ms: int = 30) -> pd.DataFrame:
+    """R-Sparse layer at s=0.5: fused time vs sparse-only time at the same kept channels."""
+    import torch
+    import torch.nn.functional as F
+
+    from allocator.kernels import rsparse_gemv_triton, rsparse_rank, sparse_gemv_triton
+    from allocator.kernels.latency import THRESHOLD, graph_time_us, sparse_input
+
+    dev = torch.device("cuda")
+    rows = []
+    for d_out, d_in in MLP_SHAPES:
+        for dtype in (torch.float16, torch.bfloat16):
+            w, wt = _weights(d_out, d_in, dtype, dev)
+            x0 = sparse_input(1, d_in, 0.0, dtype, dev)
+            dense = graph_time_us([lambda m=m: F.linear(x0, m) for m in w], rep_ms)
+            del w
+            for s, rho in ((0.5, 0.9), (0.5, 0.8), (0.5, 0.5), (0.4, 0.9), (0.7, 0.9)):
+                kept_frac = (1 - s) * rho
+                _, rank = rsparse_rank(d_in, d_out, s, rho)
+                x = sparse_input(1, d_in, 1 - kept_frac, dtype, dev)
+                lr = [(torch.randn(d_in, rank, device=dev, dtype=dtype) * 0.05,
+                       torch.randn(rank, d_out, device=dev, dtype=dtype) * 0.05) for _ in wt]
+                sparse_only = graph_time_us([lambda m=m: sparse_gemv_triton(x, m, THRESHOLD) for m in wt], rep_ms)
+                fused = graph_time_us(
+                    [lambda m=m, f=f: rsparse_gemv_triton(x, m, f[0], f[1], THRESHOLD) for m, f in zip(wt, lr)], rep_ms
+                )
+                low_rank_only = graph_time_us(
+                    [lambda f=f: sparse_gemv_triton(x, f[0], THRESHOLD, invert=True, out_dtype=torch.float32)
+                     for f in lr], rep_ms
+                )
+                sparse_bytes = kept_frac * d_in * d_out
+                lr_bytes = rank * (d_in * (1 - kept_frac) + d_out)
+                share_sparse = lr_bytes / sparse_bytes
+                share_dense = rank * (d_in + d_out) / (d_in * d_out)
+                rows.append(dict(
+                    d_out=d_out, d_in=d_in, dtype=str(dtype)[6:], s=s, rho=rho, kept=kept_frac, rank=rank,
+                    dense_us=dense, sparse_only_us=sparse_only, fused_us=fused, z_kernel_us=low_rank_only,
+                    ratio=fused / sparse_only, lr_share_of_sparse_bytes=share_sparse,
+                    lr_share_of_dense_bytes=share_dense, bound=1 + share_sparse + 0.10,
+                    bound_strict=1 + share_dense + 0.10, speedup_vs_dense=dense / fused,
+                ))
+                r = rows[-1]
+                print(f"rsparse {d_out}x{d_in} {r['dtype']} s={s} rho={rho} r={rank}: sparse-only {sparse_only:.2f} "
+                      f"fused {fused:.2f} (x{r['ratio']:.3f}, bound x{r['bound']:.3f}/{r['bound_strict']:.3f}) "
+                      f"z {low_rank_only:.2f} dense {dense:.2f}", flush=True)
+                del lr
+            del wt
+            torch.cuda.empty_cache()
+    df = pd.DataFrame(rows)
+    df.to_csv(out / "kernel_bench_rsparse.csv", index=False)
+    return df
+
+
+def _md_table(df: pd.DataFrame, cols: list[str], fmt: dict[str, str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(fmt.get(c, "{}").format(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def report(out: pathlib.Path, dest: pathlib.Path) -> None:
+    """Markdown summary of the CSVs under `out` (gemv, rsparse, e2e if present)."""
+    parts = ["# Sparse decode GEMV on the H100: results", "",
+             "Generated by `python studies/kernel_bench.py report`; protocol in the module docstring of "
+             "studies/kernel_bench.py. Times in microseconds (median, CUDA graphs, L2 defeated). "
+             "speedup = cuBLAS dense / ours; frac = speedup x (1 - s), the fraction of the ideal 1/(1-s); "
+             "TB/s = kept weight bytes / our time. s = 1.0 is the floor (every channel dropped).", ""]
+    g = out / "kernel_bench_gemv.csv"
+    if g.exists():
+        df = pd.read_csv(g)
+        fmt = {"dense_us": "{:.2f}", "fallback_us": "{:.2f}", "ours_us": "{:.2f}", "speedup": "{:.2f}x",
+               "frac_ideal": "{:.0%}", "ours_tbps": "{:.2f}", "dense_tbps": "{:.2f}", "s": "{:.2f}"}
+        for (dtype, batch), sub in df.groupby(["dtype", "batch"], sort=False):
+            parts += [f"## GEMV, {dtype}, batch {batch}", "",
+                      _md_table(sub, ["d_out", "d_in", "s", "dense_us", "dense_tbps", "fallback_us", "ours_us",
+                                      "speedup", "frac_ideal", "ours_tbps"], fmt), ""]
+    r = out / "kernel_bench_rsparse.csv"
+    if r.exists():
+        df = pd.read_csv(r)
+        fmt = {c: "{:.2f}" for c in ("dense_us", "sparse_only_us", "fused_us", "z_kernel_us", "kept")}
+        fmt.update({"ratio": "{:.3f}", "bound": "{:.3f}", "bound_strict": "{:.3f}", "speedup_vs_dense": "{:.2f}x"})
+        parts += ["## R-Sparse fused layer (sparse + low-rank of the dropped channels)", "",
+                  "ratio = fused / sparse-only at the same kept channels; bound = 1 + low-rank bytes / sparse "
+                  "bytes + 10%; bound_strict = 1 + low-rank bytes / dense bytes + 10%.", "",
+                  _md_table(df, ["d_out", "d_in", "dtype", "s", "rho", "rank", "dense_us", "sparse_only_us",
+                                 "z_kernel_us", "fused_us", "ratio", "bound", "bound_strict", "speedup_vs_dense"],
+                            fmt), ""]
+    e = out / "e2e_decode.csv"
+    if e.exists():
+        df = pd.read_csv(e)
+        fmt = {"tokens_per_s": "{:.1f}", "step_us": "{:.1f}", "speedup": "{:.2f}x", "measured_s": "{:.3f}",
+               "amdahl_ceiling": "{:.2f}x"}
+        parts += ["## End-to-end decode, batch 1 (random weights, CUDA graph of a whole step)", "",
+                  _md_table(df, ["model", "dtype", "layers", "target_s", "measured_s", "step_us", "tokens_per_s",
+                                 "speedup", "amdahl_ceiling"], fmt), ""]
+    dest.write_text("\n".join(parts) + "\n")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=["all", "tune", "gemv", "rsparse", "report"])
+    p.add_argument("--out", type=pathlib.Path, required=True)
+    p.add_argument("--tuned", type=pathlib.Path, help="tuned.json from a previous `tune`")
+    p.add_argument("--dest", type=pathlib.Path, default=pathlib.Path("studies/results/kernel_bench_h100.md"))
+    a = p.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.what == "report":
+        report(a.out, a.dest)
+        return
+    t0 = time.time()
+    if a.what in ("all", "tune"):
+        tune(a.out, SHAPES + E2E_SHAPES)
+        load_tuned(a.out / "tuned.json")
+    elif a.tuned:
+        load_tuned(a.tuned)
+    print(f"[{time.time() - t0:.0f}s]", flush=True)
+    if a.what in ("all", "gemv"):
+        gemv_table(a.out)
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+    if a.what in ("all", "rsparse"):
+        rsparse_table(a.out)
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

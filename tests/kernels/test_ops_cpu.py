@@ -1,0 +1,91 @@
+"""Custom ops (fake implementations, dense fallback, prefill path), the decoder's kernel path vs its
+reference path, and the latency cost matrix. CPU, under TRITON_INTERPRET=1 where kernels run."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+pd = pytest.importorskip("pandas")
+np = pytest.importorskip("numpy")
+
+from allocator.kernels import gemv as sg  # noqa: E402
+from allocator.kernels import kernel_pays, low_rank_factors, rsparse_gemv_reference, sparse_gemv_reference  # noqa: E402
+from allocator.kernels.latency import latency_cost_matrix  # noqa: E402
+
+interpreted = pytest.mark.skipif(
+    not sg._interpreting() or "Interpreted" not in type(sg._sparse_gemv_kernel).__name__,
+    reason="CPU kernel tests need TRITON_INTERPRET=1 set before allocator.kernels is first imported",
+)
+
+
+def _x(rows, K):
+    return torch.randn(rows, K)
+
+
+@interpreted
+@pytest.mark.parametrize("rows", [1, 3, 9])  # 9 rows: the prefill path (reference)
+@pytest.mark.parametrize("dense", [False, True])
+def test_sparse_gemv_op(rows, dense):
+    x, wt = _x(rows, 70), torch.randn(70, 40)
+    y = torch.ops.allocator.sparse_gemv(x, wt, [0.8], [], None, dense)
+    torch.testing.assert_close(y, sparse_gemv_reference(x, wt, 0.8), rtol=1e-4, atol=1e-4)
+
+
+@interpreted
+@pytest.mark.parametrize("dense", [False, True])
+def test_rsparse_gemv_op(dense):
+    w = torch.randn(40, 70)
+    at, bt = low_rank_factors(w, 8)
+    x = _x(2, 70)
+    y = torch.ops.allocator.rsparse_gemv(x, w.T.contiguous(), at, bt, 0.8, None, dense)
+    torch.testing.assert_close(y, rsparse_gemv_reference(x, w.T.contiguous(), at, bt, 0.8), rtol=1e-4, atol=1e-4)
+
+
+def test_fake_implementations_give_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, wt = torch.empty(1, 3, 64), torch.empty(64, 48)
+        at, bt = torch.empty(64, 4), torch.empty(4, 48)
+        assert torch.ops.allocator.sparse_gemv(x, wt, [0.1], [], None, False).shape == (1, 3, 48)
+        assert torch.ops.allocator.rsparse_gemv(x, wt, at, bt, 0.1, None, False).shape == (1, 3, 48)
+
+
+def test_kernel_pays_respects_crossover():
+    assert kernel_pays(0.5, 4096, 4096)
+    assert kernel_pays(1.0, 576, 576)
+
+
+@interpreted
+def test_tiny_decoder_kernel_path_equals_reference():
+    from allocator.kernels.llama_decode import DecoderShape, RandomLlamaDecoder
+
+    model = RandomLlamaDecoder(DecoderShape(64, 96, 4, 2, 2, 50), torch.float32, "cpu", max_len=16)
+    model.calibrate(0.5, steps=2)
+    assert 0.3 < model.measured_sparsity(steps=1, start_pos=4) < 0.7
+    kv0 = model.kv.clone()
+    token, pos = torch.tensor([3]), torch.tensor([6])
+    a = model.step(token, pos, "sparse")
+    model.kv.copy_(kv0)
+    b = model.step(token, pos, "reference")
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_latency_cost_matrix_sums_projections_at_nearest_level():
+    rows = []
+    for (d_out, d_in), base in {(8, 4): 10.0, (4, 8): 20.0}.items():
+        for s in (0.0, 0.5, 0.9):
+            rows.append(["GPU", d_out, d_in, s, 1.0, "float16", 1, base * (1 - s) + 1, base])
+        rows.append(["GPU", d_out, d_in, 0.5, 0.9, "float16", 1, base * 0.6 + 1, base])
+    df = pd.DataFrame(rows, columns=["gpu", "d_out", "d_in", "s", "rho", "dtype", "batch", "latency_us", "dense_us"])
+    units = [[(8, 4)], [(8, 4), (4, 8)]]
+    m = latency_cost_matrix(df, units, [0.0, 0.45, 0.85])
+    assert m.shape == (2, 3)
+    np.testing.assert_allclose(m[0], [10.0, 6.0, 2.0])  # s=0: min(11, 10) = dense (fallback)
+    np.testing.assert_allclose(m[1], [30.0, 6.0 + 11.0, 2.0 + 3.0])
+    m_rs = latency_cost_matrix(df, units, [(0.5, 0.9)])
+    np.testing.assert_allclose(m_rs[:, 0], [7.0, 7.0 + 13.0])
+    with pytest.raises(KeyError):
+        latency_cost_matrix(df, [[(1, 1)]], [0.5])

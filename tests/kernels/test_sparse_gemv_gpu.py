@@ -1,0 +1,117 @@
+"""GPU correctness at real shapes, fp16 and bf16, batch 1..4; custom ops under CUDA graphs and torch.compile.
+
+Skipped without a CUDA GPU (or when Triton is being interpreted). Fresh random inputs each run; outputs
+poisoned with NaN before each run.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from allocator.kernels import (  # noqa: E402
+    low_rank_factors,
+    rsparse_gemv_reference,
+    rsparse_gemv_triton,
+    sparse_gemv_reference,
+    sparse_gemv_triton,
+)
+from allocator.kernels import gemv as sg  # noqa: E402
+from allocator.kernels.latency import THRESHOLD, sparse_input  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or sg._interpreting(), reason="needs a CUDA GPU"),
+]
+
+TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    real_empty = torch.empty
+
+    def poisoned_empty(*shape, dtype=None, device=None, **kw):
+        t = real_empty(*shape, dtype=dtype, device=device, **kw)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
+def _rel(y, ref):
+    assert not torch.isnan(y).any(), "unwritten (NaN-poisoned) output element"
+    return ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (4096, 14336), (576, 1536), (1000, 777)])
+@pytest.mark.parametrize("batch", [1, 2, 4])
+@pytest.mark.parametrize("s", [0.0, 0.5, 0.9, 1.0])
+def test_gemv_matches_reference(dtype, shape, batch, s):
+    d_out, d_in = shape
+    x = sparse_input(batch, d_in, s, dtype, "cuda")
+    wt = (torch.randn(d_in, d_out, device="cuda") * d_in**-0.5).to(dtype)
+    y = sparse_gemv_triton(x, wt, THRESHOLD)
+    ref = sparse_gemv_reference(x, wt, THRESHOLD)
+    if s == 1.0:
+        assert not torch.isnan(y).any() and y.abs().max() == 0
+    else:
+        assert _rel(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_qkv_segments(dtype):
+    x = sparse_input(1, 4096, 0.3, dtype, "cuda")
+    wt = (torch.randn(4096, 6144, device="cuda") * 0.02).to(dtype)
+    thr, segs = [0.05, 0.3, 0.6], (4096, 5120)
+    assert _rel(sparse_gemv_triton(x, wt, thr, segs), sparse_gemv_reference(x, wt, thr, segs)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336)])
+def test_rsparse_matches_reference(dtype, shape):
+    d_out, d_in = shape
+    w = torch.randn(d_out, d_in, device="cuda") * d_in**-0.5
+    at, bt = low_rank_factors(w[:, :], 64)
+    w, at, bt = w.to(dtype), at.to(dtype), bt.to(dtype)
+    x = sparse_input(1, d_in, 0.55, dtype, "cuda")
+    scale = w.float().norm(dim=0)
+    y = rsparse_gemv_triton(x, w.T.contiguous(), at, bt, THRESHOLD * 0.5, col_scale=scale)
+    ref = rsparse_gemv_reference(x, w.T.contiguous(), at, bt, THRESHOLD * 0.5, col_scale=scale)
+    assert _rel(y, ref) < TOL[dtype]
+
+
+def test_custom_op_under_cuda_graph_and_compile(monkeypatch):
+    monkeypatch.undo()  # graph capture and compile allocate for real
+    x = sparse_input(1, 4096, 0.5, torch.float16, "cuda")
+    wt = (torch.randn(4096, 4096, device="cuda") * 0.02).half()
+    op = torch.ops.allocator.sparse_gemv
+    ref = sparse_gemv_reference(x, wt, THRESHOLD)
+    op(x, wt, [THRESHOLD], [], None, False)  # warm up before capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = op(x, wt, [THRESHOLD], [], None, False)
+    x.copy_(sparse_input(1, 4096, 0.5, torch.float16, "cuda"))
+    g.replay()
+    assert _rel(y, sparse_gemv_reference(x, wt, THRESHOLD)) < 3e-3
+    compiled = torch.compile(lambda a: op(a, wt, [THRESHOLD], [], None, False) * 2, fullgraph=True)
+    assert _rel(compiled(x) / 2, sparse_gemv_reference(x, wt, THRESHOLD)) < 3e-3
+    assert _rel(op(x, wt, [THRESHOLD], [], None, True), sparse_gemv_reference(x, wt, THRESHOLD)) < 3e-3
+    del ref
+
+
+def test_smollm2_shaped_decoder_same_logits():
+    from allocator.kernels.llama_decode import SMOLLM2_135M, RandomLlamaDecoder
+
+    model = RandomLlamaDecoder(SMOLLM2_135M, torch.float32, "cuda", max_len=32, seed=3)
+    model.calibrate(0.5, steps=2)
+    kv0 = model.kv.clone()
+    token, pos = torch.tensor([7], device="cuda"), torch.tensor([10], device="cuda")
+    a = model.step(token, pos, "sparse")
+    model.kv.copy_(kv0)
+    b = model.step(token, pos, "reference")
+    assert _rel(a, b) < 1e-3
