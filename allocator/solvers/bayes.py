@@ -2,11 +2,11 @@
 
 Algorithm. One integer parameter ``x{i}`` per search dimension (unit, layer or fixed group: grouping is how to
 give TPE few dimensions). optuna's ask / tell loop: the sampler proposes a level vector; its cost comes from
-the tables, so an over-budget proposal is told at once with a penalty value and its violation through
-``constraints_func`` (optuna's constrained TPE / GP, > 0 = violated) and costs no model evaluation; with
-``repair=True`` (default) the budget repair of ``_search_common`` then projects it onto the budget and the
-repaired vector is measured and added to the study as its own trial, so the sampler learns from feasible
-points. Warm starts (``dp`` / ``greedy`` answers, or vectors) are queued with ``enqueue_trial``.
+the tables, so an over-budget proposal costs no model evaluation: it is told with its violation as an optuna
+constraint (``Trial.set_constraint`` / ``constraints_func``; > 0 = violated; optuna's constrained TPE / GP) and
+the worst value measured so far (no outlier penalty that would wreck a GP's scaling); with ``repair=True``
+(default) the budget repair of ``_search_common`` projects it onto the budget and the repaired vector is
+measured and added to the study as its own trial, so the sampler learns from feasible points. Warm starts (``dp`` / ``greedy`` answers, or vectors) are queued with ``enqueue_trial``.
 ``storage`` takes any optuna storage URL (``sqlite:///study.db``, ``postgresql://...``): several processes or
 machines running the same ``study_name`` share one study (optuna's distributed mode), each with its own budget.
 
@@ -127,29 +127,33 @@ class BayesSolver(Solver):
                         progress=cfg["progress"], desc=f"bayes-{kind}", fidelity=fid)
         n_asked = n_penalised = 0
         native = _native_constraints(optuna)
+        worst = None  # worst measured value: what an over-budget proposal is told (GP-friendly, no outliers)
         try:
             while n_asked < cfg["n_trials"] and not scorer.exhausted:
                 trial = study.ask(dists)
                 n_asked += 1
                 x = np.array([trial.params[f"x{i}"] for i in range(n)], dtype=int)
                 viol = float(scorer.violation(x[None])[0])
-                if viol > 0:  # known over budget from the tables: tell it without measuring
-                    _set_constraint(trial, viol, native)
-                    study.tell(trial, PENALTY * (1 + viol))
+                if viol > 0:  # known over budget from the tables: never measured
                     n_penalised += 1
                     if repair is None:
+                        _set_constraint(trial, viol, native)
+                        study.tell(trial, worst if worst is not None else PENALTY)
                         continue
-                    x = repair.repair_one(x, rng)
-                    trial = None
+                    raw, raw_viol = trial, viol
+                    x, trial = repair.repair_one(x, rng), None
                 value, viol = scorer.score(x[None], fidelity=fid)
                 value, viol = float(value[0]), float(viol[0])
                 if np.isnan(value):  # the budget ran out before this one was measured
-                    if trial is not None:
-                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    study.tell(trial if trial is not None else raw, state=optuna.trial.TrialState.FAIL)
                     break
-                told = value if np.isfinite(value) else PENALTY * (1 + max(viol, 0))
+                told = value if np.isfinite(value) else (worst if worst is not None else PENALTY)
+                if np.isfinite(value):
+                    worst = value if worst is None else max(worst, value)
                 units = problem.expand(x[None])[0].tolist()
-                if trial is None:
+                if trial is None:  # the raw proposal: its violation, and a value no better than its repair
+                    _set_constraint(raw, raw_viol, native)
+                    study.tell(raw, max(told, worst if worst is not None else told))
                     study.add_trial(_created_trial(optuna, native, {f"x{i}": int(v) for i, v in enumerate(x)}, dists,
                                                    told, viol, {"x_units": units, "repaired": True}))
                 else:

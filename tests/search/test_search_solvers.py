@@ -166,3 +166,14 @@ def test_errors():
         minimize(Problem(tables, "bytes_decode", sparsity=0.5), "evo", populaton=3)
     with pytest.raises(Infeasible):
         minimize(Problem(tables, "bytes_decode", sparsity=0.99), "evo", progress=False)
+
+
+def test_bayes_gp_on_true_objective_over_fixed_groups():
+    pytest.importorskip("torch")
+    tables = synthetic_tables(30, 8, seed=7)
+    fn = CountingObjective(tables)
+    groups = [list(range(i, i + 6)) for i in range(0, 30, 6)]
+    problem = Problem(tables, "bytes_decode", sparsity=0.5, grouping=groups, objective=fn)
+    result = minimize(problem, "bayes", seed=0, max_evals=14, n_startup_trials=6, warm_start="dp", progress=False)
+    assert result.info["sampler"] == "gp" and result.n_evals <= 14 and result.feasible
+    assert result.info["best_value"] <= result.history[0]["value"] + 1e-12  # never worse than the queued dp start
