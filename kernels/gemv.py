@@ -75,6 +75,7 @@ def _sparse_gemv_kernel(
     HAS_EXTRA: tl.constexpr,
     USE_DOT: tl.constexpr,  # tensor-core tl.dot with the batch padded to 16 rows, else FMA reduction
     REDUCE: tl.constexpr,  # n_splits > 1
+    COMPACT: tl.constexpr,  # compact kept channels first (work ~ kept) or stream with predicated loads
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -87,50 +88,78 @@ def _sparse_gemv_kernel(
     # The threshold of this stripe's column segment.
     thr = tl.where(n_start >= seg2, thr2, tl.where(n_start >= seg1, thr1, thr0))
 
-    # ---- 1. compact the kept channels of [k_lo, k_hi) into this program's scratch row ----
     k_lo = pid_s * k_split
     k_hi = tl.minimum(k_lo + k_split, K)
-    scratch_row = scratch_ptr + (pid_n * n_splits + pid_s).to(tl.int64) * k_split
-    count = 0
-    for k0 in range(k_lo, k_hi, SCAN_BLOCK):
-        k_offs = k0 + tl.arange(0, SCAN_BLOCK)
-        k_in = k_offs < k_hi
-        score = tl.zeros([SCAN_BLOCK], dtype=tl.float32)
-        for b in tl.static_range(BATCH):
-            xb = tl.load(x_ptr + b * stride_xb + k_offs, mask=k_in, other=0.0).to(tl.float32)
-            score = tl.maximum(score, tl.abs(xb))
-        if HAS_SCALE:
-            score = score * tl.load(scale_ptr + k_offs, mask=k_in, other=0.0)
-        if INVERT:
-            keep = (score <= thr) & k_in
-        else:
-            keep = (score > thr) & k_in
-        keep_i = keep.to(tl.int32)
-        pos = count + tl.cumsum(keep_i, axis=0) - 1
-        tl.store(scratch_row + pos, k_offs, mask=keep)
-        count += tl.sum(keep_i, axis=0)
-    tl.debug_barrier()  # scratch written by all threads of the program before any reads it
-
-    # ---- 2. accumulate the kept rows of this stripe ----
     acc = tl.zeros([BATCH_PAD, BLOCK_N], dtype=tl.float32)
-    for t0 in range(0, count, BLOCK_K):
-        t_offs = t0 + tl.arange(0, BLOCK_K)
-        t_in = t_offs < count
-        rows = tl.load(scratch_row + t_offs, mask=t_in, other=0)
-        w = tl.load(
-            wt_ptr + rows.to(tl.int64)[:, None] * N + n_offs[None, :],
-            mask=t_in[:, None] & n_mask[None, :],
-            other=0.0,
-        )  # [BLOCK_K, BLOCK_N]
-        xv = tl.load(
-            x_ptr + b_offs[:, None] * stride_xb + rows[None, :],
-            mask=b_mask[:, None] & t_in[None, :],
-            other=0.0,
-        )  # [BATCH_PAD, BLOCK_K]
-        if USE_DOT:
-            acc = tl.dot(xv.to(w.dtype), w, acc, input_precision="ieee")
-        else:
-            acc += tl.sum(xv.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    if COMPACT:
+        # ---- 1. compact the kept channels of [k_lo, k_hi) into this program's scratch row ----
+        scratch_row = scratch_ptr + (pid_n * n_splits + pid_s).to(tl.int64) * k_split
+        count = 0
+        for k0 in range(k_lo, k_hi, SCAN_BLOCK):
+            k_offs = k0 + tl.arange(0, SCAN_BLOCK)
+            k_in = k_offs < k_hi
+            score = tl.zeros([SCAN_BLOCK], dtype=tl.float32)
+            for b in tl.static_range(BATCH):
+                xb = tl.load(x_ptr + b * stride_xb + k_offs, mask=k_in, other=0.0).to(tl.float32)
+                score = tl.maximum(score, tl.abs(xb))
+            if HAS_SCALE:
+                score = score * tl.load(scale_ptr + k_offs, mask=k_in, other=0.0)
+            if INVERT:
+                keep = (score <= thr) & k_in
+            else:
+                keep = (score > thr) & k_in
+            keep_i = keep.to(tl.int32)
+            pos = count + tl.cumsum(keep_i, axis=0) - 1
+            tl.store(scratch_row + pos, k_offs, mask=keep)
+            count += tl.sum(keep_i, axis=0)
+        tl.debug_barrier()  # scratch written by all threads of the program before any reads it
+
+        # ---- 2. accumulate the kept rows of this stripe ----
+        for t0 in range(0, count, BLOCK_K):
+            t_offs = t0 + tl.arange(0, BLOCK_K)
+            t_in = t_offs < count
+            rows = tl.load(scratch_row + t_offs, mask=t_in, other=0)
+            w = tl.load(
+                wt_ptr + rows.to(tl.int64)[:, None] * N + n_offs[None, :],
+                mask=t_in[:, None] & n_mask[None, :],
+                other=0.0,
+            )  # [BLOCK_K, BLOCK_N]
+            xv = tl.load(
+                x_ptr + b_offs[:, None] * stride_xb + rows[None, :],
+                mask=b_mask[:, None] & t_in[None, :],
+                other=0.0,
+            )  # [BATCH_PAD, BLOCK_K]
+            if USE_DOT:
+                acc = tl.dot(xv.to(w.dtype), w, acc, input_precision="ieee")
+            else:
+                acc += tl.sum(xv.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    else:
+        # ---- masked streaming: affine addresses (pipelined loads), skipped rows predicated off ----
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k_offs = k0 + tl.arange(0, BLOCK_K)
+            k_in = k_offs < k_hi
+            xv = tl.load(
+                x_ptr + b_offs[:, None] * stride_xb + k_offs[None, :],
+                mask=b_mask[:, None] & k_in[None, :],
+                other=0.0,
+            )  # [BATCH_PAD, BLOCK_K]
+            score = tl.max(tl.abs(xv.to(tl.float32)), axis=0)
+            if HAS_SCALE:
+                score = score * tl.load(scale_ptr + k_offs, mask=k_in, other=0.0)
+            if INVERT:
+                keep = (score <= thr) & k_in
+            else:
+                keep = (score > thr) & k_in
+            w = tl.load(
+                wt_ptr + k_offs.to(tl.int64)[:, None] * N + n_offs[None, :],
+                mask=keep[:, None] & n_mask[None, :],
+                other=0.0,
+            )  # [BLOCK_K, BLOCK_N]; dropped rows are never read
+            xv = tl.where(keep[None, :], xv, 0.0)
+            if USE_DOT:
+                acc = tl.dot(xv.to(w.dtype), w, acc, input_precision="ieee")
+            else:
+                acc += tl.sum(xv.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
 
     if HAS_EXTRA:  # dense extra rows [r_lo, r_hi): acc += extra_x[:, r] @ extra_wt[r, stripe]
         r_lo = pid_s * r_split
@@ -180,6 +209,7 @@ class GemvConfig:
     num_stages: int = 3
     use_dot: bool = False
     scan_block: int = 1024
+    compact: bool = True
 
 
 def _sm_count(device: torch.device) -> int:
@@ -331,6 +361,7 @@ def sparse_gemv_triton(
         HAS_EXTRA=extra_x is not None,
         USE_DOT=cfg.use_dot,
         REDUCE=n_splits > 1,
+        COMPACT=cfg.compact,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

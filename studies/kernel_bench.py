@@ -40,6 +40,46 @@ def _candidates():
     return [GemvConfig(block_n=bn, block_k=bk, use_dot=d, num_warps=w, num_stages=st) for bn, bk, d, w, st in tiles]
 
 
+def explore(out: pathlib.Path, rep_ms: int = 15) -> None:
+    """Compaction vs predicated streaming, tiles, stages and splits, at several sparsities (fp16, batch 1)."""
+    import torch
+
+    from allocator.kernels import GemvConfig, sparse_gemv_triton
+    from allocator.kernels.latency import THRESHOLD, graph_time_us, sparse_input
+
+    dev = torch.device("cuda")
+    rows = []
+    variants = []
+    for compact in (False, True):
+        for bn, bk, dot, warps, stages in [
+            (64, 64, True, 4, 4), (128, 64, True, 4, 4), (128, 128, True, 4, 3), (128, 64, True, 4, 5),
+            (256, 64, True, 8, 4), (64, 128, True, 4, 4), (128, 32, False, 4, 4), (256, 32, False, 8, 4),
+            (128, 64, False, 8, 3), (64, 64, True, 4, 6),
+        ]:
+            variants.append(GemvConfig(block_n=bn, block_k=bk, use_dot=dot, num_warps=warps, num_stages=stages,
+                                       compact=compact))
+    for d_out, d_in in [(14336, 4096), (4096, 14336), (4096, 4096)]:
+        _, wt = _weights(d_out, d_in, torch.float16, dev)
+        xs = {s: sparse_input(1, d_in, s, torch.float16, dev) for s in (0.0, 0.5, 0.9, 1.0)}
+        for base in variants:
+            for splits in _split_options(d_in, d_out, base, dev):
+                cfg = dataclasses.replace(base, n_splits=splits)
+                try:
+                    t = {s: graph_time_us([lambda m=m: sparse_gemv_triton(x, m, THRESHOLD, config=cfg) for m in wt],
+                                          rep_ms) for s, x in xs.items()}
+                except Exception as exc:
+                    print(f"skip {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+                    continue
+                rows.append({"d_out": d_out, "d_in": d_in, **dataclasses.asdict(cfg),
+                             **{f"us_s{int(s * 100)}": v for s, v in t.items()}})
+                print(f"{d_out}x{d_in} compact={cfg.compact} bn={cfg.block_n} bk={cfg.block_k} dot={cfg.use_dot} "
+                      f"w={cfg.num_warps} st={cfg.num_stages} S={splits}: " +
+                      " ".join(f"{v:.1f}" for v in t.values()), flush=True)
+        del wt
+        torch.cuda.empty_cache()
+        pd.DataFrame(rows).to_csv(out / "explore.csv", index=False)
+
+
 def _split_options(K, N, cfg, device):
     from allocator.kernels.gemv import _pick_splits
 
@@ -252,7 +292,7 @@ def report(out: pathlib.Path, dest: pathlib.Path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["all", "tune", "gemv", "rsparse", "report"])
+    p.add_argument("what", choices=["all", "tune", "gemv", "rsparse", "report", "explore"])
     p.add_argument("--out", type=pathlib.Path, required=True)
     p.add_argument("--tuned", type=pathlib.Path, help="tuned.json from a previous `tune`")
     p.add_argument("--dest", type=pathlib.Path, default=pathlib.Path("studies/results/kernel_bench_h100.md"))
@@ -262,6 +302,9 @@ def main(argv=None) -> None:
         report(a.out, a.dest)
         return
     t0 = time.time()
+    if a.what == "explore":
+        explore(a.out)
+        return
     if a.what in ("all", "tune"):
         tune(a.out, SHAPES + E2E_SHAPES)
         load_tuned(a.out / "tuned.json")

@@ -68,6 +68,8 @@ CASES = [  # (batch, K, N, config)
     (2, 160, 70, GemvConfig(block_n=64, block_k=32, n_splits=2, use_dot=True)),
     (3, 97, 50, GemvConfig(block_n=16, block_k=16, n_splits=1)),
     (4, 256, 64, GemvConfig(block_n=32, block_k=16, n_splits=4, use_dot=True, scan_block=32)),
+    (1, 300, 100, GemvConfig(block_n=64, block_k=32, n_splits=2, compact=False)),
+    (3, 150, 40, GemvConfig(block_n=32, block_k=16, n_splits=1, use_dot=True, compact=False)),
 ]
 
 
@@ -78,7 +80,7 @@ def test_sparse_gemv_matches_reference(case, drop, monkeypatch):
     batch, K, N, cfg = CASES[case]
     dtype = torch.float16 if case % 2 == 0 else torch.float32
     x, wt = _input(batch, K, drop, dtype), torch.randn(K, N).to(dtype)
-    scale = torch.rand(K) + 0.5 if case == 1 else None
+    scale = torch.rand(K) + 0.5 if case in (1, 5) else None
     y = sparse_gemv_triton(x, wt, THR, col_scale=scale, config=cfg)
     ref = sparse_gemv_reference(x, wt, THR, col_scale=scale)
     if drop == 1.0 and scale is None:
@@ -114,7 +116,7 @@ def test_rsparse_matches_reference(drop, monkeypatch):
     at, bt = low_rank_factors(w, rank)
     x = _input(1, K, drop, torch.float32)
     scale = w.norm(dim=0)
-    cfg = GemvConfig(block_n=32, block_k=16, n_splits=2)
+    cfg = GemvConfig(block_n=32, block_k=16, n_splits=2, compact=drop != 0.5)
     y = rsparse_gemv_triton(x, w.T.contiguous(), at, bt, THR, col_scale=scale, config=cfg, low_rank_config=cfg)
     ref = rsparse_gemv_reference(x, w.T.contiguous(), at, bt, THR, col_scale=scale)
     _check(y, ref, torch.float32)
