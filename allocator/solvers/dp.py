@@ -35,6 +35,7 @@ import math
 import time
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from ..registry import register_solver
 from .base import Solver, SolveOutput
@@ -99,35 +100,37 @@ class ChainDP:
     def run(self) -> np.ndarray:
         """Fill the tables; return best values at node N, shape (G, capacity + 1) (G = 1 unless max_groups)."""
         C, n = self.cap + 1, self.n
-        rowlen = 2 * C                                   # C leading inf cells make every shifted index valid
         layers = 1 if self.K is None else self.K + 1
-        D = np.full((layers, n + 1, rowlen), np.inf)
+        D = np.full((layers, n + 1, 2 * C), np.inf)      # C leading inf cells make every shifted read valid
         D[0, 0, C] = 0.0
-        self.choice = np.full((layers, n + 1, C), -1, dtype=np.int32)
         order = np.argsort(self.end, kind="stable")
-        bounds = np.searchsorted(self.end[order], np.arange(n + 2))
-        cols = np.arange(C)
+        self.bounds = np.searchsorted(self.end[order], np.arange(n + 2))
+        self.order = order
         for e in range(1, n + 1):
-            sel = order[bounds[e]:bounds[e + 1]]
-            if sel.size == 0:
-                continue
-            base = (self.start[sel] * rowlen + C - self.weight[sel])[:, None] + cols[None, :]   # (P, C)
-            for g in range(1, layers) if self.K is not None else (0,):
+            sel = order[self.bounds[e]:self.bounds[e + 1]]
+            for g in range(1, min(e, self.K) + 1) if self.K is not None else (0,):
                 src = D[g - 1] if self.K is not None else D[0]
-                cand = src.take(base) + self.value[sel][:, None]                               # (P, C)
-                pick = cand.argmin(axis=0)
-                best = cand[pick, cols]
-                D[g, e, C:] = best
-                self.choice[g, e] = np.where(np.isfinite(best), sel[pick], -1)
+                use = sel if self.K is None else sel[self.start[sel] >= g - 1]
+                if use.size == 0:
+                    continue
+                windows = sliding_window_view(src, C, axis=1)                 # (n+1, C+1, C) view
+                cand = windows[self.start[use], C - self.weight[use]]         # (P, C): D[start, b - w]
+                cand += self.value[use][:, None]
+                D[g, e, C:] = cand.min(axis=0)
                 self.cells += cand.size
         self.D = D
         return D[1:, n, C:] if self.K is not None else D[:1, n, C:]
 
     def path(self, bucket: int, groups: int | None = None) -> list[int]:
-        """Item ids of the chain ending at node N in ``bucket`` (with ``groups`` items when max_groups is set)."""
+        """Item ids of the chain ending at node N in ``bucket`` (with ``groups`` items when max_groups is set),
+        recovered by re-evaluating each node's candidates (no argmin table is stored)."""
+        C = self.cap + 1
         items, e, b, g = [], self.n, int(bucket), (groups if self.K is not None else 0)
         while e > 0:
-            item = int(self.choice[g, e, b])
+            sel = self.order[self.bounds[e]:self.bounds[e + 1]]
+            src = self.D[g - 1] if self.K is not None else self.D[0]
+            vals = src[self.start[sel], C + b - self.weight[sel]] + self.value[sel]
+            item = int(sel[np.argmin(np.abs(vals - self.D[g, e, C + b]))])
             items.append(item)
             b, e = b - int(self.weight[item]), int(self.start[item])
             g = g - 1 if self.K is not None else 0
@@ -155,8 +158,19 @@ def _node_shift(start, end, cons, n_nodes) -> np.ndarray:
     return np.array([min(0.0, grid[:p + 1, p + 1:].min()) for p in range(n_nodes)])
 
 
-def solve_chain(problem, start, end, cons, obj, n_nodes, max_groups, buckets, max_exact_buckets):
-    """Optimal chain of items under ``sum(cons) <= limit``; None when no chain of these items is feasible."""
+WORK_CELLS = 6e7   # DP cells (items x buckets x group counts) one pass may fill when buckets are chosen adaptively
+
+
+def solve_chain(problem, start, end, cons, obj, n_nodes, max_groups, buckets=None, max_exact_buckets=None):
+    """Optimal chain of items under ``sum(cons) <= limit``; None when no chain of these items is feasible.
+
+    ``buckets=None`` picks B = WORK_CELLS / (items x group counts), clipped to [2000, 16000]; integer tables use
+    exact buckets when their capacity is <= ``max_exact_buckets`` (default max(B, 4 x that budget))."""
+    per_bucket = len(cons) * (max_groups or 1)
+    if buckets is None:
+        buckets = int(np.clip(WORK_CELLS / per_bucket, 2000, 16000))
+    if max_exact_buckets is None:
+        max_exact_buckets = max(buckets, int(4 * WORK_CELLS / per_bucket))
     limit = problem.limit + problem.tolerance * max(1.0, abs(problem.limit))
     args = (start, end)
     floor = _best_path(ChainDP(*args, np.zeros(len(cons), int), cons, n_nodes, 0, max_groups))
@@ -199,13 +213,37 @@ def solve_chain(problem, start, end, cons, obj, n_nodes, max_groups, buckets, ma
     best = min(options, key=lambda items: obj[items].sum() if cons[items].sum() <= limit else np.inf)
     info.update(rounding="down, repaired by up" if best is not floor[1] else "min-constrained fallback",
                 certified_optimal=False, dp_cells=cells)
+    best, info["polish_moves"] = polish(list(best), start, end, cons, obj, limit)
     return best, info
+
+
+def polish(items, start, end, cons, obj, limit, max_moves: int = 10_000):
+    """1-opt on the repaired answer: re-level one chosen item at a time while the exact slack allows it."""
+    key = start.astype(np.int64) * (int(end.max()) + 1) + end
+    order = np.argsort(key, kind="stable")
+    first = np.searchsorted(key[order], key[items])
+    last = np.searchsorted(key[order], key[items], side="right")
+    alts = [order[a:b] for a, b in zip(first, last)]          # same span, every level
+    width = max(len(a) for a in alts)
+    table = np.stack([np.pad(a, (0, width - len(a)), constant_values=a[0]) for a in alts])   # (chosen, levels)
+    moves = 0
+    while moves < max_moves:
+        chosen = np.asarray(items)
+        slack = limit - cons[chosen].sum()
+        gain = obj[chosen][:, None] - obj[table]
+        gain[cons[table] - cons[chosen][:, None] > slack] = -np.inf
+        pos, alt = np.unravel_index(np.argmax(gain), gain.shape)
+        if not gain[pos, alt] > 1e-12 * max(1.0, abs(obj[chosen].sum())):
+            break
+        items[pos] = int(table[pos, alt])
+        moves += 1
+    return items, moves
 
 
 @register_solver("dp")
 class DPSolver(Solver):
-    """Options: ``buckets`` (fine buckets, default adaptive), ``two_phase`` (True), ``coarse_step`` (auto),
-    ``coarse_buckets`` (400), ``keep_groups`` (3), ``max_widen`` (2), ``max_exact_buckets`` (50000)."""
+    """Options: ``buckets`` (fine buckets, default adaptive), ``two_phase`` (True), ``coarse_step`` (auto: about
+    6 coarse levels), ``coarse_buckets`` (400), ``keep_groups`` (3), ``max_widen`` (2), ``max_exact_buckets``."""
 
     def _opt(self, key, default):
         return self.options.get(key, default)
@@ -214,10 +252,9 @@ class DPSolver(Solver):
         start, end, level, cons, obj, n = chain_items(problem)
         if problem.grouping == "consecutive":
             return self._grouped(problem, start, end, level, cons, obj)
-        buckets = self._opt("buckets", int(np.clip(50 * n, 2000, 8000)))
         t0 = time.perf_counter()
-        items, info = solve_chain(problem, start, end, cons, obj, n, None, buckets,
-                                  self._opt("max_exact_buckets", 50_000))
+        items, info = solve_chain(problem, start, end, cons, obj, n, None, self._opt("buckets", None),
+                                  self._opt("max_exact_buckets", None))
         if items is None:
             raise problem.infeasible(info["min_constrained"])
         history = [{"phase": "mckp", "objective": float(obj[items].sum()), **_brief(info),
@@ -228,7 +265,7 @@ class DPSolver(Solver):
     def _grouped(self, problem, start, end, level, cons, obj) -> SolveOutput:
         L, m = problem.n_layers, problem.n_levels
         K = problem.max_groups
-        fine = (self._opt("buckets", 2000), self._opt("max_exact_buckets", 50_000))
+        fine = (self._opt("buckets", None), self._opt("max_exact_buckets", None))
         history = []
         allowed = self._coarse_phase(problem, start, end, level, cons, obj, history) \
             if self._opt("two_phase", True) else None
