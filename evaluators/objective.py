@@ -1,0 +1,86 @@
+"""The true objective: apply a candidate allocation to the real model and measure it on calibration windows.
+
+Search solvers (evolutionary, Bayesian) call it instead of, or beside, the additive table. The dense model's
+log-probabilities are computed once; repeated candidates are answered from a memo.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from .methods import Method, apply_allocation_, get_method, remove_compression_
+from .metrics import logits_of, token_losses
+
+logger = logging.getLogger(__name__)
+
+
+class TrueObjective:
+    """``objective(allocation) -> float``: KL(dense || compressed) per token (``metric="kl"``) or perplexity.
+
+    Accepts an ``Allocation``, a ``{unit: level}`` dict, or a vector of level indices when ``tables`` is given
+    (``objective.batch(X)`` for a population, shape (P, n_units)).
+    """
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, method: Method | str, metric: str = "kl", *,
+                 tables=None, batch_size: int = 8, score_last: float = 1.0):
+        if metric not in ("kl", "ppl", "perplexity", "nll"):
+            raise ValueError(f"unknown metric '{metric}'; use 'kl', 'ppl' or 'nll'")
+        self.model, self.windows, self.metric, self.tables = model, windows, metric, tables
+        self.method = get_method(method) if isinstance(method, str) else method
+        self.batch_size, self.score_last = batch_size, score_last
+        self.memo: dict[tuple, float] = {}
+        self.evaluations = self.hits = 0
+        self.seconds = 0.0
+        remove_compression_(model)
+        self._batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+        self._ref = [logits_of(model, ids)[:, :-1].log_softmax(-1) for ids in self._batches]
+
+    def _as_dict(self, candidate) -> dict[str, dict]:
+        if isinstance(candidate, dict):
+            return candidate
+        if hasattr(candidate, "units") and hasattr(candidate, "levels"):
+            return dict(zip(candidate.units, candidate.levels))
+        if self.tables is None:
+            raise TypeError("a level-index vector needs TrueObjective(..., tables=tables)")
+        idx = np.asarray(candidate, dtype=int).ravel()
+        if idx.shape != (self.tables.n_units,):
+            raise ValueError(f"expected {self.tables.n_units} level indices, got shape {idx.shape}")
+        rows = self.tables.levels.iloc[idx]
+        return {u: {"s": float(r.s), "rho": float(r.rho), "bits": int(r.bits)}
+                for u, r in zip(self.tables.unit_names, rows.itertuples())}
+
+    @staticmethod
+    def _key(units: dict[str, dict]) -> tuple:
+        return tuple(sorted((u, round(lv.get("s", 0.0), 6), round(lv.get("rho", 1.0), 6), int(lv.get("bits", 16)))
+                            for u, lv in units.items()))
+
+    def __call__(self, candidate) -> float:
+        units = self._as_dict(candidate)
+        key = self._key(units)
+        if key in self.memo:
+            self.hits += 1
+            return self.memo[key]
+        t0 = time.perf_counter()
+        apply_allocation_(self.model, units, self.method)
+        nll = kl = 0.0
+        count = 0
+        try:
+            for ids, ref in zip(self._batches, self._ref):
+                a, b, n = token_losses(logits_of(self.model, ids), ids, ref, self.score_last)
+                nll, kl, count = nll + a, kl + b, count + n
+        finally:
+            remove_compression_(self.model)
+        value = {"kl": kl / count, "nll": nll / count}.get(self.metric, math.exp(nll / count))
+        self.memo[key] = value
+        self.evaluations += 1
+        self.seconds += time.perf_counter() - t0
+        return value
+
+    def batch(self, population) -> np.ndarray:
+        """Values for a population of level-index vectors (P, n_units)."""
+        return np.array([self(x) for x in np.atleast_2d(population)])
