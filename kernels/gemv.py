@@ -115,24 +115,57 @@ def _sparse_gemv_kernel(
         tl.debug_barrier()  # scratch written by all threads of the program before any reads it
 
         # ---- 2. accumulate the kept rows of this stripe ----
-        for t0 in range(0, count, BLOCK_K):
-            t_offs = t0 + tl.arange(0, BLOCK_K)
-            t_in = t_offs < count
-            rows = tl.load(scratch_row + t_offs, mask=t_in, other=0)
-            w = tl.load(
-                wt_ptr + rows.to(tl.int64)[:, None] * N + n_offs[None, :],
-                mask=t_in[:, None] & n_mask[None, :],
-                other=0.0,
-            )  # [BLOCK_K, BLOCK_N]
-            xv = tl.load(
-                x_ptr + b_offs[:, None] * stride_xb + rows[None, :],
-                mask=b_mask[:, None] & t_in[None, :],
-                other=0.0,
-            )  # [BATCH_PAD, BLOCK_K]
-            if USE_DOT:
+        if USE_DOT:
+            for t0 in range(0, count, BLOCK_K):
+                t_offs = t0 + tl.arange(0, BLOCK_K)
+                t_in = t_offs < count
+                rows = tl.load(scratch_row + t_offs, mask=t_in, other=0)
+                w = tl.load(
+                    wt_ptr + rows.to(tl.int64)[:, None] * N + n_offs[None, :],
+                    mask=t_in[:, None] & n_mask[None, :],
+                    other=0.0,
+                )  # [BLOCK_K, BLOCK_N]
+                xv = tl.load(
+                    x_ptr + b_offs[:, None] * stride_xb + rows[None, :],
+                    mask=b_mask[:, None] & t_in[None, :],
+                    other=0.0,
+                )  # [BATCH_PAD, BLOCK_K]
                 acc = tl.dot(xv.to(w.dtype), w, acc, input_precision="ieee")
-            else:
-                acc += tl.sum(xv.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        else:
+            # FMA path, software-pipelined by hand: two weight tiles (A, B) in flight while one is consumed,
+            # indices prefetched a tile pair ahead; the reduction over rows happens once, after the loop.
+            acc3 = tl.zeros([BATCH_PAD, BLOCK_K, BLOCK_N], dtype=tl.float32)
+            k_ar = tl.arange(0, BLOCK_K)
+            rows_a = tl.load(scratch_row + k_ar, mask=k_ar < count, other=0)
+            w_a = tl.load(
+                wt_ptr + rows_a.to(tl.int64)[:, None] * N + n_offs[None, :],
+                mask=(k_ar < count)[:, None] & n_mask[None, :], other=0.0,
+            )
+            x_a = tl.load(x_ptr + b_offs[:, None] * stride_xb + rows_a[None, :],
+                          mask=b_mask[:, None] & (k_ar < count)[None, :], other=0.0)
+            rows_b = tl.load(scratch_row + BLOCK_K + k_ar, mask=BLOCK_K + k_ar < count, other=0)
+            for t0 in range(0, count, 2 * BLOCK_K):
+                in_b = t0 + BLOCK_K + k_ar < count
+                w_b = tl.load(
+                    wt_ptr + rows_b.to(tl.int64)[:, None] * N + n_offs[None, :],
+                    mask=in_b[:, None] & n_mask[None, :], other=0.0,
+                )
+                x_b = tl.load(x_ptr + b_offs[:, None] * stride_xb + rows_b[None, :],
+                              mask=b_mask[:, None] & in_b[None, :], other=0.0)
+                in_a2 = t0 + 2 * BLOCK_K + k_ar < count
+                in_b2 = t0 + 3 * BLOCK_K + k_ar < count
+                rows_a2 = tl.load(scratch_row + t0 + 2 * BLOCK_K + k_ar, mask=in_a2, other=0)
+                rows_b2 = tl.load(scratch_row + t0 + 3 * BLOCK_K + k_ar, mask=in_b2, other=0)
+                acc3 += x_a.to(tl.float32)[:, :, None] * w_a.to(tl.float32)[None, :, :]
+                w_a = tl.load(
+                    wt_ptr + rows_a2.to(tl.int64)[:, None] * N + n_offs[None, :],
+                    mask=in_a2[:, None] & n_mask[None, :], other=0.0,
+                )
+                x_a = tl.load(x_ptr + b_offs[:, None] * stride_xb + rows_a2[None, :],
+                              mask=b_mask[:, None] & in_a2[None, :], other=0.0)
+                acc3 += x_b.to(tl.float32)[:, :, None] * w_b.to(tl.float32)[None, :, :]
+                rows_b = rows_b2
+            acc += tl.sum(acc3, axis=1)
     else:
         # ---- masked streaming: affine addresses (pipelined loads), skipped rows predicated off ----
         for k0 in range(k_lo, k_hi, BLOCK_K):

@@ -9,7 +9,9 @@ attention output (o), the MLP input (fused gate|up) and the down-projection inpu
 * "dense": standard row-major nn.Linear weights through cuBLAS (the baseline; no masking);
 * "sparse": the Triton kernels on the transposed weights (`torch.ops.allocator.sparse_gemv`);
 * "reference": the same masked function through the PyTorch reference (fp32 accumulate).
-The step takes a token id tensor and a position tensor, so one CUDA graph replays every decode step.
+The step takes a token id tensor and a position tensor, so one CUDA graph replays every decode step. Outside
+"reference", norms, RoPE + cache write and SiLU * up run as fused Triton kernels (decode_ops.py) in both the
+dense and the sparse step, as a compiled inference engine would; the comparison stays like for like.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .decode_ops import add_rms_norm, rope_and_cache, silu_mul
 from .gemv import sparse_gemv_reference
 
 SITES = ("qkv", "o", "gate_up", "down")
@@ -120,7 +123,32 @@ class RandomLlamaDecoder:
 
     # -- one decode step --
     def step(self, token: torch.Tensor, pos: torch.Tensor, mode: str = "sparse") -> torch.Tensor:
-        """token [1] int64, pos [1] int64 (position written into the KV cache) -> logits [1, vocab] fp32."""
+        """token [1] int64, pos [1] int64 (position written into the KV cache) -> logits [1, vocab] fp32.
+
+        "dense" and "sparse" run the fused elementwise kernels (decode_ops.py) around the projections;
+        "reference" runs everything as plain PyTorch ops (the reference of both)."""
+        if mode == "reference" or self.record is not None:
+            return self._step_reference(token, pos, mode)
+        s = self.shape
+        hd, nh, nkv = s.head_dim, s.n_heads, s.n_kv_heads
+        h = self.embed[token]  # [1, H], a fresh buffer: updated in place below
+        visible = (torch.arange(self.max_len, device=self.device) <= pos).view(1, 1, 1, -1)
+        delta = None
+        for i, layer in enumerate(self.layers):
+            x = add_rms_norm(h, delta, layer["attn_norm"], s.norm_eps)
+            qkv = self._linear(x, layer, "qkv", mode, i)[0]
+            cache = self.kv[i]
+            q = rope_and_cache(qkv, self.rope_cos, self.rope_sin, pos, cache[0], cache[1], nh, nkv)
+            attn = F.scaled_dot_product_attention(
+                q.view(1, nh, 1, hd), cache[0].unsqueeze(0), cache[1].unsqueeze(0), attn_mask=visible,
+                enable_gqa=nkv != nh,
+            )
+            o = self._linear(attn.reshape(1, nh * hd), layer, "o", mode, i)
+            x = add_rms_norm(h, o, layer["mlp_norm"], s.norm_eps)
+            delta = self._linear(silu_mul(self._linear(x, layer, "gate_up", mode, i)), layer, "down", mode, i)
+        return F.linear(add_rms_norm(h, delta, self.final_norm, s.norm_eps), self.lm_head).float()
+
+    def _step_reference(self, token: torch.Tensor, pos: torch.Tensor, mode: str) -> torch.Tensor:
         s = self.shape
         hd, nh, nkv = s.head_dim, s.n_heads, s.n_kv_heads
         h = self.embed[token]  # [1, H]

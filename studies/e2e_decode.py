@@ -116,7 +116,7 @@ def main(argv=None) -> None:
     shapes = {"llama3_8b": LLAMA3_8B, "llama2_7b": LLAMA2_7B}
     rows: list = []
     if not a.skip_logits:
-        checks = [logits_check(torch.float32), logits_check(torch.float16)]
+        checks = [logits_check(torch.float32), logits_check(torch.float16), logits_check(torch.float16, sparsity=0.0)]
         pd.DataFrame(checks).to_csv(a.out / "e2e_logits_check.csv", index=False)
         for c in checks:
             print("SmolLM2-shaped logits, kernels vs reference:", c, flush=True)

@@ -49,20 +49,17 @@ def explore(out: pathlib.Path, rep_ms: int = 15) -> None:
 
     dev = torch.device("cuda")
     rows = []
-    variants = []
-    for compact in (False, True):
-        for bn, bk, dot, warps, stages in [
-            (64, 64, True, 4, 4), (128, 64, True, 4, 4), (128, 128, True, 4, 3), (128, 64, True, 4, 5),
-            (256, 64, True, 8, 4), (64, 128, True, 4, 4), (128, 32, False, 4, 4), (256, 32, False, 8, 4),
-            (128, 64, False, 8, 3), (64, 64, True, 4, 6),
-        ]:
-            variants.append(GemvConfig(block_n=bn, block_k=bk, use_dot=dot, num_warps=warps, num_stages=stages,
-                                       compact=compact))
-    for d_out, d_in in [(14336, 4096), (4096, 14336), (4096, 4096)]:
+    variants = [GemvConfig(block_n=128, block_k=64, use_dot=True, num_warps=4, num_stages=4)]
+    for bn, bk, warps in [(64, 32, 2), (128, 32, 4), (128, 16, 4), (256, 16, 4), (128, 64, 8), (256, 32, 8),
+                          (64, 64, 4), (128, 32, 2), (256, 32, 4), (64, 32, 1), (512, 16, 8), (128, 16, 2)]:
+        variants.append(GemvConfig(block_n=bn, block_k=bk, use_dot=False, num_warps=warps, num_stages=2))
+    for d_out, d_in in [(14336, 4096), (4096, 14336), (4096, 4096), (576, 1536)]:
         _, wt = _weights(d_out, d_in, torch.float16, dev)
         xs = {s: sparse_input(1, d_in, s, torch.float16, dev) for s in (0.0, 0.5, 0.9, 1.0)}
         for base in variants:
-            for splits in _split_options(d_in, d_out, base, dev):
+            stripes = -(-d_out // base.block_n)
+            for splits in [sp for sp in (1, 2, 4, 8, 16, 32) if stripes * sp <= 1400 and d_in // sp >= 128
+                           and (stripes * sp >= 100 or d_out * d_in < 4e6)]:
                 cfg = dataclasses.replace(base, n_splits=splits)
                 try:
                     t = {s: graph_time_us([lambda m=m: sparse_gemv_triton(x, m, THRESHOLD, config=cfg) for m in wt],

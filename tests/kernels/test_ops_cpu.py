@@ -73,6 +73,24 @@ def test_tiny_decoder_kernel_path_equals_reference():
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_decode_ops_match_torch_reference(dtype):
+    """Dense step with the fused norm / RoPE + cache / SiLU kernels equals the all-PyTorch step."""
+    from allocator.kernels.llama_decode import DecoderShape, RandomLlamaDecoder
+
+    model = RandomLlamaDecoder(DecoderShape(64, 96, 4, 2, 2, 50), dtype, "cpu", max_len=16)
+    kv0 = model.kv.clone()
+    token, pos = torch.tensor([5]), torch.tensor([9])
+    fused = model.step(token, pos, "dense")
+    kv_fused = model.kv.clone()
+    model.kv.copy_(kv0)
+    ref = model._step_reference(token, pos, "dense")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(kv_fused.float(), model.kv.float(), rtol=tol, atol=tol)
+
+
 def test_latency_cost_matrix_sums_projections_at_nearest_level():
     rows = []
     for (d_out, d_in), base in {(8, 4): 10.0, (4, 8): 20.0}.items():
