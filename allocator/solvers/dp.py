@@ -24,10 +24,12 @@ full fine DP. Source: ASAF, "Layer-wise Sensitivity-aware Sparsity Allocation fo
 Discretization bound. Constrained values are shifted to be >= 0 and divided into B buckets of width
 ``w = limit' / B``. Integer-valued tables whose limit fits ``max_exact_buckets`` use exact integer buckets
 (answer exactly optimal). Otherwise the DP first rounds every item *down* (a relaxation: its optimum LB <= the
-true optimum); if that answer meets the undiscretized limit it is optimal. Else the answer is repaired by a
-second DP rounding *up* (conservative: always feasible) and the best feasible of the two is returned: its
-objective is <= OPT(limit - n*w), the optimum of the limit tightened by n bucket widths (n = items in a
-solution: units, or groups <= L), and ``info['lower_bound']`` = LB gives an a-posteriori gap.
+true optimum); if that answer meets the undiscretized limit it is optimal. Else it is repaired: the rounded-down
+DP on the limit tightened by n bucket widths is conservative (every answer it returns is feasible), then a few
+bisection steps on the effective limit between the two and a 1-opt pass keep the best feasible answer. Bound:
+the answer is feasible with objective <= OPT(limit - n*w), the optimum of the limit tightened by n bucket
+widths (n = items in a solution: units, or groups <= min(L, max_groups)); ``info['lower_bound']`` = LB gives
+an a-posteriori gap.
 """
 from __future__ import annotations
 
@@ -161,14 +163,16 @@ def _node_shift(start, end, cons, n_nodes) -> np.ndarray:
 WORK_CELLS = 6e7   # DP cells (items x buckets x group counts) one pass may fill when buckets are chosen adaptively
 
 
-def solve_chain(problem, start, end, cons, obj, n_nodes, max_groups, buckets=None, max_exact_buckets=None):
+def solve_chain(problem, start, end, cons, obj, n_nodes, max_groups, buckets=None, max_exact_buckets=None,
+                refine: int = 4, repair: bool = True, n_candidates: int = 0):
     """Optimal chain of items under ``sum(cons) <= limit``; None when no chain of these items is feasible.
 
-    ``buckets=None`` picks B = WORK_CELLS / (items x group counts), clipped to [2000, 16000]; integer tables use
+    ``buckets=None`` picks B = WORK_CELLS / (items x group counts), clipped to [2000 (1000 with max_groups: few
+    groups, so n*w stays small), 16000]; integer tables use
     exact buckets when their capacity is <= ``max_exact_buckets`` (default max(B, 4 x that budget))."""
     per_bucket = len(cons) * (max_groups or 1)
     if buckets is None:
-        buckets = int(np.clip(WORK_CELLS / per_bucket, 2000, 16000))
+        buckets = int(np.clip(WORK_CELLS / per_bucket, 2000 if max_groups is None else 1000, 16000))
     if max_exact_buckets is None:
         max_exact_buckets = max(buckets, int(4 * WORK_CELLS / per_bucket))
     limit = problem.limit + problem.tolerance * max(1.0, abs(problem.limit))
@@ -190,6 +194,11 @@ def solve_chain(problem, start, end, cons, obj, n_nodes, max_groups, buckets=Non
         dp = ChainDP(start[idx], end[idx], weights[idx], obj[idx], n_nodes, capacity, max_groups)
         found = _best_path(dp)
         cells += dp.cells
+        if found is not None and n_candidates and "candidates" not in info:   # partitions for re-levelling
+            ends = dp.D[1:, n_nodes, capacity + 1:] if max_groups is not None else dp.D[:1, n_nodes, capacity + 1:]
+            top = np.argsort(ends, axis=None)[:n_candidates]
+            info["candidates"] = [idx[dp.path(b, g + 1)].tolist() for g, b in zip(*np.unravel_index(top, ends.shape))
+                                  if np.isfinite(ends[g, b])]
         return None if found is None else (found[0], idx[found[1]].tolist())
 
     rounded = np.round(shifted)
@@ -203,16 +212,33 @@ def solve_chain(problem, start, end, cons, obj, n_nodes, max_groups, buckets=Non
             return items, info
     width = room / buckets if room > 0 else 1.0
     capacity = buckets if room > 0 else 0
+
+    def down(room_eff):   # the relaxed (rounded-down) DP for an effective room
+        return attempt(np.floor(shifted / (room_eff / buckets) + 1e-12), capacity) if room_eff > 0 else None
+
     low = attempt(np.floor(shifted / width + 1e-12), capacity)
     info.update(exact=False, bucket_width=width, buckets=capacity, lower_bound=low[0], rounding="down")
-    if cons[low[1]].sum() <= limit:
-        info.update(dp_cells=cells, certified_optimal=True)
+    if cons[low[1]].sum() <= limit or not repair:
+        info.update(dp_cells=cells, certified_optimal=bool(cons[low[1]].sum() <= limit))
         return low[1], info
-    high = attempt(np.ceil(shifted / width - 1e-12), capacity)
-    options = [floor[1]] + ([high[1]] if high is not None else [])
+    # Repair. Rounded down with the room tightened by n widths, every answer is feasible (the bound); then
+    # bisect the effective room between that and the full room, keeping the best feasible answer.
+    n_items = min(n_nodes, max_groups or n_nodes)
+    safe_room = room - n_items * width
+    safe = down(safe_room) if safe_room > 0 else attempt(np.ceil(shifted / width - 1e-12), capacity)
+    options = [floor[1]] + ([safe[1]] if safe is not None else [])
+    lo, hi = max(safe_room, 0.0), room
+    for _ in range(refine):
+        mid = 0.5 * (lo + hi)
+        found = down(mid)
+        if found is not None and cons[found[1]].sum() <= limit:
+            options.append(found[1])
+            lo = mid
+        else:
+            hi = mid
     best = min(options, key=lambda items: obj[items].sum() if cons[items].sum() <= limit else np.inf)
-    info.update(rounding="down, repaired by up" if best is not floor[1] else "min-constrained fallback",
-                certified_optimal=False, dp_cells=cells)
+    info.update(rounding="down, repaired (tightened room, bisection)" if best is not floor[1]
+                else "min-constrained fallback", certified_optimal=False, dp_cells=cells)
     best, info["polish_moves"] = polish(list(best), start, end, cons, obj, limit)
     return best, info
 
@@ -243,7 +269,8 @@ def polish(items, start, end, cons, obj, limit, max_moves: int = 10_000):
 @register_solver("dp")
 class DPSolver(Solver):
     """Options: ``buckets`` (fine buckets, default adaptive), ``two_phase`` (True), ``coarse_step`` (auto: about
-    6 coarse levels), ``coarse_buckets`` (400), ``keep_groups`` (3), ``max_widen`` (2), ``max_exact_buckets``."""
+    6 coarse levels), ``coarse_buckets`` (10 L in [400, 2000]), ``keep_groups`` (3), ``max_widen`` (2), ``max_exact_buckets``,
+    ``refine`` (bisection steps of the repair; 4, or 0 with max_groups)."""
 
     def _opt(self, key, default):
         return self.options.get(key, default)
@@ -254,7 +281,7 @@ class DPSolver(Solver):
             return self._grouped(problem, start, end, level, cons, obj)
         t0 = time.perf_counter()
         items, info = solve_chain(problem, start, end, cons, obj, n, None, self._opt("buckets", None),
-                                  self._opt("max_exact_buckets", None))
+                                  self._opt("max_exact_buckets", None), self._opt("refine", 4))
         if items is None:
             raise problem.infeasible(info["min_constrained"])
         history = [{"phase": "mckp", "objective": float(obj[items].sum()), **_brief(info),
@@ -265,11 +292,13 @@ class DPSolver(Solver):
     def _grouped(self, problem, start, end, level, cons, obj) -> SolveOutput:
         L, m = problem.n_layers, problem.n_levels
         K = problem.max_groups
-        fine = (self._opt("buckets", None), self._opt("max_exact_buckets", None))
+        fine = (self._opt("buckets", None), self._opt("max_exact_buckets", None),
+                self._opt("refine", 4 if K is None else 0))
         history = []
         allowed = self._coarse_phase(problem, start, end, level, cons, obj, history) \
             if self._opt("two_phase", True) else None
-        for attempt in range(self._opt("max_widen", 2) + 1):
+        widen_left, attempt = self._opt("max_widen", 2), 0
+        while True:
             t0 = time.perf_counter()
             if allowed is None:
                 keep = np.ones(len(cons), bool)
@@ -277,22 +306,59 @@ class DPSolver(Solver):
                 count = np.vstack([np.zeros((1, m), int), np.cumsum(allowed, axis=0)])
                 keep = (count[end, level] - count[start, level]) == (end - start)
             idx = np.flatnonzero(keep)
-            items, info = solve_chain(problem, start[idx], end[idx], cons[idx], obj[idx], L, K, *fine)
-            history.append({"phase": "fine", "attempt": attempt, "items": int(idx.size),
+            final = allowed is None or widen_left == 0        # widening decisions use the relaxed answer only
+            items, info = solve_chain(problem, start[idx], end[idx], cons[idx], obj[idx], L, K, *fine, repair=final,
+                                      n_candidates=self._opt("relevel_candidates", 16) if final else 0)
+            history.append({"phase": "fine", "attempt": attempt, "items": int(idx.size), "repaired": final,
                             "objective": None if items is None else float(obj[idx][items].sum()), **_brief(info),
                             "seconds": time.perf_counter() - t0})
+            attempt += 1
             if items is None:
                 if allowed is None:
                     raise problem.infeasible(info["min_constrained"], scope="a consecutive grouping")
                 allowed = None                       # narrowed intervals infeasible: full fine DP
                 continue
             items = idx[items]
-            spans = [(int(start[k]), int(end[k]) - 1, int(level[k])) for k in items]
-            if allowed is None or not self._widen(allowed, spans, problem):
+            if final:
                 break
+            if self._widen(allowed, [(int(start[k]), int(end[k]) - 1, int(level[k])) for k in items], problem):
+                widen_left -= 1
+            elif info.get("certified_optimal") or info.get("exact"):
+                break
+            else:
+                widen_left = 0                       # intervals settled: solve once more with the repair
+        partitions = [items] + [idx[c].tolist() for c in info.pop("candidates", [])]
+        items = self._relevel(problem, start, end, level, cons, obj, partitions, history)
         unit_levels, groups = chain_solution(problem, start, end, level, items)
         info["groups"] = len(groups)
         return SolveOutput(unit_levels, n_evals=int(len(cons)), history=history, groups=groups, info=info)
+
+    def _relevel(self, problem, start, end, level, cons, obj, partitions, history):
+        """Final polish: for the answer's partition and the next-best partitions of the relaxed DP, re-choose every
+        group's level by a fine MCKP (per layer when the grouping is unconstrained and additive: then that is
+        the per-layer optimum); keep the best feasible answer."""
+        t0, L, m = time.perf_counter(), problem.n_layers, problem.n_levels
+        limit = problem.limit + problem.tolerance * max(1.0, abs(problem.limit))
+        index = np.full((L, L + 1, m), -1)
+        index[start, end, level] = np.arange(len(start))
+        singletons = problem.max_groups is None and problem.group_degradation is None
+        best, seen = list(partitions[0]), set()
+        for items in ([partitions[0]] if singletons else partitions):
+            spans = [(p, p + 1) for p in range(L)] if singletons else [(int(start[k]), int(end[k])) for k in items]
+            if tuple(spans) in seen:
+                continue
+            seen.add(tuple(spans))
+            ids = np.array([index[a, b] for a, b in spans]).ravel()          # (groups x levels) item ids
+            node = np.repeat(np.arange(len(spans)), m)
+            got, _ = solve_chain(problem, node, node + 1, cons[ids], obj[ids], len(spans), None, None, None, 2)
+            if got is None:
+                continue
+            got = ids[got]
+            if cons[got].sum() <= limit and (cons[best].sum() > limit or obj[got].sum() < obj[best].sum()):
+                best = got.tolist()
+        history.append({"phase": "relevel", "partitions": len(seen), "objective": float(obj[best].sum()),
+                        "seconds": time.perf_counter() - t0})
+        return best
 
     def _coarse_phase(self, problem, start, end, level, cons, obj, history):
         """Phase 1: per group count G, a coarse solve; returns allowed[layer, level] for Phase 2 (None = all)."""
@@ -304,8 +370,8 @@ class DPSolver(Solver):
         t0 = time.perf_counter()
         idx = np.flatnonzero(np.isin(level, coarse))
         room = max(problem.limit - _node_shift(start[idx], end[idx], cons[idx], L).sum(), 1e-300)
-        B = self._opt("coarse_buckets", 400)
-        w = np.floor(np.maximum(cons[idx], 0) / (room / B))
+        B = self._opt("coarse_buckets", int(np.clip(10 * L, 400, 2000)))
+        w = np.round(np.maximum(cons[idx], 0) / (room / B))          # nearest: errors cancel across groups
         keep = idx[w <= B]
         dp = ChainDP(start[keep], end[keep], w[w <= B].astype(np.int64), obj[keep], L, B, K)
         ends = dp.run()

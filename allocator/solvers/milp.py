@@ -17,7 +17,9 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
+from ..problem import Problem
 from ..registry import register_solver
+from ..tables import Tables, Unit
 from .base import Solver, SolveOutput
 from .dp import chain_items, chain_solution
 
@@ -35,54 +37,85 @@ class MILPSolver(Solver):
     exact = True
 
     def _solve(self, problem, rng) -> SolveOutput:
-        start, end, level, cons, obj, n = chain_items(problem)
+        runs = problem.grouping == "consecutive" and problem.group_degradation is None
+        if runs:    # compact per-layer model: x[layer, level] plus level-change indicators (see module docstring)
+            start, end, level, cons, obj, n = chain_items(_per_layer(problem))
+        else:
+            start, end, level, cons, obj, n = chain_items(problem)
+        model = dict(start=start, end=end, n=n, max_groups=problem.max_groups, runs=runs, m=problem.n_levels)
         limit = problem.limit + problem.tolerance * max(1.0, abs(problem.limit))
         history = []
         rhs = limit
         for attempt in range(3):
-            res = self._model(start, end, obj, n, problem.max_groups, cons, rhs)
+            res = self._model(obj, cons, rhs, **model)
             history.append({"attempt": attempt, "status": int(res.status), "message": res.message,
-                            "objective": None if res.x is None else float(obj[res.x > 0.5].sum())})
+                            "objective": None if res.x is None else float(obj[res.x[:len(obj)] > 0.5].sum())})
             if res.x is None:
                 break
-            chosen = np.flatnonzero(res.x > 0.5)
+            chosen = np.flatnonzero(res.x[:len(obj)] > 0.5)
             over = cons[chosen].sum() - limit
             if over <= 0:
                 break
             rhs -= 2 * over + 1e-9 * max(1.0, abs(limit))   # HiGHS accepted a tolerance-level violation
         if res.status == 2:
-            best = self._model(start, end, cons, n, problem.max_groups, None, None)
+            best = self._model(cons, None, None, **model)
             if best.x is None:
                 raise RuntimeError(f"HiGHS failed on the relaxed problem: {best.message}")
-            raise problem.infeasible(float(cons[best.x > 0.5].sum()), scope="any allocation (MILP)")
+            raise problem.infeasible(float(cons[best.x[:len(cons)] > 0.5].sum()), scope="any allocation (MILP)")
         if res.x is None:
             raise TimeoutError(f"milp found no feasible allocation (HiGHS: {res.message}; time_limit="
                                f"{self.options.get('time_limit')} s); raise the limit or use 'dp'")
-        unit_levels, groups = chain_solution(problem, start, end, level, chosen)
-        info = {"optimal": res.status == 0, "status": res.message, "variables": int(len(cons)),
+        if runs:
+            layer_level = level[chosen]
+            unit_levels, groups = layer_level[problem.unit_layer_pos], problem.runs(layer_level)
+        else:
+            unit_levels, groups = chain_solution(problem, start, end, level, chosen)
+        info = {"optimal": res.status == 0, "status": res.message, "variables": int(len(res.x)),
+                "formulation": "layers + level changes" if runs else "chain items",
                 "mip_gap": float(getattr(res, "mip_gap", 0.0) or 0.0),
                 "dual_bound": float(getattr(res, "mip_dual_bound", np.nan) or np.nan) * self._obj_scale}
         return SolveOutput(unit_levels, n_evals=int(getattr(res, "mip_node_count", 0) or 0), history=history,
                            groups=groups, info=info)
 
-    def _model(self, start, end, objective, n, max_groups, cons, rhs):
+    def _model(self, objective, cons, rhs, start, end, n, max_groups, runs, m):
         """Solve min objective.y over chain partitions (with the knapsack row when ``cons`` is given)."""
         k = len(objective)
+        extra = n - 1 if runs and max_groups is not None else 0          # z[p]: the level changes at layer p
         cols = np.arange(k)
         flow = csr_array((np.concatenate([np.ones(k), -np.ones(k)]),
-                          (np.concatenate([start, end]), np.concatenate([cols, cols]))), shape=(n + 1, k))[:n]
+                          (np.concatenate([start, end]), np.concatenate([cols, cols]))), shape=(n + 1, k + extra))[:n]
         target = np.zeros(n)
         target[0] = 1.0
         constraints = [LinearConstraint(flow, target, target)]
         if cons is not None:
             scale = _scale(np.append(cons, rhs))
-            constraints.append(LinearConstraint(cons[None, :] / scale, -np.inf, rhs / scale))
-        if max_groups is not None:
+            constraints.append(LinearConstraint(np.append(cons, np.zeros(extra))[None, :] / scale, -np.inf, rhs / scale))
+        if max_groups is not None and not runs:
             constraints.append(LinearConstraint(np.ones((1, k)), 0, max_groups))
+        if extra:     # z[p-1] >= x[p, l] - x[p-1, l] for every level; sum z <= max_groups - 1
+            p, lv = np.divmod(np.arange(extra * m), m)
+            rows = np.arange(extra * m)
+            change = csr_array((np.concatenate([np.ones(extra * m), -np.ones(extra * m), np.ones(extra * m)]),
+                                (np.tile(rows, 3), np.concatenate([k + p, (p + 1) * m + lv, p * m + lv]))),
+                               shape=(extra * m, k + extra))
+            constraints.append(LinearConstraint(change, 0, np.inf))
+            constraints.append(LinearConstraint(np.append(np.zeros(k), np.ones(extra))[None, :], 0, max_groups - 1))
         self._obj_scale = _scale(objective)
         options = {"mip_rel_gap": self.options.get("mip_rel_gap", 1e-9),
                    "presolve": self.options.get("presolve", True)}
         if self.options.get("time_limit") is not None:
             options["time_limit"] = float(self.options["time_limit"])
-        return milp(objective / self._obj_scale, integrality=np.ones(k), bounds=Bounds(0, 1),
-                    constraints=constraints, options=options)
+        return milp(np.append(objective / self._obj_scale, np.zeros(extra)), integrality=np.ones(k + extra),
+                    bounds=Bounds(0, 1), constraints=constraints, options=options)
+
+
+def _per_layer(problem):
+    """The same problem with one unit per layer (rows summed): consecutive grouping without a group table."""
+    L, m = problem.n_layers, problem.n_levels
+    cost, deg = np.zeros((L, m)), np.zeros((L, m))
+    np.add.at(cost, problem.unit_layer_pos, problem.cost_matrix)
+    np.add.at(deg, problem.unit_layer_pos, problem.deg_matrix)
+    tables = Tables([Unit(f"layer{p}", int(layer)) for p, layer in enumerate(problem.layer_ids)],
+                    problem.tables.levels, {"cost": cost}, deg)
+    key = "delta" if problem.direction == "min_cost" else "budget"
+    return Problem(tables, "cost", tolerance=problem.tolerance, **{key: problem.limit})
