@@ -5,9 +5,12 @@ fixed group) the items are (u, u+1, l), i.e. x[u, l] with one level per unit; wi
 the spans i..j at level l (cost / degradation from the span tables, so measured group rows are used). Flow
 conservation over the node boundaries (one unit of flow leaves node 0, in = out at every inner node) makes the
 chosen items a partition; one knapsack row ``sum cons[k] y[k] <= limit``; with ``max_groups`` also
-``sum y <= max_groups``. Variables: n m per unit, L (L+1) m / 2 grouped. Worst case exponential (NP-hard
-knapsack), in practice seconds for the per-unit problem; the grouped model grows as L^2 m, so ``time_limit``
-caps it (the result then says ``optimal: False`` and carries HiGHS' gap). Source: the standard MCKP / shortest
+``sum y <= max_groups``. Variables: n m per unit, L (L+1) m / 2 grouped. Consecutive grouping *without* a measured
+group table uses a compact model instead (the group rows are then sums of layer rows, so at most G groups is at
+most G runs of equal levels): x[p, l] per layer, z[p] >= x[p, l] - x[p-1, l] marks a level change,
+``sum z <= max_groups - 1``; L m + L variables. Worst case exponential (NP-hard knapsack), in practice under a
+second per unit and tens of seconds grouped at L = 80; ``time_limit`` caps it (the result then says
+``optimal: False`` and carries HiGHS' gap). Source: the standard MCKP / shortest
 path ILP (Kellerer, Pferschy, Pisinger, *Knapsack Problems*, 2004, ch. 11); this is the certificate every
 other solver is measured against.
 """
