@@ -269,7 +269,7 @@ def polish(items, start, end, cons, obj, limit, max_moves: int = 10_000):
 @register_solver("dp")
 class DPSolver(Solver):
     """Options: ``buckets`` (fine buckets, default adaptive), ``two_phase`` (True), ``coarse_step`` (auto: about
-    6 coarse levels), ``coarse_buckets`` (10 L in [400, 2000]), ``keep_groups`` (3), ``max_widen`` (2), ``max_exact_buckets``,
+    6 coarse levels), ``coarse_buckets`` (adaptive, 200..2000), ``keep_groups`` (3), ``max_widen`` (2), ``max_exact_buckets``,
     ``refine`` (bisection steps of the repair; 4, or 0 with max_groups)."""
 
     def _opt(self, key, default):
@@ -330,6 +330,9 @@ class DPSolver(Solver):
         partitions = [items] + [idx[c].tolist() for c in info.pop("candidates", [])]
         items = self._relevel(problem, start, end, level, cons, obj, partitions, history)
         unit_levels, groups = chain_solution(problem, start, end, level, items)
+        if problem.group_degradation is None:          # additive rows: merging equal neighbours changes nothing
+            groups = problem.runs(level[sorted(items, key=lambda k: start[k])].repeat(
+                [int(end[k] - start[k]) for k in sorted(items, key=lambda k: start[k])]))
         info["groups"] = len(groups)
         return SolveOutput(unit_levels, n_evals=int(len(cons)), history=history, groups=groups, info=info)
 
@@ -370,7 +373,7 @@ class DPSolver(Solver):
         t0 = time.perf_counter()
         idx = np.flatnonzero(np.isin(level, coarse))
         room = max(problem.limit - _node_shift(start[idx], end[idx], cons[idx], L).sum(), 1e-300)
-        B = self._opt("coarse_buckets", int(np.clip(10 * L, 400, 2000)))
+        B = self._opt("coarse_buckets", int(np.clip(2 * WORK_CELLS / (idx.size * (K or 1)), 200, 2000)))
         w = np.round(np.maximum(cons[idx], 0) / (room / B))          # nearest: errors cancel across groups
         keep = idx[w <= B]
         dp = ChainDP(start[keep], end[keep], w[w <= B].astype(np.int64), obj[keep], L, B, K)
