@@ -428,25 +428,29 @@ def uniform_allocation(units: list[str], level: dict) -> dict[str, dict]:
     return {u: dict(level) for u in units}
 
 
-def measured_sparsity(model: nn.Module, windows: torch.Tensor, method: Method, level: dict,
-                      batch_size: int = 4) -> dict[str, float]:
-    """Share of input channels zeroed per projection when every layer is at ``level`` (teal / rsparse)."""
+def measured_sparsity(model: nn.Module, windows: torch.Tensor, method: Method, level: dict, batch_size: int = 4,
+                      compounding: bool = True) -> dict[str, float]:
+    """Share of input channels zeroed per projection (teal / rsparse thresholds) at ``level`` everywhere.
+
+    ``compounding=True`` measures with every layer compressed (what inference sees); ``False`` measures the
+    thresholds on the dense model's activations (what calibration promises)."""
     projections = [p for row in find_projections(model) for p in row]
-    units = [f"layers.{i}" for i in range(len(find_projections(model)))]
     zero, total, hooks = {}, {}, []
-    apply_allocation_(model, uniform_allocation(units, level), method)
+    wrappers = {p.name: method.wrap(p, level) for p in projections}
+    if compounding:
+        apply_allocation_(model, {f"layers.{i}": level for i in range(len(find_projections(model)))}, method)
     try:
         for p in projections:
-            wrapper = getattr(p.parent, p.attr)
-            if not isinstance(wrapper, ThresholdLinear):
+            wrapper = next((m for _, _, m in wrappers[p.name] if isinstance(m, ThresholdLinear)), None)
+            if wrapper is None:
                 continue
 
-            def hook(mod, args, out, name=p.name):
+            def hook(mod, args, out, name=p.name, w=wrapper):
                 x = args[0]
-                score = x.abs() if mod.scale is None else x.abs() * mod.scale
-                zero[name] = zero.get(name, 0) + int((score <= mod.threshold).sum())
+                score = x.abs() if w.scale is None else x.abs() * w.scale
+                zero[name] = zero.get(name, 0) + int((score <= w.threshold).sum())
                 total[name] = total.get(name, 0) + x.numel()
-            hooks.append(wrapper.register_forward_hook(hook))
+            hooks.append(getattr(p.parent, p.attr).register_forward_hook(hook))
         device = next(model.parameters()).device
         with torch.no_grad():
             for start in range(0, len(windows), batch_size):

@@ -119,11 +119,11 @@ def resolve_dtype(dtype) -> torch.dtype:
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, gguf_file: str | None = None, dtype="bfloat16",
                device: str | None = "cpu", device_map=None, revision: str | None = None,
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, max_layers: int | None = None):
     """Load ``(model, tokenizer)`` in eval mode: an embedded name, a hub id or a local directory.
 
     ``device_map="auto"`` spreads a model larger than one device (needs ``accelerate``); otherwise the model is
-    moved to ``device``.
+    moved to ``device``. ``max_layers`` keeps only the first decoder layers (quick tests and smoke runs).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,10 +141,22 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, gguf_file: str | None = Non
                                               **tok_kwargs)
     if device_map is None and device is not None:
         model = model.to(device)
+    if max_layers is not None:
+        truncate_layers_(model, max_layers)
     model.eval()
     model.requires_grad_(False)
-    model.config.name_or_path_for_allocator = name_or_path
+    model.config.name_or_path_for_allocator = name_or_path + (f"[:{max_layers}]" if max_layers else "")
     return model, tokenizer
+
+
+def truncate_layers_(model: nn.Module, n: int) -> nn.Module:
+    """Keep the first ``n`` decoder layers (a smaller real model for tests)."""
+    layers = decoder_layers(model)
+    del layers[n:]
+    model.config.num_hidden_layers = len(layers)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:n]
+    return model
 
 
 def model_id(model: nn.Module) -> str:

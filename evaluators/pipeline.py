@@ -109,7 +109,8 @@ def run_pipeline(cfg, output_dir: Path) -> dict:
         torch.set_num_threads(int(m_cfg["threads"]))
     torch.manual_seed(seed)
     model, tokenizer = load_model(m_cfg["name"], gguf_file=m_cfg.get("gguf_file"), dtype=m_cfg.get("dtype", "bfloat16"),
-                                  device=m_cfg.get("device", "cpu"), device_map=m_cfg.get("device_map"))
+                                  device=m_cfg.get("device", "cpu"), device_map=m_cfg.get("device_map"),
+                                  max_layers=m_cfg.get("max_layers"))
     lap("load")
 
     # --- levels, budget, cost tables (analytic, from the loaded model's config)
