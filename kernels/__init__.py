@@ -10,7 +10,13 @@ See kernels/README.md for layouts and measured numbers.
 """
 
 from .ops import kernel_pays, rsparse_gemv, sparse_gemv, sparse_linear
-from .rsparse import low_rank_factors, rsparse_gemv_reference, rsparse_gemv_triton, rsparse_rank
+from .rsparse import (
+    low_rank_factors,
+    rsparse_gemv_reference,
+    rsparse_gemv_triton,
+    rsparse_gemv_two_launch_triton,
+    rsparse_rank,
+)
 from .gemv import GemvConfig, keep_mask, sparse_gemv_reference, sparse_gemv_triton
 
 __all__ = [
@@ -21,6 +27,7 @@ __all__ = [
     "rsparse_gemv",
     "rsparse_gemv_reference",
     "rsparse_gemv_triton",
+    "rsparse_gemv_two_launch_triton",
     "rsparse_rank",
     "sparse_gemv",
     "sparse_gemv_reference",

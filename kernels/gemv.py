@@ -43,6 +43,120 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _kept_rows_product(
+    x_ptr, wt_ptr, scale_ptr, scratch_row, n_offs, n_mask, b_offs, b_mask, k_lo, k_hi, N, stride_xb, thr,
+    BATCH: tl.constexpr, BATCH_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, INVERT: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """acc [BATCH_PAD, BLOCK_N] = sum over kept channels j in [k_lo, k_hi) of x[:, j] * wt[j, stripe]."""
+    # ---- 1. compact the kept channels of [k_lo, k_hi) into this program's scratch row ----
+    count = 0
+    for k0 in range(k_lo, k_hi, SCAN_BLOCK):
+        k_offs = k0 + tl.arange(0, SCAN_BLOCK)
+        k_in = k_offs < k_hi
+        score = tl.zeros([SCAN_BLOCK], dtype=tl.float32)
+        for b in tl.static_range(BATCH):
+            xb = tl.load(x_ptr + b * stride_xb + k_offs, mask=k_in, other=0.0).to(tl.float32)
+            score = tl.maximum(score, tl.abs(xb))
+        if HAS_SCALE:
+            score = score * tl.load(scale_ptr + k_offs, mask=k_in, other=0.0)
+        if INVERT:
+            keep = (score <= thr) & k_in
+        else:
+            keep = (score > thr) & k_in
+        keep_i = keep.to(tl.int32)
+        pos = count + tl.cumsum(keep_i, axis=0) - 1
+        tl.store(scratch_row + pos, k_offs, mask=keep)
+        count += tl.sum(keep_i, axis=0)
+    tl.debug_barrier()  # scratch written by all threads of the program before any reads it
+
+    # ---- 2. accumulate the kept rows of this stripe ----
+    acc = tl.zeros([BATCH_PAD, BLOCK_N], dtype=tl.float32)
+    k_ar = tl.arange(0, BLOCK_K)
+    if USE_DOT:  # tensor cores, batch padded to 16 rows; Triton pipelines the weight loads through shared memory
+        for t0 in range(0, count, BLOCK_K):
+            t_in = t0 + k_ar < count
+            rows = tl.load(scratch_row + t0 + k_ar, mask=t_in, other=0)
+            w = tl.load(wt_ptr + rows.to(tl.int64)[:, None] * N + n_offs[None, :],
+                        mask=t_in[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+            xv = tl.load(x_ptr + b_offs[:, None] * stride_xb + rows[None, :],
+                         mask=b_mask[:, None] & t_in[None, :], other=0.0)  # [BATCH_PAD, BLOCK_K]
+            acc = tl.dot(xv.to(w.dtype), w, acc, input_precision="ieee")
+    else:
+        # FMA path, software-pipelined by hand: two weight tiles (A, B) in flight while one is consumed,
+        # indices prefetched a tile pair ahead; the reduction over rows happens once, after the loop.
+        acc3 = tl.zeros([BATCH_PAD, BLOCK_K, BLOCK_N], dtype=tl.float32)
+        rows_a = tl.load(scratch_row + k_ar, mask=k_ar < count, other=0)
+        w_a = tl.load(wt_ptr + rows_a.to(tl.int64)[:, None] * N + n_offs[None, :],
+                      mask=(k_ar < count)[:, None] & n_mask[None, :], other=0.0)
+        x_a = tl.load(x_ptr + b_offs[:, None] * stride_xb + rows_a[None, :],
+                      mask=b_mask[:, None] & (k_ar < count)[None, :], other=0.0)
+        rows_b = tl.load(scratch_row + BLOCK_K + k_ar, mask=BLOCK_K + k_ar < count, other=0)
+        for t0 in range(0, count, 2 * BLOCK_K):
+            in_b = t0 + BLOCK_K + k_ar < count
+            w_b = tl.load(wt_ptr + rows_b.to(tl.int64)[:, None] * N + n_offs[None, :],
+                          mask=in_b[:, None] & n_mask[None, :], other=0.0)
+            x_b = tl.load(x_ptr + b_offs[:, None] * stride_xb + rows_b[None, :],
+                          mask=b_mask[:, None] & in_b[None, :], other=0.0)
+            in_a2 = t0 + 2 * BLOCK_K + k_ar < count
+            in_b2 = t0 + 3 * BLOCK_K + k_ar < count
+            rows_a2 = tl.load(scratch_row + t0 + 2 * BLOCK_K + k_ar, mask=in_a2, other=0)
+            rows_b2 = tl.load(scratch_row + t0 + 3 * BLOCK_K + k_ar, mask=in_b2, other=0)
+            acc3 += x_a.to(tl.float32)[:, :, None] * w_a.to(tl.float32)[None, :, :]
+            w_a = tl.load(wt_ptr + rows_a2.to(tl.int64)[:, None] * N + n_offs[None, :],
+                          mask=in_a2[:, None] & n_mask[None, :], other=0.0)
+            x_a = tl.load(x_ptr + b_offs[:, None] * stride_xb + rows_a2[None, :],
+                          mask=b_mask[:, None] & in_a2[None, :], other=0.0)
+            acc3 += x_b.to(tl.float32)[:, :, None] * w_b.to(tl.float32)[None, :, :]
+            rows_b = rows_b2
+        acc += tl.sum(acc3, axis=1)
+    return acc
+
+
+@triton.jit
+def _dense_rows_product(acc, ex_ptr, ewt_ptr, r_lo, r_hi, R, N, n_offs, n_mask, b_offs, b_mask,
+                        BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
+    """acc += ex[:, r_lo:r_hi] @ ewt[r_lo:r_hi, stripe] (ex fp32 [B, R], all rows kept)."""
+    for r0 in range(r_lo, r_hi, BLOCK_K):
+        r_offs = r0 + tl.arange(0, BLOCK_K)
+        r_in = r_offs < r_hi
+        w = tl.load(ewt_ptr + r_offs.to(tl.int64)[:, None] * N + n_offs[None, :],
+                    mask=r_in[:, None] & n_mask[None, :], other=0.0)
+        zv = tl.load(ex_ptr + b_offs[:, None] * R + r_offs[None, :], mask=b_mask[:, None] & r_in[None, :], other=0.0,
+                     cache_modifier=".cg")
+        if USE_DOT:
+            acc = tl.dot(zv, w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc += tl.sum(zv[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _write_out(acc, y_ptr, partial_ptr, counter_ptr, pid_n, pid_s, n_splits, N, n_offs, n_mask, b_offs, b_mask,
+               BATCH: tl.constexpr, BATCH_PAD: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE: tl.constexpr):
+    """Store the stripe directly, or through fp32 partials summed (fixed order) by the last program to arrive.
+    Returns whether this program wrote the stripe."""
+    out_mask = b_mask[:, None] & n_mask[None, :]
+    out_offs = b_offs[:, None] * N + n_offs[None, :]
+    wrote = pid_s >= 0
+    if REDUCE:
+        tl.store(partial_ptr + pid_s * BATCH * N + out_offs, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is stored before the arrival is published
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
+        wrote = arrived == n_splits - 1
+        if wrote:
+            total = tl.zeros([BATCH_PAD, BLOCK_N], dtype=tl.float32)
+            for s in range(0, n_splits):  # fixed order: deterministic result
+                total += tl.load(partial_ptr + s * BATCH * N + out_offs, mask=out_mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(y_ptr + out_offs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed")
+    else:
+        tl.store(y_ptr + out_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    return wrote
+
+
+@triton.jit
 def _sparse_gemv_kernel(
     x_ptr,  # [B, K] activations, row stride stride_xb
     wt_ptr,  # [K, N] transposed weight, row-major
@@ -53,16 +167,11 @@ def _sparse_gemv_kernel(
     counter_ptr,  # [n_stripes] int32 arrival counters, zero at rest
     extra_x_ptr,  # [B, R] fp32 dense extra inputs (read only if HAS_EXTRA)
     extra_wt_ptr,  # [R, N] extra weight rows, same dtype as wt
-    K,
-    N,
-    R,
-    stride_xb,
+    K, N, R, stride_xb,
     k_split,  # input channels per K split
     r_split,  # extra rows per K split
     n_splits,
-    thr0,
-    thr1,
-    thr2,
+    thr0, thr1, thr2,
     seg1,  # first column of segment 1 (threshold thr1); N if absent
     seg2,  # first column of segment 2 (threshold thr2); N if absent
     BATCH: tl.constexpr,
@@ -73,9 +182,8 @@ def _sparse_gemv_kernel(
     HAS_SCALE: tl.constexpr,
     INVERT: tl.constexpr,  # keep the channels *below* the threshold (the R-Sparse low-rank branch)
     HAS_EXTRA: tl.constexpr,
-    USE_DOT: tl.constexpr,  # tensor-core tl.dot with the batch padded to 16 rows, else FMA reduction
+    USE_DOT: tl.constexpr,  # tensor-core tl.dot with the batch padded to 16 rows, else FMA
     REDUCE: tl.constexpr,  # n_splits > 1
-    COMPACT: tl.constexpr,  # compact kept channels first (work ~ kept) or stream with predicated loads
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -84,151 +192,84 @@ def _sparse_gemv_kernel(
     n_mask = n_offs < N
     b_offs = tl.arange(0, BATCH_PAD)
     b_mask = b_offs < BATCH
-
-    # The threshold of this stripe's column segment.
-    thr = tl.where(n_start >= seg2, thr2, tl.where(n_start >= seg1, thr1, thr0))
-
+    thr = tl.where(n_start >= seg2, thr2, tl.where(n_start >= seg1, thr1, thr0))  # this stripe's segment
     k_lo = pid_s * k_split
-    k_hi = tl.minimum(k_lo + k_split, K)
-    acc = tl.zeros([BATCH_PAD, BLOCK_N], dtype=tl.float32)
-    if COMPACT:
-        # ---- 1. compact the kept channels of [k_lo, k_hi) into this program's scratch row ----
-        scratch_row = scratch_ptr + (pid_n * n_splits + pid_s).to(tl.int64) * k_split
-        count = 0
-        for k0 in range(k_lo, k_hi, SCAN_BLOCK):
-            k_offs = k0 + tl.arange(0, SCAN_BLOCK)
-            k_in = k_offs < k_hi
-            score = tl.zeros([SCAN_BLOCK], dtype=tl.float32)
-            for b in tl.static_range(BATCH):
-                xb = tl.load(x_ptr + b * stride_xb + k_offs, mask=k_in, other=0.0).to(tl.float32)
-                score = tl.maximum(score, tl.abs(xb))
-            if HAS_SCALE:
-                score = score * tl.load(scale_ptr + k_offs, mask=k_in, other=0.0)
-            if INVERT:
-                keep = (score <= thr) & k_in
-            else:
-                keep = (score > thr) & k_in
-            keep_i = keep.to(tl.int32)
-            pos = count + tl.cumsum(keep_i, axis=0) - 1
-            tl.store(scratch_row + pos, k_offs, mask=keep)
-            count += tl.sum(keep_i, axis=0)
-        tl.debug_barrier()  # scratch written by all threads of the program before any reads it
-
-        # ---- 2. accumulate the kept rows of this stripe ----
-        if USE_DOT:
-            for t0 in range(0, count, BLOCK_K):
-                t_offs = t0 + tl.arange(0, BLOCK_K)
-                t_in = t_offs < count
-                rows = tl.load(scratch_row + t_offs, mask=t_in, other=0)
-                w = tl.load(
-                    wt_ptr + rows.to(tl.int64)[:, None] * N + n_offs[None, :],
-                    mask=t_in[:, None] & n_mask[None, :],
-                    other=0.0,
-                )  # [BLOCK_K, BLOCK_N]
-                xv = tl.load(
-                    x_ptr + b_offs[:, None] * stride_xb + rows[None, :],
-                    mask=b_mask[:, None] & t_in[None, :],
-                    other=0.0,
-                )  # [BATCH_PAD, BLOCK_K]
-                acc = tl.dot(xv.to(w.dtype), w, acc, input_precision="ieee")
-        else:
-            # FMA path, software-pipelined by hand: two weight tiles (A, B) in flight while one is consumed,
-            # indices prefetched a tile pair ahead; the reduction over rows happens once, after the loop.
-            acc3 = tl.zeros([BATCH_PAD, BLOCK_K, BLOCK_N], dtype=tl.float32)
-            k_ar = tl.arange(0, BLOCK_K)
-            rows_a = tl.load(scratch_row + k_ar, mask=k_ar < count, other=0)
-            w_a = tl.load(
-                wt_ptr + rows_a.to(tl.int64)[:, None] * N + n_offs[None, :],
-                mask=(k_ar < count)[:, None] & n_mask[None, :], other=0.0,
-            )
-            x_a = tl.load(x_ptr + b_offs[:, None] * stride_xb + rows_a[None, :],
-                          mask=b_mask[:, None] & (k_ar < count)[None, :], other=0.0)
-            rows_b = tl.load(scratch_row + BLOCK_K + k_ar, mask=BLOCK_K + k_ar < count, other=0)
-            for t0 in range(0, count, 2 * BLOCK_K):
-                in_b = t0 + BLOCK_K + k_ar < count
-                w_b = tl.load(
-                    wt_ptr + rows_b.to(tl.int64)[:, None] * N + n_offs[None, :],
-                    mask=in_b[:, None] & n_mask[None, :], other=0.0,
-                )
-                x_b = tl.load(x_ptr + b_offs[:, None] * stride_xb + rows_b[None, :],
-                              mask=b_mask[:, None] & in_b[None, :], other=0.0)
-                in_a2 = t0 + 2 * BLOCK_K + k_ar < count
-                in_b2 = t0 + 3 * BLOCK_K + k_ar < count
-                rows_a2 = tl.load(scratch_row + t0 + 2 * BLOCK_K + k_ar, mask=in_a2, other=0)
-                rows_b2 = tl.load(scratch_row + t0 + 3 * BLOCK_K + k_ar, mask=in_b2, other=0)
-                acc3 += x_a.to(tl.float32)[:, :, None] * w_a.to(tl.float32)[None, :, :]
-                w_a = tl.load(
-                    wt_ptr + rows_a2.to(tl.int64)[:, None] * N + n_offs[None, :],
-                    mask=in_a2[:, None] & n_mask[None, :], other=0.0,
-                )
-                x_a = tl.load(x_ptr + b_offs[:, None] * stride_xb + rows_a2[None, :],
-                              mask=b_mask[:, None] & in_a2[None, :], other=0.0)
-                acc3 += x_b.to(tl.float32)[:, :, None] * w_b.to(tl.float32)[None, :, :]
-                rows_b = rows_b2
-            acc += tl.sum(acc3, axis=1)
-    else:
-        # ---- masked streaming: affine addresses (pipelined loads), skipped rows predicated off ----
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k_offs = k0 + tl.arange(0, BLOCK_K)
-            k_in = k_offs < k_hi
-            xv = tl.load(
-                x_ptr + b_offs[:, None] * stride_xb + k_offs[None, :],
-                mask=b_mask[:, None] & k_in[None, :],
-                other=0.0,
-            )  # [BATCH_PAD, BLOCK_K]
-            score = tl.max(tl.abs(xv.to(tl.float32)), axis=0)
-            if HAS_SCALE:
-                score = score * tl.load(scale_ptr + k_offs, mask=k_in, other=0.0)
-            if INVERT:
-                keep = (score <= thr) & k_in
-            else:
-                keep = (score > thr) & k_in
-            w = tl.load(
-                wt_ptr + k_offs.to(tl.int64)[:, None] * N + n_offs[None, :],
-                mask=keep[:, None] & n_mask[None, :],
-                other=0.0,
-            )  # [BLOCK_K, BLOCK_N]; dropped rows are never read
-            xv = tl.where(keep[None, :], xv, 0.0)
-            if USE_DOT:
-                acc = tl.dot(xv.to(w.dtype), w, acc, input_precision="ieee")
-            else:
-                acc += tl.sum(xv.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-
-    if HAS_EXTRA:  # dense extra rows [r_lo, r_hi): acc += extra_x[:, r] @ extra_wt[r, stripe]
+    scratch_row = scratch_ptr + (pid_n * n_splits + pid_s).to(tl.int64) * k_split
+    acc = _kept_rows_product(
+        x_ptr, wt_ptr, scale_ptr, scratch_row, n_offs, n_mask, b_offs, b_mask, k_lo,
+        tl.minimum(k_lo + k_split, K), N, stride_xb, thr,
+        BATCH, BATCH_PAD, BLOCK_N, BLOCK_K, SCAN_BLOCK, HAS_SCALE, INVERT, USE_DOT,
+    )
+    if HAS_EXTRA:  # dense extra rows of this split: acc += extra_x[:, r] @ extra_wt[r, stripe]
         r_lo = pid_s * r_split
-        r_hi = tl.minimum(r_lo + r_split, R)
-        for r0 in range(r_lo, r_hi, BLOCK_K):
-            r_offs = r0 + tl.arange(0, BLOCK_K)
-            r_in = r_offs < r_hi
-            w = tl.load(
-                extra_wt_ptr + r_offs.to(tl.int64)[:, None] * N + n_offs[None, :],
-                mask=r_in[:, None] & n_mask[None, :],
-                other=0.0,
-            )
-            zv = tl.load(
-                extra_x_ptr + b_offs[:, None] * R + r_offs[None, :],
-                mask=b_mask[:, None] & r_in[None, :],
-                other=0.0,
-            )
-            acc += tl.sum(zv[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        acc = _dense_rows_product(acc, extra_x_ptr, extra_wt_ptr, r_lo, tl.minimum(r_lo + r_split, R), R, N,
+                                  n_offs, n_mask, b_offs, b_mask, BLOCK_K, USE_DOT)
+    _write_out(acc, y_ptr, partial_ptr, counter_ptr, pid_n, pid_s, n_splits, N, n_offs, n_mask, b_offs, b_mask,
+               BATCH, BATCH_PAD, BLOCK_N, REDUCE)
 
-    # ---- 3. write: directly, or through partials reduced by the last program of the stripe ----
-    out_mask = b_mask[:, None] & n_mask[None, :]
-    out_offs = b_offs[:, None] * N + n_offs[None, :]
-    if REDUCE:
-        tl.store(partial_ptr + pid_s * BATCH * N + out_offs, acc, mask=out_mask)
-        tl.debug_barrier()  # every thread's partial is stored before the arrival is published
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == n_splits - 1:
-            total = tl.zeros([BATCH_PAD, BLOCK_N], dtype=tl.float32)
-            for s in range(0, n_splits):  # fixed order: deterministic result
-                total += tl.load(
-                    partial_ptr + s * BATCH * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg"
-                )
-            tl.store(y_ptr + out_offs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(counter_ptr + pid_n, 0)
+
+@triton.jit
+def _rsparse_fused_kernel(
+    x_ptr, wt_ptr, at_ptr, bt_ptr, y_ptr, scale_ptr, scratch_ptr,
+    partial_ptr,  # [n_splits, B, N] fp32
+    counter_ptr,  # [n_stripes] int32, zero at rest
+    z_ptr,  # [B, R] fp32 low-rank activations z = (x * (1 - m)) @ At
+    z_partial_ptr,  # [z_splits, B, R] fp32
+    z_counter_ptr,  # [z_stripes] int32, zero at rest
+    sync_ptr,  # [2] int32: z stripes finished, main programs past the wait; zero at rest
+    K, N, R, stride_xb, k_split, z_k_split, r_split, n_splits, z_splits, n_stripes, z_stripes, thr,
+    BATCH: tl.constexpr, BATCH_PAD: tl.constexpr, Z_BATCH_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, Z_BLOCK_N: tl.constexpr, Z_BLOCK_K: tl.constexpr, SCAN_BLOCK: tl.constexpr, Z_SCAN_BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, REDUCE: tl.constexpr,
+):
+    """One launch for the R-Sparse layer. Programs [0, z_stripes * z_splits) compute z from the dropped rows
+    of At; the rest compute the kept rows of Wt, then wait for z (a spin on a counter: the z programs have the
+    lowest ids, so the hardware dispatches them first), then add z @ Bt for their share of the r rows."""
+    pid = tl.program_id(0)
+    b_offs = tl.arange(0, BATCH_PAD)
+    b_mask = b_offs < BATCH
+    n_z = z_stripes * z_splits
+    if pid < n_z:
+        zn = pid // z_splits
+        zs = pid % z_splits
+        r_offs = zn * Z_BLOCK_N + tl.arange(0, Z_BLOCK_N)
+        k_lo = zs * z_k_split
+        row = scratch_ptr + pid.to(tl.int64) * k_split  # scratch rows are k_split >= z_k_split long
+        zb_offs = tl.arange(0, Z_BATCH_PAD)
+        zacc = _kept_rows_product(
+            x_ptr, at_ptr, scale_ptr, row, r_offs, r_offs < R, zb_offs, zb_offs < BATCH, k_lo,
+            tl.minimum(k_lo + z_k_split, K), R, stride_xb, thr,
+            BATCH, Z_BATCH_PAD, Z_BLOCK_N, Z_BLOCK_K, Z_SCAN_BLOCK, HAS_SCALE, True, False,
+        )
+        wrote = _write_out(zacc, z_ptr, z_partial_ptr, z_counter_ptr, zn, zs, z_splits, R, r_offs, r_offs < R,
+                           zb_offs, zb_offs < BATCH, BATCH, Z_BATCH_PAD, Z_BLOCK_N, True)
+        tl.debug_barrier()  # the z stripe is stored by every thread before it is published
+        if wrote:
+            tl.atomic_add(sync_ptr, 1, sem="release")
     else:
-        tl.store(y_ptr + out_offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        m = pid - n_z
+        pid_n = m // n_splits
+        pid_s = m % n_splits
+        n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n_offs < N
+        k_lo = pid_s * k_split
+        acc = _kept_rows_product(
+            x_ptr, wt_ptr, scale_ptr, scratch_ptr + pid.to(tl.int64) * k_split, n_offs, n_mask, b_offs, b_mask,
+            k_lo, tl.minimum(k_lo + k_split, K), N, stride_xb, thr,
+            BATCH, BATCH_PAD, BLOCK_N, BLOCK_K, SCAN_BLOCK, HAS_SCALE, False, USE_DOT,
+        )
+        done = tl.atomic_add(sync_ptr, 0, sem="acquire")
+        while done < z_stripes:
+            done = tl.atomic_add(sync_ptr, 0, sem="acquire")
+        tl.debug_barrier()
+        if tl.atomic_add(sync_ptr + 1, 1, sem="relaxed") == n_stripes * n_splits - 1:  # last one past the wait
+            tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed")
+            tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
+        r_lo = pid_s * r_split
+        acc = _dense_rows_product(acc, z_ptr, bt_ptr, r_lo, tl.minimum(r_lo + r_split, R), R, N, n_offs, n_mask,
+                                  b_offs, b_mask, BLOCK_K, USE_DOT)
+        _write_out(acc, y_ptr, partial_ptr, counter_ptr, pid_n, pid_s, n_splits, N, n_offs, n_mask, b_offs, b_mask,
+                   BATCH, BATCH_PAD, BLOCK_N, REDUCE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +283,6 @@ class GemvConfig:
     num_stages: int = 3
     use_dot: bool = False
     scan_block: int = 1024
-    compact: bool = True
 
 
 def _sm_count(device: torch.device) -> int:
@@ -394,7 +434,6 @@ def sparse_gemv_triton(
         HAS_EXTRA=extra_x is not None,
         USE_DOT=cfg.use_dot,
         REDUCE=n_splits > 1,
-        COMPACT=cfg.compact,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -11,15 +11,31 @@ With A = S_r V_r^T [r, K] and B = U_r [N, r], stored transposed as At [K, r] and
 2. y = (x * m) @ Wt + z @ Bt. The sparse GEMV over the kept rows of Wt with the r rows of Bt appended as
    extra dense rows of the same reduction (HAS_EXTRA): no third launch, no extra pass over y.
 
-The low-rank branch needs the full reduction of z before it can be used, a grid-wide dependency, hence two
-launches rather than one. Bytes: kept K N + r K (1 - kept) + r N, against K N dense.
+The low-rank branch needs the full reduction of z before it can be used, a grid-wide dependency.
+`rsparse_gemv_triton` resolves it in ONE launch (`_rsparse_fused_kernel`): the z programs take the lowest
+program ids, the Wt programs do their kept rows first and then spin on a counter until z is complete before
+adding their share of z @ Bt. This relies on the z programs being dispatched first, which the hardware
+does in program-id order; they never wait on anything, so no deadlock can arise from them.
+`rsparse_gemv_two_launch_triton` is the plain two-launch version (z kernel, then the sparse GEMV with the
+Bt rows appended), kept as a fallback and for comparison.
+Bytes: kept K N + r K (1 - kept) + r N, against K N dense.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .gemv import GemvConfig, sparse_gemv_reference, sparse_gemv_triton
+import triton
+
+from .gemv import (
+    GemvConfig,
+    _pick_splits,
+    _rsparse_fused_kernel,
+    _workspace,
+    default_config,
+    sparse_gemv_reference,
+    sparse_gemv_triton,
+)
 
 
 def rsparse_rank(d_in: int, d_out: int, s: float, rho: float) -> tuple[int, int]:
@@ -45,6 +61,50 @@ def default_low_rank_config(K: int, rank: int) -> GemvConfig:
 
 
 def rsparse_gemv_triton(
+    x: torch.Tensor,  # [B, K]
+    wt: torch.Tensor,  # [K, N]
+    at: torch.Tensor,  # [K, r]
+    bt: torch.Tensor,  # [r, N]
+    threshold: float,
+    col_scale: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+    low_rank_config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """One-launch R-Sparse layer. Returns y [B, N] (or [N] for a 1-D x)."""
+    squeeze = x.dim() == 1
+    x2 = (x.unsqueeze(0) if squeeze else x).contiguous()
+    B, K = x2.shape
+    N, R = wt.shape[1], at.shape[1]
+    assert wt.shape[0] == K and at.shape[0] == K and bt.shape == (R, N) and 1 <= B <= 4
+    cfg = config or default_config(K, N, B, x.device)
+    zcfg = low_rank_config or default_low_rank_config(K, R)
+    n_splits = _pick_splits(K, N, cfg, x.device)
+    z_splits = max(_pick_splits(K, R, zcfg, x.device), n_splits)  # z rows fit in the scratch rows
+    k_split, z_k_split = triton.cdiv(K, n_splits), triton.cdiv(K, z_splits)
+    n_stripes, z_stripes = triton.cdiv(N, cfg.block_n), triton.cdiv(R, zcfg.block_n)
+    grid = z_stripes * z_splits + n_stripes * n_splits
+    scratch, partial, counters = _workspace(x.device).get(
+        grid * k_split, n_splits * B * N + z_splits * B * R + B * R, n_stripes + z_stripes + 2
+    )
+    z = partial[n_splits * B * N + z_splits * B * R :][: B * R]
+    y = torch.empty((B, N), dtype=x.dtype, device=x.device)
+    _rsparse_fused_kernel[(grid,)](
+        x2, wt, at, bt, y, col_scale if col_scale is not None else scratch, scratch,
+        partial, counters, z, partial[n_splits * B * N :], counters[n_stripes:], counters[n_stripes + z_stripes :],
+        K, N, R, x2.stride(0), k_split, z_k_split, triton.cdiv(R, n_splits), n_splits, z_splits, n_stripes,
+        z_stripes, float(threshold),
+        BATCH=B, BATCH_PAD=16 if cfg.use_dot else triton.next_power_of_2(B),
+        Z_BATCH_PAD=triton.next_power_of_2(B), BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, Z_BLOCK_N=zcfg.block_n, Z_BLOCK_K=zcfg.block_k,
+        SCAN_BLOCK=min(cfg.scan_block, triton.next_power_of_2(k_split)),
+        Z_SCAN_BLOCK=min(zcfg.scan_block, triton.next_power_of_2(z_k_split)),
+        HAS_SCALE=col_scale is not None, USE_DOT=cfg.use_dot, REDUCE=n_splits > 1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y[0] if squeeze else y
+
+
+def rsparse_gemv_two_launch_triton(
     x: torch.Tensor,  # [B, K]
     wt: torch.Tensor,  # [K, N]
     at: torch.Tensor,  # [K, r]

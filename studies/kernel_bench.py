@@ -32,12 +32,19 @@ MLP_SHAPES = [(14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008)]
 def _candidates():
     from allocator.kernels import GemvConfig
 
-    tiles = [  # (block_n, block_k, use_dot, num_warps, num_stages)
-        (64, 32, False, 4, 3), (128, 32, False, 4, 3), (256, 32, False, 8, 3), (128, 16, False, 4, 4),
-        (128, 64, False, 8, 3), (256, 16, False, 4, 4), (128, 32, True, 4, 3), (128, 64, True, 4, 3),
-        (256, 64, True, 8, 3), (64, 64, True, 4, 3), (256, 32, True, 4, 4), (128, 32, False, 8, 4),
+    tiles = [  # (block_n, block_k, use_dot, num_warps, num_stages); see kernels/NOTES.md for the sweeps
+        (128, 64, True, 4, 4), (128, 64, True, 4, 3), (256, 64, True, 8, 4), (64, 64, True, 4, 4),
+        (128, 128, True, 4, 3), (64, 32, False, 1, 2), (64, 64, False, 2, 2), (64, 16, False, 1, 2),
+        (128, 32, False, 4, 2), (32, 32, False, 1, 2),
     ]
     return [GemvConfig(block_n=bn, block_k=bk, use_dot=d, num_warps=w, num_stages=st) for bn, bk, d, w, st in tiles]
+
+
+def _split_choices(d_out: int, d_in: int, block_n: int) -> list[int]:
+    stripes = -(-d_out // block_n)
+    small = d_out * d_in < 4e6
+    return [sp for sp in (1, 2, 4, 8, 16, 32, 64) if d_in // sp >= 96 and stripes * sp <= 1024
+            and stripes * sp >= (16 if small else 128)] or [max(1, min(64, d_in // 96))]
 
 
 def explore(out: pathlib.Path, rep_ms: int = 15) -> None:
@@ -69,7 +76,7 @@ def explore(out: pathlib.Path, rep_ms: int = 15) -> None:
                     continue
                 rows.append({"d_out": d_out, "d_in": d_in, **dataclasses.asdict(cfg),
                              **{f"us_s{int(s * 100)}": v for s, v in t.items()}})
-                print(f"{d_out}x{d_in} compact={cfg.compact} bn={cfg.block_n} bk={cfg.block_k} dot={cfg.use_dot} "
+                print(f"{d_out}x{d_in} bn={cfg.block_n} bk={cfg.block_k} dot={cfg.use_dot} "
                       f"w={cfg.num_warps} st={cfg.num_stages} S={splits}: " +
                       " ".join(f"{v:.1f}" for v in t.values()), flush=True)
         del wt
@@ -109,7 +116,7 @@ def tune(out: pathlib.Path, shapes, rep_ms: int = 15) -> dict:
         xs = {s: sparse_input(1, d_in, s, torch.float16, dev) for s in (0.0, 0.5)}
         scores = []
         for base in _candidates():
-            for splits in _split_options(d_in, d_out, base, dev):
+            for splits in _split_choices(d_out, d_in, base.block_n):
                 cfg = dataclasses.replace(base, n_splits=splits)
                 t = {}
                 try:
@@ -194,7 +201,12 @@ def rsparse_table(out: pathlib.Path, rep_ms: int = 30) -> pd.DataFrame:
     import torch
     import torch.nn.functional as F
 
-    from allocator.kernels import rsparse_gemv_triton, rsparse_rank, sparse_gemv_triton
+    from allocator.kernels import (
+        rsparse_gemv_triton,
+        rsparse_gemv_two_launch_triton,
+        rsparse_rank,
+        sparse_gemv_triton,
+    )
     from allocator.kernels.latency import THRESHOLD, graph_time_us, sparse_input
 
     dev = torch.device("cuda")
@@ -215,6 +227,10 @@ def rsparse_table(out: pathlib.Path, rep_ms: int = 30) -> pd.DataFrame:
                 fused = graph_time_us(
                     [lambda m=m, f=f: rsparse_gemv_triton(x, m, f[0], f[1], THRESHOLD) for m, f in zip(wt, lr)], rep_ms
                 )
+                two_launch = graph_time_us(
+                    [lambda m=m, f=f: rsparse_gemv_two_launch_triton(x, m, f[0], f[1], THRESHOLD)
+                     for m, f in zip(wt, lr)], rep_ms
+                )
                 low_rank_only = graph_time_us(
                     [lambda f=f: sparse_gemv_triton(x, f[0], THRESHOLD, invert=True, out_dtype=torch.float32)
                      for f in lr], rep_ms
@@ -225,7 +241,8 @@ def rsparse_table(out: pathlib.Path, rep_ms: int = 30) -> pd.DataFrame:
                 share_dense = rank * (d_in + d_out) / (d_in * d_out)
                 rows.append(dict(
                     d_out=d_out, d_in=d_in, dtype=str(dtype)[6:], s=s, rho=rho, kept=kept_frac, rank=rank,
-                    dense_us=dense, sparse_only_us=sparse_only, fused_us=fused, z_kernel_us=low_rank_only,
+                    dense_us=dense, sparse_only_us=sparse_only, fused_us=fused, two_launch_us=two_launch,
+                    z_kernel_us=low_rank_only,
                     ratio=fused / sparse_only, lr_share_of_sparse_bytes=share_sparse,
                     lr_share_of_dense_bytes=share_dense, bound=1 + share_sparse + 0.10,
                     bound_strict=1 + share_dense + 0.10, speedup_vs_dense=dense / fused,
@@ -233,12 +250,26 @@ def rsparse_table(out: pathlib.Path, rep_ms: int = 30) -> pd.DataFrame:
                 r = rows[-1]
                 print(f"rsparse {d_out}x{d_in} {r['dtype']} s={s} rho={rho} r={rank}: sparse-only {sparse_only:.2f} "
                       f"fused {fused:.2f} (x{r['ratio']:.3f}, bound x{r['bound']:.3f}/{r['bound_strict']:.3f}) "
-                      f"z {low_rank_only:.2f} dense {dense:.2f}", flush=True)
+                      f"two-launch {two_launch:.2f} z {low_rank_only:.2f} dense {dense:.2f}", flush=True)
                 del lr
             del wt
             torch.cuda.empty_cache()
     df = pd.DataFrame(rows)
     df.to_csv(out / "kernel_bench_rsparse.csv", index=False)
+    return df
+
+
+def latency(out: pathlib.Path) -> pd.DataFrame:
+    """The latency evaluator's table for the Llama-3-8B and SmolLM2 projections (fused q|k|v and gate|up)."""
+    import torch
+
+    from allocator.kernels.latency import measure_latency_table
+
+    shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (960, 576), (576, 576), (3072, 576),
+              (576, 1536)]
+    df = measure_latency_table(shapes, sparsities=(0.0, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), dtypes=(torch.float16,),
+                               batches=(1,), rhos=(1.0, 0.9), rep_ms=20)
+    df.to_csv(out / "kernel_bench_latency.csv", index=False)
     return df
 
 
@@ -268,13 +299,13 @@ def report(out: pathlib.Path, dest: pathlib.Path) -> None:
     r = out / "kernel_bench_rsparse.csv"
     if r.exists():
         df = pd.read_csv(r)
-        fmt = {c: "{:.2f}" for c in ("dense_us", "sparse_only_us", "fused_us", "z_kernel_us", "kept")}
+        fmt = {c: "{:.2f}" for c in ("dense_us", "sparse_only_us", "fused_us", "two_launch_us", "z_kernel_us", "kept")}
         fmt.update({"ratio": "{:.3f}", "bound": "{:.3f}", "bound_strict": "{:.3f}", "speedup_vs_dense": "{:.2f}x"})
         parts += ["## R-Sparse fused layer (sparse + low-rank of the dropped channels)", "",
                   "ratio = fused / sparse-only at the same kept channels; bound = 1 + low-rank bytes / sparse "
                   "bytes + 10%; bound_strict = 1 + low-rank bytes / dense bytes + 10%.", "",
                   _md_table(df, ["d_out", "d_in", "dtype", "s", "rho", "rank", "dense_us", "sparse_only_us",
-                                 "z_kernel_us", "fused_us", "ratio", "bound", "bound_strict", "speedup_vs_dense"],
+                                 "z_kernel_us", "two_launch_us", "fused_us", "ratio", "bound", "bound_strict", "speedup_vs_dense"],
                             fmt), ""]
     e = out / "e2e_decode.csv"
     if e.exists():
@@ -289,7 +320,7 @@ def report(out: pathlib.Path, dest: pathlib.Path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["all", "tune", "gemv", "rsparse", "report", "explore"])
+    p.add_argument("what", choices=["all", "tune", "gemv", "rsparse", "report", "explore", "latency"])
     p.add_argument("--out", type=pathlib.Path, required=True)
     p.add_argument("--tuned", type=pathlib.Path, help="tuned.json from a previous `tune`")
     p.add_argument("--dest", type=pathlib.Path, default=pathlib.Path("studies/results/kernel_bench_h100.md"))
@@ -301,6 +332,11 @@ def main(argv=None) -> None:
     t0 = time.time()
     if a.what == "explore":
         explore(a.out)
+        return
+    if a.what == "latency":
+        if a.tuned:
+            load_tuned(a.tuned)
+        latency(a.out)
         return
     if a.what in ("all", "tune"):
         tune(a.out, SHAPES + E2E_SHAPES)

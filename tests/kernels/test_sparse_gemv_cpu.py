@@ -18,6 +18,7 @@ from allocator.kernels import (  # noqa: E402
     low_rank_factors,
     rsparse_gemv_reference,
     rsparse_gemv_triton,
+    rsparse_gemv_two_launch_triton,
     sparse_gemv_reference,
     sparse_gemv_triton,
 )
@@ -68,8 +69,8 @@ CASES = [  # (batch, K, N, config)
     (2, 160, 70, GemvConfig(block_n=64, block_k=32, n_splits=2, use_dot=True)),
     (3, 97, 50, GemvConfig(block_n=16, block_k=16, n_splits=1)),
     (4, 256, 64, GemvConfig(block_n=32, block_k=16, n_splits=4, use_dot=True, scan_block=32)),
-    (1, 300, 100, GemvConfig(block_n=64, block_k=32, n_splits=2, compact=False)),
-    (3, 150, 40, GemvConfig(block_n=32, block_k=16, n_splits=1, use_dot=True, compact=False)),
+    (1, 300, 100, GemvConfig(block_n=64, block_k=32, n_splits=2)),
+    (3, 150, 40, GemvConfig(block_n=32, block_k=16, n_splits=1, use_dot=True)),
 ]
 
 
@@ -98,6 +99,19 @@ def test_repeated_calls_reset_counters(monkeypatch):
     assert int(sg._workspace(torch.device("cpu")).counters.abs().sum()) == 0
 
 
+def test_rsparse_fused_resets_its_counters(monkeypatch):
+    _poison_outputs(monkeypatch)
+    K, N, rank = 100, 64, 10
+    w = torch.randn(N, K)
+    at, bt = low_rank_factors(w, rank)
+    cfg, zcfg = GemvConfig(block_n=32, block_k=16, n_splits=2), GemvConfig(block_n=8, block_k=16, n_splits=4)
+    for _ in range(2):
+        x = _input(2, K, 0.5, torch.float32)
+        y = rsparse_gemv_triton(x, w.T.contiguous(), at, bt, THR, config=cfg, low_rank_config=zcfg)
+        _check(y, rsparse_gemv_reference(x, w.T.contiguous(), at, bt, THR), torch.float32)
+    assert int(sg._workspace(torch.device("cpu")).counters.abs().sum()) == 0
+
+
 def test_segments_have_their_own_thresholds(monkeypatch):
     """Fused q|k|v: three column segments, three thresholds, one launch."""
     _poison_outputs(monkeypatch)
@@ -108,16 +122,19 @@ def test_segments_have_their_own_thresholds(monkeypatch):
     _check(y, sparse_gemv_reference(x, wt, thr, segments=segs), torch.float32)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("drop", [0.0, 0.5, 1.0])
-def test_rsparse_matches_reference(drop, monkeypatch):
+def test_rsparse_matches_reference(drop, fused, monkeypatch):
     _poison_outputs(monkeypatch)
     K, N, rank = 150, 90, 12
     w = torch.randn(N, K)
     at, bt = low_rank_factors(w, rank)
     x = _input(1, K, drop, torch.float32)
     scale = w.norm(dim=0)
-    cfg = GemvConfig(block_n=32, block_k=16, n_splits=2, compact=drop != 0.5)
-    y = rsparse_gemv_triton(x, w.T.contiguous(), at, bt, THR, col_scale=scale, config=cfg, low_rank_config=cfg)
+    cfg = GemvConfig(block_n=32, block_k=16, n_splits=2, use_dot=drop == 0.5)
+    fn = rsparse_gemv_triton if fused else rsparse_gemv_two_launch_triton
+    zcfg = GemvConfig(block_n=8, block_k=16, n_splits=3)
+    y = fn(x, w.T.contiguous(), at, bt, THR, col_scale=scale, config=cfg, low_rank_config=zcfg)
     ref = rsparse_gemv_reference(x, w.T.contiguous(), at, bt, THR, col_scale=scale)
     _check(y, ref, torch.float32)
 

@@ -15,6 +15,7 @@ from allocator.kernels import (  # noqa: E402
     low_rank_factors,
     rsparse_gemv_reference,
     rsparse_gemv_triton,
+    rsparse_gemv_two_launch_triton,
     sparse_gemv_reference,
     sparse_gemv_triton,
 )
@@ -71,18 +72,22 @@ def test_fused_qkv_segments(dtype):
     assert _rel(sparse_gemv_triton(x, wt, thr, segs), sparse_gemv_reference(x, wt, thr, segs)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336)])
-def test_rsparse_matches_reference(dtype, shape):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_rsparse_matches_reference(dtype, shape, fused, batch):
     d_out, d_in = shape
     w = torch.randn(d_out, d_in, device="cuda") * d_in**-0.5
     at, bt = low_rank_factors(w[:, :], 64)
     w, at, bt = w.to(dtype), at.to(dtype), bt.to(dtype)
-    x = sparse_input(1, d_in, 0.55, dtype, "cuda")
+    x = sparse_input(batch, d_in, 0.55, dtype, "cuda")
     scale = w.float().norm(dim=0)
-    y = rsparse_gemv_triton(x, w.T.contiguous(), at, bt, THRESHOLD * 0.5, col_scale=scale)
-    ref = rsparse_gemv_reference(x, w.T.contiguous(), at, bt, THRESHOLD * 0.5, col_scale=scale)
-    assert _rel(y, ref) < TOL[dtype]
+    fn = rsparse_gemv_triton if fused else rsparse_gemv_two_launch_triton
+    for _ in range(2):  # twice: the counters must be reset by the first call
+        y = fn(x, w.T.contiguous(), at, bt, THRESHOLD * 0.5, col_scale=scale)
+        ref = rsparse_gemv_reference(x, w.T.contiguous(), at, bt, THRESHOLD * 0.5, col_scale=scale)
+        assert _rel(y, ref) < TOL[dtype]
 
 
 def test_custom_op_under_cuda_graph_and_compile(monkeypatch):
