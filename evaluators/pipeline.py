@@ -62,6 +62,15 @@ def budget_level(levels: pd.DataFrame, sparsity: float, rho: float = 1.0) -> dic
     return {"s": float(sparsity), "rho": float(rho), "bits": int(hit.iloc[0]["bits"])}
 
 
+def trust_region(levels: pd.DataFrame, sparsity: float, window: float) -> pd.DataFrame:
+    """Only the levels with |s - sparsity| <= window: a first-order table is trustworthy near its operating point,
+    and the rows far from it cost profiling time the solver rarely repays."""
+    keep = (levels["s"] - sparsity).abs() <= window + 1e-9
+    if not keep.any():
+        raise TablesError(f"no level of the grid lies within {window} of the budget sparsity {sparsity}")
+    return levels[keep].reset_index(drop=True)
+
+
 @torch.no_grad()
 def compare(model, windows: torch.Tensor, method, allocations: dict, batch_size: int = 4,
             score_last: float = 1.0) -> dict[str, dict]:
@@ -117,6 +126,8 @@ def run_pipeline(cfg, output_dir: Path) -> dict:
     lv_cfg = meth_cfg.get("levels", {})
     levels = make_levels(s=lv_cfg.get("s", [0.0, 0.5]), rho=lv_cfg.get("rho", [1.0]), bits=lv_cfg.get("bits", [16]))
     kind, value = b_cfg.get("kind", "sparsity"), float(b_cfg.get("value", 0.5))
+    if kind == "sparsity" and p_cfg.get("window") is not None:
+        levels = trust_region(levels, value, float(p_cfg["window"]))
     operating = budget_level(levels, value, float(meth_cfg.get("operating_rho", 1.0))) if kind == "sparsity" else None
     if p_cfg.get("mode") == "operating_point" and operating is None:
         raise ValueError("profile.mode=operating_point needs budget.kind=sparsity (the uniform operating level)")
