@@ -124,8 +124,8 @@ def _dense_rows_product(acc, ex_ptr, ewt_ptr, r_lo, r_hi, R, N, n_offs, n_mask, 
                     mask=r_in[:, None] & n_mask[None, :], other=0.0)
         zv = tl.load(ex_ptr + b_offs[:, None] * R + r_offs[None, :], mask=b_mask[:, None] & r_in[None, :], other=0.0,
                      cache_modifier=".cg")
-        if USE_DOT:
-            acc = tl.dot(zv, w.to(tl.float32), acc, input_precision="ieee")
+        if USE_DOT:  # z rounded to the weight dtype: an fp32 "ieee" dot here spills the whole kernel
+            acc = tl.dot(zv.to(w.dtype), w, acc, input_precision="ieee")
         else:
             acc += tl.sum(zv[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
     return acc
@@ -291,8 +291,24 @@ def _sm_count(device: torch.device) -> int:
     return 8
 
 
-# Measured best configs, keyed by (K, N, batch); filled from studies/kernel_bench.py --tune on the H100.
-TUNED_CONFIGS: dict[tuple[int, int, int], GemvConfig] = {}
+# Best (block_n, block_k, n_splits, num_warps, num_stages, use_dot) per (K, N, batch) measured on the H100 at
+# s = 0 and 0.5 by `studies/kernel_bench.py tune` (fp16, batch 1). Other GPUs: rerun the tune and load_tuned().
+TUNED_CONFIGS: dict[tuple[int, int, int], GemvConfig] = {
+    (4096, 4096, 1): GemvConfig(64, 32, 16, 1, 2, False),  # 4096x4096
+    (4096, 6144, 1): GemvConfig(128, 128, 8, 4, 3, True),  # 6144x4096
+    (4096, 14336, 1): GemvConfig(256, 64, 4, 8, 4, True),  # 14336x4096
+    (14336, 4096, 1): GemvConfig(256, 64, 16, 8, 4, True),  # 4096x14336
+    (4096, 11008, 1): GemvConfig(128, 64, 4, 4, 3, True),  # 11008x4096
+    (11008, 4096, 1): GemvConfig(256, 64, 16, 8, 4, True),  # 4096x11008
+    (576, 576, 1): GemvConfig(128, 128, 4, 4, 3, True),  # 576x576
+    (576, 1536, 1): GemvConfig(128, 128, 4, 4, 3, True),  # 1536x576
+    (1536, 576, 1): GemvConfig(32, 32, 16, 1, 2, False),  # 576x1536
+    (4096, 28672, 1): GemvConfig(256, 64, 2, 8, 4, True),  # 28672x4096
+    (4096, 22016, 1): GemvConfig(256, 64, 4, 8, 4, True),  # 22016x4096
+    (4096, 12288, 1): GemvConfig(128, 64, 4, 4, 3, True),  # 12288x4096
+    (576, 960, 1): GemvConfig(128, 128, 4, 4, 3, True),  # 960x576
+    (576, 3072, 1): GemvConfig(128, 128, 4, 4, 3, True),  # 3072x576
+}
 
 
 def default_config(K: int, N: int, batch: int, device: torch.device, segments: tuple[int, ...] = ()) -> GemvConfig:

@@ -118,7 +118,7 @@ class RandomLlamaDecoder:
             return F.linear(x, layer[site + "_dense"])
         thr = [self.thresholds[i][site]]
         if mode == "sparse":
-            return torch.ops.allocator.sparse_gemv(x, layer[site], thr, [], None, False)
+            return torch.ops.allocator.sparse_gemv(x, layer[site], thr, [], None, None)
         return sparse_gemv_reference(x, layer[site], thr)
 
     # -- one decode step --

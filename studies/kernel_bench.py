@@ -208,6 +208,7 @@ def rsparse_table(out: pathlib.Path, rep_ms: int = 30) -> pd.DataFrame:
         sparse_gemv_triton,
     )
     from allocator.kernels.latency import THRESHOLD, graph_time_us, sparse_input
+    from allocator.kernels.rsparse import default_low_rank_config
 
     dev = torch.device("cuda")
     rows = []
@@ -232,8 +233,8 @@ def rsparse_table(out: pathlib.Path, rep_ms: int = 30) -> pd.DataFrame:
                      for m, f in zip(wt, lr)], rep_ms
                 )
                 low_rank_only = graph_time_us(
-                    [lambda f=f: sparse_gemv_triton(x, f[0], THRESHOLD, invert=True, out_dtype=torch.float32)
-                     for f in lr], rep_ms
+                    [lambda f=f: sparse_gemv_triton(x, f[0], THRESHOLD, invert=True, out_dtype=torch.float32,
+                                                    config=default_low_rank_config(d_in, rank)) for f in lr], rep_ms
                 )
                 sparse_bytes = kept_frac * d_in * d_out
                 lr_bytes = rank * (d_in * (1 - kept_frac) + d_out)
@@ -268,7 +269,7 @@ def latency(out: pathlib.Path) -> pd.DataFrame:
     shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (960, 576), (576, 576), (3072, 576),
               (576, 1536)]
     df = measure_latency_table(shapes, sparsities=(0.0, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), dtypes=(torch.float16,),
-                               batches=(1,), rhos=(1.0, 0.9), rep_ms=20)
+                               batches=(1,), rhos=(1.0, 0.9), rep_ms=10)
     df.to_csv(out / "kernel_bench_latency.csv", index=False)
     return df
 

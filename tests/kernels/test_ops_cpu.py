@@ -29,7 +29,7 @@ def _x(rows, K):
 @pytest.mark.parametrize("dense", [False, True])
 def test_sparse_gemv_op(rows, dense):
     x, wt = _x(rows, 70), torch.randn(70, 40)
-    y = torch.ops.allocator.sparse_gemv(x, wt, [0.8], [], None, dense)
+    y = torch.ops.allocator.sparse_gemv(x, wt, [0.8], [], None, wt.T.contiguous() if dense else None)
     torch.testing.assert_close(y, sparse_gemv_reference(x, wt, 0.8), rtol=1e-4, atol=1e-4)
 
 
@@ -39,7 +39,7 @@ def test_rsparse_gemv_op(dense):
     w = torch.randn(40, 70)
     at, bt = low_rank_factors(w, 8)
     x = _x(2, 70)
-    y = torch.ops.allocator.rsparse_gemv(x, w.T.contiguous(), at, bt, 0.8, None, dense)
+    y = torch.ops.allocator.rsparse_gemv(x, w.T.contiguous(), at, bt, 0.8, None, w if dense else None)
     torch.testing.assert_close(y, rsparse_gemv_reference(x, w.T.contiguous(), at, bt, 0.8), rtol=1e-4, atol=1e-4)
 
 
@@ -49,13 +49,23 @@ def test_fake_implementations_give_shapes():
     with FakeTensorMode():
         x, wt = torch.empty(1, 3, 64), torch.empty(64, 48)
         at, bt = torch.empty(64, 4), torch.empty(4, 48)
-        assert torch.ops.allocator.sparse_gemv(x, wt, [0.1], [], None, False).shape == (1, 3, 48)
-        assert torch.ops.allocator.rsparse_gemv(x, wt, at, bt, 0.1, None, False).shape == (1, 3, 48)
+        assert torch.ops.allocator.sparse_gemv(x, wt, [0.1], [], None, None).shape == (1, 3, 48)
+        assert torch.ops.allocator.rsparse_gemv(x, wt, at, bt, 0.1, None, None).shape == (1, 3, 48)
 
 
 def test_kernel_pays_respects_crossover():
-    assert kernel_pays(0.5, 4096, 4096)
-    assert kernel_pays(1.0, 576, 576)
+    assert kernel_pays(0.5, 4096, 4096) and not kernel_pays(0.0, 4096, 4096)
+    assert not kernel_pays(0.9, 576, 576) and kernel_pays(1.0, 576, 576)
+
+
+@interpreted
+def test_sparse_linear_picks_dense_below_crossover():
+    from allocator.kernels import sparse_linear
+
+    x, w = _x(1, 64), torch.randn(48, 64)
+    for s in (0.0, 0.5):
+        y = sparse_linear(x, w.T.contiguous(), 0.8, sparsity=s, w_dense=w)
+        torch.testing.assert_close(y, sparse_gemv_reference(x, w.T.contiguous(), 0.8), rtol=1e-4, atol=1e-4)
 
 
 @interpreted

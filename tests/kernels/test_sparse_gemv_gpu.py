@@ -96,16 +96,16 @@ def test_custom_op_under_cuda_graph_and_compile(monkeypatch):
     wt = (torch.randn(4096, 4096, device="cuda") * 0.02).half()
     op = torch.ops.allocator.sparse_gemv
     ref = sparse_gemv_reference(x, wt, THRESHOLD)
-    op(x, wt, [THRESHOLD], [], None, False)  # warm up before capture
+    op(x, wt, [THRESHOLD], [], None, None)  # warm up before capture
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        y = op(x, wt, [THRESHOLD], [], None, False)
+        y = op(x, wt, [THRESHOLD], [], None, None)
     x.copy_(sparse_input(1, 4096, 0.5, torch.float16, "cuda"))
     g.replay()
     assert _rel(y, sparse_gemv_reference(x, wt, THRESHOLD)) < 3e-3
-    compiled = torch.compile(lambda a: op(a, wt, [THRESHOLD], [], None, False) * 2, fullgraph=True)
+    compiled = torch.compile(lambda a: op(a, wt, [THRESHOLD], [], None, None) * 2, fullgraph=True)
     assert _rel(compiled(x) / 2, sparse_gemv_reference(x, wt, THRESHOLD)) < 3e-3
-    assert _rel(op(x, wt, [THRESHOLD], [], None, True), sparse_gemv_reference(x, wt, THRESHOLD)) < 3e-3
+    assert _rel(op(x, wt, [THRESHOLD], [], None, wt.T), sparse_gemv_reference(x, wt, THRESHOLD)) < 3e-3
     del ref
 
 
