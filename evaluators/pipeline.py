@@ -203,16 +203,39 @@ def run_pipeline(cfg, output_dir: Path) -> dict:
         remove_compression_(model)
     else:
         mem = {}
+    zs = e_cfg.get("zeroshot") or {}
+    summary_zs = {}
+    if zs.get("tasks"):
+        summary_zs = run_zeroshot_all(model, tokenizer, method, allocations, zs)
+        (output_dir / "zeroshot.json").write_text(json.dumps(summary_zs, indent=1, default=float))
+        lap("zeroshot")
     _plot(allocations, output_dir / "allocation.png", f"{model_id(model)} / {method.name}: {kind} {value}")
     summary = {"objective": float(result.objective), "feasible": bool(result.feasible), "model": model_id(model),
                "method": method.options(), "budget": {kind: value}, "profile_mode": prof.mode, "metric": metric,
-               "solver": result.summary(), "measurements": rows, "memory": mem, "timings": timings}
+               "solver": result.summary(), "measurements": rows, "memory": mem, "zeroshot": summary_zs,
+               "timings": timings}
     lap("report")
     summary["timings"] = timings
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     _report(output_dir, summary, frame, result, tables)
-    logger.info("\n%s", frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print("\n".join(_gains(frame)))
     return summary
+
+
+def run_zeroshot_all(model, tokenizer, method, allocations: dict, zs_cfg: dict) -> dict:
+    """lm-eval tasks for the dense model and each allocation (tasks need the hub unless they are custom)."""
+    from .zeroshot import run_zeroshot
+    out = {"dense": run_zeroshot(model, tokenizer, zs_cfg["tasks"], limit=zs_cfg.get("limit"),
+                                 include_path=zs_cfg.get("include_path"))}
+    for name, alloc in allocations.items():
+        apply_allocation_(model, alloc, method)
+        try:
+            out[name] = run_zeroshot(model, tokenizer, zs_cfg["tasks"], limit=zs_cfg.get("limit"),
+                                     include_path=zs_cfg.get("include_path"))
+        finally:
+            remove_compression_(model)
+    return out
 
 
 def _plot(allocations: dict, path: Path, title: str) -> None:
@@ -223,13 +246,29 @@ def _plot(allocations: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _gains(frame: pd.DataFrame) -> list[str]:
+    """How much of uniform's perplexity increase over dense the allocation removes, per held-out source."""
+    rows = frame.set_index("allocation")
+    if "uniform" not in rows.index or len(rows) < 3:
+        return []
+    name = [n for n in rows.index if n not in ("dense", "uniform")][0]
+    out = []
+    for col in [c for c in frame.columns if c.startswith("ppl_")]:
+        dense, uni, alloc = rows.loc["dense", col], rows.loc["uniform", col], rows.loc[name, col]
+        share = (uni - alloc) / (uni - dense) if uni != dense else float("nan")
+        out.append(f"{col[4:]}: {name} perplexity {alloc:.3g} vs uniform {uni:.3g} (dense {dense:.3g}): "
+                   f"{share:+.0%} of uniform's increase removed")
+    return out
+
+
 def _report(out: Path, summary: dict, frame: pd.DataFrame, result, tables) -> None:
     metric = summary["metric"]
     lines = [f"# allocator: {summary['model']} with {summary['method']['name']}", "",
              f"- budget: {summary['budget']}, cost `{result.problem.get('cost')}`",
              f"- degradation table: {metric} per unit x level, profiled `{summary['profile_mode']}` on "
              f"{tables.provenance.get('tokens')} calibration tokens",
-             f"- solver: {summary['solver']}", "",
+             f"- solver: {summary['solver']}",
+             *[f"- {line}" for line in _gains(frame)], "",
              "## Held-out measurements and the additivity audit", "",
              f"`predicted` is the table's sum for the allocation; `measured_{metric}_calib` is the same quantity "
              "measured with the whole allocation applied, on the profiling windows.", "",

@@ -271,6 +271,15 @@ def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.
     return Profile(units, levels, kl, nll, b["kl"], b["nll"], b["dense_nll"], mode, provenance)
 
 
+def group_degradation(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.DataFrame,
+                      spans: list[tuple[int, int]], metric: str = "kl", **options) -> dict[tuple[int, int], np.ndarray]:
+    """Measured rows for groups of consecutive layers ``(first, last)`` sharing one level, in the form
+    ``Problem(group_degradation=...)`` takes (interactions inside a group are measured, not summed)."""
+    units = [f"layers.{a}-{b}" if a != b else f"layers.{a}" for a, b in spans]
+    table = profile(model, method, windows, levels, units, **options).table(metric)
+    return {span: table[i] for i, span in enumerate(spans)}
+
+
 def _is_base_level(level: dict, mode: str, operating_level: dict | None) -> bool:
     if mode == "isolated":
         return level["s"] <= 0

@@ -6,7 +6,7 @@ on held-out text (Austen: Pride and Prejudice + Persuasion; the second half of t
 and KL to dense; and the additivity audit: the table's predicted KL against the KL measured on the profiling
 windows with the whole allocation applied.
 
-    python studies/smollm2_allocation.py            # ~40 min cold on 2 CPU cores, minutes with cached tables
+    python studies/smollm2_allocation.py            # ~15 min per method and budget on 2 busy CPU cores, minutes with cached tables
     python studies/smollm2_allocation.py --quick    # 6 layers, tiny windows: a smoke run
 
 Writes studies/results/smollm2_allocation.{csv,md} (or --out).
@@ -41,8 +41,8 @@ def parse_args():
     ap.add_argument("--solvers", nargs="+", default=["greedy", "dp"])
     ap.add_argument("--window", type=float, default=0.2, help="trust region of levels around the budget")
     ap.add_argument("--calib", type=int, nargs=2, default=[8, 256], help="calibration windows x length")
-    ap.add_argument("--profile", type=int, nargs=2, default=[4, 128], help="profiling windows x length")
-    ap.add_argument("--eval", type=int, nargs=2, default=[8, 256], help="held-out windows x length per source")
+    ap.add_argument("--profile", type=int, nargs=2, default=[2, 128], help="profiling windows x length")
+    ap.add_argument("--eval", type=int, nargs=2, default=[4, 256], help="held-out windows x length per source")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quick", action="store_true", help="6 layers and tiny windows (smoke run)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -77,11 +77,11 @@ def main():
         index = [int(np.flatnonzero(np.isclose(grid["s"], s))[0]) for s in near["s"]]
         for name, method in methods.items():
             t0 = time.perf_counter()
-            iso = profile(model, method, prof_windows, grid, units, mode="isolated")
+            iso = profile(model, method, prof_windows, near, units, mode="isolated")
             op = profile(model, method, prof_windows, near, units, mode="operating_point",
                          operating_level=budget_level(near, budget))
             profile_s = time.perf_counter() - t0
-            tables = {"isolated": base.select_levels(index).with_degradation(iso.table("kl")[:, index]),
+            tables = {"isolated": base.select_levels(index).with_degradation(iso.table("kl")),
                       "operating_point": base.select_levels(index).with_degradation(op.table("kl"))}
             j = int(np.flatnonzero(np.isclose(near["s"], budget))[0])
             allocations = {("uniform", "-"): Allocation.from_levels(tables["isolated"], [j] * len(units))}
