@@ -11,7 +11,9 @@ atomics and needs an output memset: on the H100 that floor is ~40% of the dense 
   [s*KS, (s+1)*KS).
 * It first **compacts** the kept channels of its K range into an index list (fused threshold test, a cumsum,
   a scatter into a private scratch row that stays in L1/L2), then loops only over those rows, gathering
-  BLOCK_K weight rows of its stripe at a time. A fully masked range costs one scan of x and nothing else.
+  BLOCK_K weight rows of its stripe at a time: through tensor cores (tl.dot, batch padded to 16 rows, loads
+  pipelined by Triton) or through FMAs (hand-pipelined, two tiles in flight). A fully masked range costs
+  one scan of x and nothing else.
 * With one K split each program stores its stripe directly. With several, each writes an fp32 partial and
   the last program to finish a stripe (per-stripe arrival counter, acq_rel atomics) sums the partials in a
   fixed order, writes y and resets the counter to zero. No atomics on the data, no memset, deterministic.
@@ -24,6 +26,7 @@ atomics and needs an output memset: on the H100 that floor is ~40% of the dense 
 
 Scores: |x_j| by default, or |x_j| * col_scale_j (col_scale = ||W[:, j]||_2 gives the R-Sparse / WINA score).
 The PyTorch reference is `sparse_gemv_reference`. Shapes in comments: B batch, K inputs, N outputs.
+Measured behaviour, floors and the variants that lost: kernels/NOTES.md.
 """
 
 from __future__ import annotations
@@ -220,7 +223,7 @@ def _rsparse_fused_kernel(
     K, N, R, stride_xb, k_split, z_k_split, r_split, n_splits, z_splits, n_stripes, z_stripes, thr,
     BATCH: tl.constexpr, BATCH_PAD: tl.constexpr, Z_BATCH_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, Z_BLOCK_N: tl.constexpr, Z_BLOCK_K: tl.constexpr, SCAN_BLOCK: tl.constexpr, Z_SCAN_BLOCK: tl.constexpr,
-    HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, REDUCE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, REDUCE: tl.constexpr, BT_PREFETCH: tl.constexpr,
 ):
     """One launch for the R-Sparse layer. Programs [0, z_stripes * z_splits) compute z from the dropped rows
     of At; the rest compute the kept rows of Wt, then wait for z (a spin on a counter: the z programs have the
@@ -258,6 +261,13 @@ def _rsparse_fused_kernel(
             k_lo, tl.minimum(k_lo + k_split, K), N, stride_xb, thr,
             BATCH, BATCH_PAD, BLOCK_N, BLOCK_K, SCAN_BLOCK, HAS_SCALE, False, USE_DOT,
         )
+        r_lo = pid_s * r_split
+        r_hi = tl.minimum(r_lo + r_split, R)
+        if BT_PREFETCH:  # this split's Bt rows fit one tile: load it before waiting (it does not depend on z)
+            r_offs = r_lo + tl.arange(0, BLOCK_K)
+            r_in = r_offs < r_hi
+            w_bt = tl.load(bt_ptr + r_offs.to(tl.int64)[:, None] * N + n_offs[None, :],
+                           mask=r_in[:, None] & n_mask[None, :], other=0.0)
         done = tl.atomic_add(sync_ptr, 0, sem="acquire")
         while done < z_stripes:
             done = tl.atomic_add(sync_ptr, 0, sem="acquire")
@@ -265,9 +275,16 @@ def _rsparse_fused_kernel(
         if tl.atomic_add(sync_ptr + 1, 1, sem="relaxed") == n_stripes * n_splits - 1:  # last one past the wait
             tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed")
             tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
-        r_lo = pid_s * r_split
-        acc = _dense_rows_product(acc, z_ptr, bt_ptr, r_lo, tl.minimum(r_lo + r_split, R), R, N, n_offs, n_mask,
-                                  b_offs, b_mask, BLOCK_K, USE_DOT)
+        if BT_PREFETCH:
+            zv = tl.load(z_ptr + b_offs[:, None] * R + r_offs[None, :], mask=b_mask[:, None] & r_in[None, :],
+                         other=0.0, cache_modifier=".cg")
+            if USE_DOT:
+                acc = tl.dot(zv.to(w_bt.dtype), w_bt, acc, input_precision="ieee")
+            else:
+                acc += tl.sum(zv[:, :, None] * w_bt.to(tl.float32)[None, :, :], axis=1)
+        else:
+            acc = _dense_rows_product(acc, z_ptr, bt_ptr, r_lo, r_hi, R, N, n_offs, n_mask, b_offs, b_mask,
+                                      BLOCK_K, USE_DOT)
         _write_out(acc, y_ptr, partial_ptr, counter_ptr, pid_n, pid_s, n_splits, N, n_offs, n_mask, b_offs, b_mask,
                    BATCH, BATCH_PAD, BLOCK_N, REDUCE)
 

@@ -99,6 +99,7 @@ def rsparse_gemv_triton(
         SCAN_BLOCK=min(cfg.scan_block, triton.next_power_of_2(k_split)),
         Z_SCAN_BLOCK=min(zcfg.scan_block, triton.next_power_of_2(z_k_split)),
         HAS_SCALE=col_scale is not None, USE_DOT=cfg.use_dot, REDUCE=n_splits > 1,
+        BT_PREFETCH=triton.cdiv(R, n_splits) <= cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y[0] if squeeze else y

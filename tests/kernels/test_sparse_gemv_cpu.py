@@ -105,8 +105,9 @@ def test_rsparse_fused_resets_its_counters(monkeypatch):
     w = torch.randn(N, K)
     at, bt = low_rank_factors(w, rank)
     cfg, zcfg = GemvConfig(block_n=32, block_k=16, n_splits=2), GemvConfig(block_n=8, block_k=16, n_splits=4)
-    for _ in range(2):
+    for rank_cfg in (cfg, GemvConfig(block_n=32, block_k=4, n_splits=2)):  # Bt rows in one tile, and in a loop
         x = _input(2, K, 0.5, torch.float32)
+        cfg = rank_cfg
         y = rsparse_gemv_triton(x, w.T.contiguous(), at, bt, THR, config=cfg, low_rank_config=zcfg)
         _check(y, rsparse_gemv_reference(x, w.T.contiguous(), at, bt, THR), torch.float32)
     assert int(sg._workspace(torch.device("cpu")).counters.abs().sum()) == 0
