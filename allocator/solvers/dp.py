@@ -25,8 +25,9 @@ Discretization bound. Constrained values are shifted to be >= 0 and divided into
 ``w = limit' / B``. Integer-valued tables whose limit fits ``max_exact_buckets`` use exact integer buckets
 (answer exactly optimal). Otherwise the DP first rounds every item *down* (a relaxation: its optimum LB <= the
 true optimum); if that answer meets the undiscretized limit it is optimal. Else it is repaired: the rounded-down
-DP on the limit tightened by n bucket widths is conservative (every answer it returns is feasible), then a few
-bisection steps on the effective limit between the two and a 1-opt pass keep the best feasible answer. Bound:
+DP on the limit tightened by n bucket widths is conservative (every answer it returns is feasible), then DPs
+rounding to nearest (unbiased) with a few bisection steps on the effective limit, and a 1-opt pass, keep the best
+feasible answer. Bound:
 the answer is feasible with objective <= OPT(limit - n*w), the optimum of the limit tightened by n bucket
 widths (n = items in a solution: units, or groups <= min(L, max_groups)); ``info['lower_bound']`` = LB gives
 an a-posteriori gap.
@@ -148,16 +149,20 @@ def _best_path(dp: ChainDP) -> tuple[float, list[int]] | None:
 
 
 def _node_shift(start, end, cons, n_nodes) -> np.ndarray:
-    """Per-node shifts a_p <= 0 with sum over an item's nodes <= its constrained value (so shifted values >= 0)."""
-    if (cons >= 0).all():
-        return np.zeros(n_nodes)
+    """Per-node shifts a_p with sum over an item's nodes <= its constrained value, so shifted values are >= 0.
+    Per unit, a_p is the row minimum (the room left, limit - sum a_p, is small, so buckets are fine); for spans
+    only negative values are lifted. Integral tables get integral shifts (exact buckets stay exact)."""
     if ((end - start) == 1).all():
-        per_node = np.full(n_nodes, np.inf)
-        np.minimum.at(per_node, start, cons)
-        return np.minimum(per_node, 0.0)
-    grid = np.full((n_nodes, n_nodes + 1), np.inf)
-    np.minimum.at(grid, (start, end), cons / (end - start))
-    return np.array([min(0.0, grid[:p + 1, p + 1:].min()) for p in range(n_nodes)])
+        shift = np.full(n_nodes, np.inf)
+        np.minimum.at(shift, start, cons)
+    elif (cons >= 0).all():
+        shift = np.zeros(n_nodes)
+    else:
+        grid = np.full((n_nodes, n_nodes + 1), np.inf)
+        np.minimum.at(grid, (start, end), cons / (end - start))
+        shift = np.array([min(0.0, grid[:p + 1, p + 1:].min()) for p in range(n_nodes)])
+    shift[~np.isfinite(shift)] = 0.0
+    return np.floor(shift) if np.allclose(cons, np.round(cons), rtol=0, atol=1e-9) else shift
 
 
 WORK_CELLS = 6e7   # DP cells (items x buckets x group counts) one pass may fill when buckets are chosen adaptively
@@ -202,7 +207,7 @@ def solve_chain(problem, start, end, cons, obj, n_nodes, max_groups, buckets=Non
         return None if found is None else (found[0], idx[found[1]].tolist())
 
     rounded = np.round(shifted)
-    if not shift.any() and np.allclose(shifted, rounded, rtol=0, atol=1e-9):
+    if np.allclose(shifted, rounded, rtol=0, atol=1e-9) and np.allclose(shift, np.round(shift), rtol=0, atol=1e-9):
         ints = rounded[rounded > 0]
         unit = int(np.gcd.reduce(ints.astype(np.int64))) if ints.size and ints.max() < 2**62 else 1
         capacity = int(math.floor(room / unit + 1e-9))
@@ -215,36 +220,43 @@ def solve_chain(problem, start, end, cons, obj, n_nodes, max_groups, buckets=Non
 
     def down(room_eff):   # the relaxed (rounded-down) DP for an effective room
         return attempt(np.floor(shifted / (room_eff / buckets) + 1e-12), capacity) if room_eff > 0 else None
-
     low = attempt(np.floor(shifted / width + 1e-12), capacity)
     info.update(exact=False, bucket_width=width, buckets=capacity, lower_bound=low[0], rounding="down")
     if cons[low[1]].sum() <= limit or not repair:
         info.update(dp_cells=cells, certified_optimal=bool(cons[low[1]].sum() <= limit))
         return low[1], info
-    # Repair. Rounded down with the room tightened by n widths, every answer is feasible (the bound); then
-    # bisect the effective room between that and the full room, keeping the best feasible answer.
+    # Repair. Rounded down with the room tightened by n widths, every answer is feasible (the bound). Then
+    # rounded-to-nearest DPs (unbiased: error ~ sqrt(n) w instead of n w) on the full room and, by bisection,
+    # on slightly tightened rooms; the best feasible answer wins.
     n_items = min(n_nodes, max_groups or n_nodes)
     safe_room = room - n_items * width
     safe = down(safe_room) if safe_room > 0 else attempt(np.ceil(shifted / width - 1e-12), capacity)
     options = [floor[1]] + ([safe[1]] if safe is not None else [])
-    lo, hi = max(safe_room, 0.0), room
-    for _ in range(refine):
-        mid = 0.5 * (lo + hi)
-        found = down(mid)
-        if found is not None and cons[found[1]].sum() <= limit:
+
+    def nearest(room_eff):
+        found = attempt(np.round(shifted / (room_eff / buckets)), capacity) if room_eff > 0 else None
+        ok = found is not None and cons[found[1]].sum() <= limit
+        if ok:
             options.append(found[1])
-            lo = mid
-        else:
-            hi = mid
+        return ok
+
+    if refine and not nearest(room):
+        lo, hi = max(room - 2 * math.sqrt(n_items) * width, safe_room, 0.0), room
+        if not nearest(lo):
+            lo, hi = max(safe_room, 0.0), lo
+        for _ in range(refine):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if nearest(mid) else (lo, mid)
     best = min(options, key=lambda items: obj[items].sum() if cons[items].sum() <= limit else np.inf)
-    info.update(rounding="down, repaired (tightened room, bisection)" if best is not floor[1]
+    info.update(rounding="down, repaired (tightened room, nearest-rounding bisection)" if best is not floor[1]
                 else "min-constrained fallback", certified_optimal=False, dp_cells=cells)
     best, info["polish_moves"] = polish(list(best), start, end, cons, obj, limit)
     return best, info
 
 
-def polish(items, start, end, cons, obj, limit, max_moves: int = 10_000):
-    """1-opt on the repaired answer: re-level one chosen item at a time while the exact slack allows it."""
+def polish(items, start, end, cons, obj, limit, max_moves: int = 2_000, reach: int = 2):
+    """Local search on the repaired answer: the best single or paired re-levelling (each chosen item moves at
+    most ``reach`` levels; a pair trades slack between two items) while the exact constraint holds."""
     key = start.astype(np.int64) * (int(end.max()) + 1) + end
     order = np.argsort(key, kind="stable")
     first = np.searchsorted(key[order], key[items])
@@ -252,16 +264,22 @@ def polish(items, start, end, cons, obj, limit, max_moves: int = 10_000):
     alts = [order[a:b] for a, b in zip(first, last)]          # same span, every level
     width = max(len(a) for a in alts)
     table = np.stack([np.pad(a, (0, width - len(a)), constant_values=a[0]) for a in alts])   # (chosen, levels)
+    owner = np.repeat(np.arange(len(items)), 2 * reach + 1)
     moves = 0
     while moves < max_moves:
         chosen = np.asarray(items)
+        at = np.array([np.flatnonzero(row == k)[0] for row, k in zip(table, chosen)])
+        cols = np.clip(at[:, None] + np.arange(-reach, reach + 1)[None, :], 0, width - 1)
+        cand = np.take_along_axis(table, cols, axis=1).ravel()            # moves, "stay" included
+        d_cons, d_obj = cons[cand] - cons[chosen][owner], obj[cand] - obj[chosen][owner]
         slack = limit - cons[chosen].sum()
-        gain = obj[chosen][:, None] - obj[table]
-        gain[cons[table] - cons[chosen][:, None] > slack] = -np.inf
-        pos, alt = np.unravel_index(np.argmax(gain), gain.shape)
-        if not gain[pos, alt] > 1e-12 * max(1.0, abs(obj[chosen].sum())):
+        total = d_obj[:, None] + d_obj[None, :]
+        bad = (d_cons[:, None] + d_cons[None, :] > slack) | (owner[:, None] == owner[None, :])
+        total[bad] = np.inf
+        i, j = np.unravel_index(np.argmin(total), total.shape)
+        if not total[i, j] < -1e-12 * max(1.0, abs(obj[chosen].sum())):
             break
-        items[pos] = int(table[pos, alt])
+        items[owner[i]], items[owner[j]] = int(cand[i]), int(cand[j])
         moves += 1
     return items, moves
 
