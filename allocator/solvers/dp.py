@@ -17,20 +17,21 @@ intervals", Phase 2 "determines precise consecutive layer allocation and exact s
 on every ``coarse_step``-th level with few buckets, for each group count G <= max_groups, keeps the
 ``keep_groups`` most promising G and, per chosen group, the levels within one coarse step of its coarse level.
 Phase 2 is the exact DP over spans whose levels lie in those intervals; when a chosen level touches an
-interval edge the interval is widened and Phase 2 re-run (``max_widen`` times). ``two_phase=False`` runs the
+interval edge the interval is widened and Phase 2 re-run (``max_widen`` times). Finally the answer's partition
+(and the next-best partitions of the DP) are re-levelled by a fine per-group MCKP. ``two_phase=False`` runs the
 full fine DP. Source: ASAF, "Layer-wise Sensitivity-aware Sparsity Allocation for Efficient LLM Inference"
 (ICLR 2026 submission, openreview erGq3kjCmy); the recurrence is our reconstruction (its text is not public).
 
-Discretization bound. Constrained values are shifted to be >= 0 and divided into B buckets of width
-``w = limit' / B``. Integer-valued tables whose limit fits ``max_exact_buckets`` use exact integer buckets
-(answer exactly optimal). Otherwise the DP first rounds every item *down* (a relaxation: its optimum LB <= the
-true optimum); if that answer meets the undiscretized limit it is optimal. Else it is repaired: the rounded-down
-DP on the limit tightened by n bucket widths is conservative (every answer it returns is feasible), then DPs
-rounding to nearest (unbiased) with a few bisection steps on the effective limit, and a 1-opt pass, keep the best
-feasible answer. Bound:
-the answer is feasible with objective <= OPT(limit - n*w), the optimum of the limit tightened by n bucket
-widths (n = items in a solution: units, or groups <= min(L, max_groups)); ``info['lower_bound']`` = LB gives
-an a-posteriori gap.
+Discretization bound. Constrained values are shifted to be >= 0 (per unit: minus the row minimum) and divided
+into B buckets of width ``w = limit' / B`` (``limit'`` = the limit minus the shifts). Integer-valued tables
+whose limit fits ``max_exact_buckets`` use exact integer buckets (answer exactly optimal). Otherwise the DP
+first rounds every item *down* (a relaxation: its optimum LB <= the true optimum); if that answer meets the
+undiscretized limit it is optimal. Else it is repaired: the rounded-down DP on the limit tightened by n bucket
+widths is conservative (every answer it returns is feasible), then DPs rounding to nearest (unbiased) with a
+few bisection steps on the effective limit, and a local search of single and paired level moves, keep the best
+feasible answer. Bound: the answer is feasible with objective <= OPT(limit - n*w), the optimum of the limit
+tightened by n bucket widths (n = items in a solution: units, or groups <= min(L, max_groups));
+``info['lower_bound']`` = LB gives an a-posteriori gap.
 """
 from __future__ import annotations
 
