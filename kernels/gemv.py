@@ -235,16 +235,16 @@ def _rsparse_fused_kernel(
     if pid < n_z:
         zn = pid // z_splits
         zs = pid % z_splits
-        r_offs = zn * Z_BLOCK_N + tl.arange(0, Z_BLOCK_N)
+        zr_offs = zn * Z_BLOCK_N + tl.arange(0, Z_BLOCK_N)
         k_lo = zs * z_k_split
         row = scratch_ptr + pid.to(tl.int64) * k_split  # scratch rows are k_split >= z_k_split long
         zb_offs = tl.arange(0, Z_BATCH_PAD)
         zacc = _kept_rows_product(
-            x_ptr, at_ptr, scale_ptr, row, r_offs, r_offs < R, zb_offs, zb_offs < BATCH, k_lo,
+            x_ptr, at_ptr, scale_ptr, row, zr_offs, zr_offs < R, zb_offs, zb_offs < BATCH, k_lo,
             tl.minimum(k_lo + z_k_split, K), R, stride_xb, thr,
             BATCH, Z_BATCH_PAD, Z_BLOCK_N, Z_BLOCK_K, Z_SCAN_BLOCK, HAS_SCALE, True, False,
         )
-        wrote = _write_out(zacc, z_ptr, z_partial_ptr, z_counter_ptr, zn, zs, z_splits, R, r_offs, r_offs < R,
+        wrote = _write_out(zacc, z_ptr, z_partial_ptr, z_counter_ptr, zn, zs, z_splits, R, zr_offs, zr_offs < R,
                            zb_offs, zb_offs < BATCH, BATCH, Z_BATCH_PAD, Z_BLOCK_N, True)
         tl.debug_barrier()  # the z stripe is stored by every thread before it is published
         if wrote:

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from allocator.kernels import (  # noqa: E402
+    GemvConfig,
     low_rank_factors,
     rsparse_gemv_reference,
     rsparse_gemv_triton,
@@ -84,8 +85,9 @@ def test_rsparse_matches_reference(dtype, shape, fused, batch):
     x = sparse_input(batch, d_in, 0.55, dtype, "cuda")
     scale = w.float().norm(dim=0)
     fn = rsparse_gemv_triton if fused else rsparse_gemv_two_launch_triton
-    for _ in range(2):  # twice: the counters must be reset by the first call
-        y = fn(x, w.T.contiguous(), at, bt, THRESHOLD * 0.5, col_scale=scale)
+    zcfgs = [None, GemvConfig(block_n=256, block_k=16, n_splits=8)]  # z tile != main tile (distinct types)
+    for zcfg in zcfgs:  # twice: the counters must be reset by the first call
+        y = fn(x, w.T.contiguous(), at, bt, THRESHOLD * 0.5, col_scale=scale, low_rank_config=zcfg)
         ref = rsparse_gemv_reference(x, w.T.contiguous(), at, bt, THRESHOLD * 0.5, col_scale=scale)
         assert _rel(y, ref) < TOL[dtype]
 
