@@ -92,17 +92,19 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
         del model.config.quantization_config       # the weights are dequantized; keep HF from re-quantizing
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None                  # transformers 5 refuses to save a GGUF-marked model otherwise
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")    # concurrent first uses do not collide
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(target) if not target.exists() else _replace_dir(tmp, target)
+    try:
+        tmp.replace(target)
+    except OSError:                                  # another process finished first (or a stale partial copy)
+        import shutil
+        if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(target)
+            tmp.replace(target)
     return target
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    import shutil
-    shutil.rmtree(dst)
-    src.replace(dst)
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

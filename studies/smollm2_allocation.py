@@ -41,7 +41,7 @@ def parse_args():
     ap.add_argument("--solvers", nargs="+", default=["greedy", "dp"])
     ap.add_argument("--window", type=float, default=0.2, help="trust region of levels around the budget")
     ap.add_argument("--calib", type=int, nargs=2, default=[8, 256], help="calibration windows x length")
-    ap.add_argument("--profile", type=int, nargs=2, default=[2, 128], help="profiling windows x length")
+    ap.add_argument("--profile", type=int, nargs=2, default=[3, 96], help="profiling windows x length (one per calibration source)")
     ap.add_argument("--eval", type=int, nargs=2, default=[4, 256], help="held-out windows x length per source")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quick", action="store_true", help="6 layers and tiny windows (smoke run)")
