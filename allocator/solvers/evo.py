@@ -142,6 +142,9 @@ class EvoSolver(Solver):
                        crossover=SBX(prob=cfg["crossover_prob"], eta=cfg["eta"], vtype=float,
                                      repair=RoundingRepair()),
                        mutation=_Mutation(prob=1.0), repair=_Repair(), eliminate_duplicates=True)
+        # pymoo retries mating up to 100 times for unique children; in a small or converged space that is wasted
+        # work: a few tries, then the generation is short (and an empty one ends the search)
+        algorithm.mating.n_max_iterations = 5
         pproblem = _Problem()
         algorithm.setup(pproblem, termination=("n_gen", int(cfg["n_gen"])), seed=int(rng.integers(2**31 - 1)),
                         verbose=False)
