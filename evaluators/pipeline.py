@@ -28,7 +28,7 @@ from .text import token_windows
 
 logger = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-DEFAULTS = {"model": "smollm2", "method": "teal", "data": "shipped", "profile": "operating_point",
+DEFAULTS = {"model": "smollm2", "method": "teal", "data": "shipped", "profile": "isolated",
             "evaluator": "default", "solver": "dp", "budget": "sparsity", "problem": "default"}
 
 
