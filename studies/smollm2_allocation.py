@@ -40,6 +40,10 @@ def parse_args():
     ap.add_argument("--methods", nargs="+", default=["teal", "rsparse"])
     ap.add_argument("--solvers", nargs="+", default=["greedy", "dp"])
     ap.add_argument("--window", type=float, default=0.2, help="trust region of levels around the budget")
+    ap.add_argument("--op-budgets", type=float, nargs="*", default=None,
+                    help="budgets that also get operating-point tables (default: all)")
+    ap.add_argument("--iso-center", type=float, default=0.5,
+                    help="the isolated table (budget independent) is profiled once on the levels around this")
     ap.add_argument("--calib", type=int, nargs=2, default=[8, 256], help="calibration windows x length")
     ap.add_argument("--profile", type=int, nargs=2, default=[3, 96], help="profiling windows x length (one per calibration source)")
     ap.add_argument("--eval", type=int, nargs=2, default=[4, 256], help="held-out windows x length per source")
@@ -76,17 +80,21 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
 
+    iso_levels = trust_region(grid, args.iso_center, args.window)
+    op_budgets = args.budgets if args.op_budgets is None else args.op_budgets
     for budget in args.budgets:
-        near = trust_region(grid, budget, args.window)
+        near = trust_region(iso_levels, budget, args.window)
         index = [int(np.flatnonzero(np.isclose(grid["s"], s))[0]) for s in near["s"]]
+        iso_index = [int(np.flatnonzero(np.isclose(iso_levels["s"], s))[0]) for s in near["s"]]
         for name, method in methods.items():
             t0 = time.perf_counter()
-            iso = profile(model, method, prof_windows, near, units, mode="isolated")
-            op = profile(model, method, prof_windows, near, units, mode="operating_point",
-                         operating_level=budget_level(near, budget))
+            iso = profile(model, method, prof_windows, iso_levels, units, mode="isolated")
+            tables = {"isolated": base.select_levels(index).with_degradation(iso.table("kl")[:, iso_index])}
+            if any(np.isclose(budget, op_budgets)):
+                op = profile(model, method, prof_windows, near, units, mode="operating_point",
+                             operating_level=budget_level(near, budget))
+                tables["operating_point"] = base.select_levels(index).with_degradation(op.table("kl"))
             profile_s = time.perf_counter() - t0
-            tables = {"isolated": base.select_levels(index).with_degradation(iso.table("kl")),
-                      "operating_point": base.select_levels(index).with_degradation(op.table("kl"))}
             j = int(np.flatnonzero(np.isclose(near["s"], budget))[0])
             allocations = {("uniform", "-"): Allocation.from_levels(tables["isolated"], [j] * len(units))}
             predicted = {("uniform", "-"): {m: float(t.degradation[:, j].sum()) for m, t in tables.items()}}
@@ -109,7 +117,7 @@ def main():
                 pred = predicted[(solver, mode)]
                 rows.append({"method": name, "budget": budget, "solver": solver, "profile_mode": mode,
                              "s_min": s.min(), "s_max": s.max(),
-                             "predicted_kl": pred.get(mode, pred.get("operating_point")),
+                             "predicted_kl": pred.get(mode, pred.get("operating_point", pred.get("isolated"))),
                              "measured_kl_calib": audit[key]["kl"],
                              **{f"ppl_{src}": h[key]["perplexity"] for src, h in held.items()},
                              **{f"kl_{src}": held[src][key]["kl"] for src in held},
