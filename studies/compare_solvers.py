@@ -91,8 +91,22 @@ def unit_levels_dict(tables, unit_levels) -> dict:
     return out
 
 
+class MultiFidelity:
+    """``objective(levels, fidelity)``: the pipeline's TrueObjective on the first ``fidelity`` windows (the table's
+    windows) or, for ``fidelity=None``, on a larger calibration set (multi-step selection's later stage)."""
+
+    def __init__(self, model, method, tables, small, large):
+        self.small = len(small)
+        self.objectives = {self.small: TrueObjective(model, small, method, "kl", tables=tables, batch_size=8),
+                           None: TrueObjective(model, large, method, "kl", tables=tables, batch_size=8)}
+
+    def __call__(self, unit_levels, fidelity=None):
+        return self.objectives[fidelity if fidelity == self.small else None](unit_levels)
+
+
 # ---------------------------------------------------------------------------------------------- study
-def run_config(model, method_name, method, sparsity, args, prof_windows, held, profiles, rows, curves):
+def run_config(model, method_name, method, sparsity, args, prof_windows, held, profiles, rows, curves,
+               ms_windows=None):
     """All solvers on one (method, sparsity); the true objective is KL on the profiling windows."""
     levels = LEVELS[method_name]
     iso, op = profiles["isolated"], profiles.get(("operating_point", sparsity))
@@ -137,7 +151,7 @@ def run_config(model, method_name, method, sparsity, args, prof_windows, held, p
     operating = budget_level(levels, sparsity, 1.0)
     j = int(np.flatnonzero((levels["s"].sub(operating["s"]).abs() < 1e-9) & (levels["rho"] == 1.0))[0])
     uniform = minimize(table_problem, "uniform")  # the best uniform level by the table ...
-    if uniform.x[0] != j:                          # ... and the operating point (s = sparsity, rho = 1) when different
+    if uniform.x[0] != j and not args.searches_only:                          # ... and the operating point (s = sparsity, rho = 1) when different
         x = np.full(tables.n_units, j)
         ev = table_problem.evaluate_units(x[None])
         record(f"uniform (s={operating['s']}, rho=1)", SimpleNamespace(
@@ -152,9 +166,10 @@ def run_config(model, method_name, method, sparsity, args, prof_windows, held, p
             logger.warning("%s skipped: %s", label, exc)
             continue
         results[label] = res
-        record(label, res, 0, label != "uniform", time.perf_counter() - t0)
+        if not args.searches_only:
+            record(label, res, 0, label != "uniform", time.perf_counter() - t0)
 
-    if op is not None:  # dp on the table profiled around the operating point (first-order interactions)
+    if op is not None and not args.searches_only:  # dp on the table profiled around the operating point (first-order interactions)
         op_problem = Problem(tables.with_degradation(op.table("kl"), **op.provenance), "bytes_decode", sparsity=sparsity)
         res = minimize(op_problem, "dp", seed=args.seed)
         row = record("dp (operating point)", res, 0, True, res.solve_time)
@@ -163,18 +178,29 @@ def run_config(model, method_name, method, sparsity, args, prof_windows, held, p
 
     start = results["dp (isolated)"].x
     budget = args.budget
-    searches = (
-        ("evo (true, warm dp)", "evo", {"warm_start": start, "pop_size": args.pop_size, "n_gen": 10_000}),
-        ("bayes (true, warm dp)", "bayes", {"warm_start": start, "n_trials": 10_000, "sampler": args.bayes_sampler,
-                                            "n_startup_trials": 10}),
-    )
-    for label, solver, kw in searches:
-        calls0, secs0 = objective.evaluations, objective.seconds
+    searches = {
+        "evo": ("evo (true, warm dp)", "evo", {"warm_start": start, "pop_size": args.pop_size, "n_gen": 10_000}),
+        "bayes": ("bayes (true, warm dp)", "bayes", {"warm_start": start, "n_trials": 10_000,
+                                                     "sampler": args.bayes_sampler, "n_startup_trials": 10}),
+        # EvoPress's multi-step selection: children screened on the table's 4 windows, the best 2 of each
+        # generation re-scored on 4x more calibration windows (the answer is the best on the larger set)
+        "evo-ms": (f"evo (true, multi-step {args.profile_windows}->{args.ms_windows} windows)", "evo",
+                   {"warm_start": start, "pop_size": args.pop_size, "n_gen": 10_000,
+                    "multi_step": [(args.profile_windows, 2)]}),
+    }
+    for name in args.searches:
+        label, solver, kw = searches[name]
+        fn, counter = objective, [objective]
+        if name == "evo-ms":
+            fn = MultiFidelity(model, method, tables, prof_windows, ms_windows)
+            counter = list(fn.objectives.values())
+        calls0 = sum(o.evaluations for o in counter)
+        secs0 = sum(o.seconds for o in counter)
         t0 = time.perf_counter()
-        res = minimize(problem, solver, seed=args.seed, objective="true", max_evals=budget, progress=True, **kw)
+        res = minimize(problem, solver, seed=args.seed, objective=fn, max_evals=budget, progress=True, **kw)
         wall = time.perf_counter() - t0
-        n_true = objective.evaluations - calls0
-        s_per_eval = (objective.seconds - secs0) / max(1, n_true)
+        n_true = sum(o.evaluations for o in counter) - calls0
+        s_per_eval = (sum(o.seconds for o in counter) - secs0) / max(1, n_true)
         row = record(label, res, n_true, False, wall)
         row["s_per_eval"] = s_per_eval
         # convergence: held-out Austen perplexity of the best-so-far candidates (a few of them + the last)
@@ -305,11 +331,15 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--searches", nargs="+", default=["evo", "bayes"], choices=["evo", "bayes", "evo-ms"])
+    p.add_argument("--ms-windows", type=int, default=16, help="evo-ms: calibration windows of the final stage")
+    p.add_argument("--searches-only", action="store_true", help="record only the searches (tables: from cache)")
     p.add_argument("--merge", nargs="+", type=Path, help="only merge the outputs of earlier runs in these folders")
+    p.add_argument("--notes", type=Path, help="a markdown file appended to the report (the findings, by hand)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, args.notes)
     logging.getLogger("allocator").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -321,6 +351,9 @@ def main(argv=None):
     # the pipeline's default data (conf/data/shipped.yaml): thresholds on 8 x 256, tables on 4 x 128 (seed + 1)
     calib = token_windows(tok, "calibration", args.calib_windows, args.calib_len, args.seed)
     prof_windows = token_windows(tok, "calibration", args.profile_windows, args.profile_len, args.seed + 1)
+    # multi-step selection's larger set: more calibration windows, disjoint from the table's (another seed)
+    ms_windows = (token_windows(tok, "calibration", args.ms_windows, args.profile_len, args.seed + 2)
+                  if "evo-ms" in args.searches else None)
     held_w = {"austen": token_windows(tok, "austen_eval", args.eval_windows, args.eval_len, args.seed),
               "wiki": token_windows(tok, "wiki_eval", args.eval_windows, args.eval_len, args.seed)}
     t0 = time.perf_counter()
@@ -345,7 +378,8 @@ def main(argv=None):
                     model, method, prof_windows, levels, units, mode="operating_point", batch_size=8,
                     operating_level=budget_level(levels, sparsity, 1.0))
                 profiles[("seconds", sparsity)] = time.perf_counter() - t0
-            run_config(model, method_name, method, sparsity, args, prof_windows, held, profiles, rows, curves)
+            run_config(model, method_name, method, sparsity, args, prof_windows, held, profiles, rows, curves,
+                       ms_windows)
 
     timing = {"command": "python studies/compare_solvers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "started": started, "hours": (time.perf_counter() - t_start) / 3600, "dense_tok_s": dense_tok_s,
@@ -353,17 +387,20 @@ def main(argv=None):
     write_outputs(rows, curves, [timing], args.out)
 
 
-def write_outputs(rows, curves, runs, out: Path):
+def write_outputs(rows, curves, runs, out: Path, notes: Path | None = None):
     """CSV, markdown report and convergence PNG (``runs``: one timing record per process that contributed)."""
     pd.DataFrame(rows).to_csv(out / "compare_solvers.csv", index=False)
     (out / "compare_solvers.curves.json").write_text(json.dumps(curves))
     (out / "compare_solvers.runs.json").write_text(json.dumps(runs, indent=1))
     plot(curves, rows, runs[0]["dense"], out / "compare_solvers.png")
-    (out / "compare_solvers.md").write_text(report(rows, curves, runs) + "\n")
+    text = report(rows, curves, runs) + "\n"
+    if notes is not None:
+        text += "\n" + Path(notes).read_text()
+    (out / "compare_solvers.md").write_text(text)
     logger.info("wrote %s", out)
 
 
-def merge(dirs, out: Path):
+def merge(dirs, out: Path, notes: Path | None = None):
     """Combine the outputs of several processes (e.g. one per method) into one report."""
     rows, curves, runs = [], [], []
     for d in map(Path, dirs):
