@@ -103,6 +103,9 @@ class Problem:
         if group_degradation is not None:
             if self.grouping == "unit":
                 raise ValueError("a measured group_degradation table needs grouping='consecutive' or fixed groups")
+            if self.grouping == "fixed" and any(len(g) != g.max() - g.min() + 1 for g in self.fixed_groups):
+                raise ValueError("a measured group_degradation table is keyed by spans of consecutive layers: "
+                                 "with fixed groups, every group must be a run of consecutive layers")
             self.group_degradation = self._check_group_table(group_degradation)
 
     # ------------------------------------------------------------------ basics

@@ -105,3 +105,8 @@ def test_unknown_solver_lists_registered(smol):
     with pytest.raises(UnknownSolver, match="registered solvers: .*dp.*greedy.*milp.*uniform"):
         minimize(Problem(smol, sparsity=0.5), "simulated-annealing")
     assert {"dp", "milp", "greedy", "uniform", "brute"} <= set(available_solvers())
+
+
+def test_group_table_needs_contiguous_fixed_groups(smol):
+    with pytest.raises(ValueError, match="run of consecutive layers"):
+        Problem(smol, sparsity=0.5, grouping=[[0, 2], [1] + list(range(3, 30))], group_degradation={(0, 2): [0] * 10})
