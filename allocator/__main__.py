@@ -1,8 +1,9 @@
 """Command line: ``python -m allocator`` / ``allocator`` (Hydra).
 
-The ``experiment`` config group picks the job: ``synthetic`` solves analytic cost tables of a shipped model
-config with a seeded synthetic degradation table (torch-free); ``smollm2`` (the real-model pipeline, when
-``allocator.evaluators`` is installed) calibrates, profiles, solves, applies and measures a real model.
+The ``experiment`` config group picks the job: ``smollm2`` (the default; the real-model pipeline of
+``allocator.evaluators``) calibrates, profiles, solves, applies and measures a real model, the embedded
+SmolLM2-135M unless ``model.name`` says otherwise; ``synthetic`` solves analytic cost tables of a shipped model
+config with a seeded synthetic degradation table (torch-free).
 Every run writes ``allocation.json``, ``result.parquet`` and ``report.md`` into Hydra's output directory.
 """
 from __future__ import annotations

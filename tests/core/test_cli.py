@@ -30,7 +30,7 @@ def test_single_run_writes_outputs(tmp_path):
 
 
 def test_multirun_one_directory_per_solver(tmp_path):
-    run_cli("--multirun", "solver=dp,milp,greedy,uniform", f"hydra.sweep.dir={tmp_path}/sweep",
+    run_cli("--multirun", "experiment=synthetic", "solver=dp,milp,greedy,uniform", f"hydra.sweep.dir={tmp_path}/sweep",
             "hydra.sweep.subdir=${solver.name}", cwd=tmp_path)
     objectives = {}
     for name in ("dp", "milp", "greedy", "uniform"):
@@ -42,7 +42,7 @@ def test_multirun_one_directory_per_solver(tmp_path):
 
 
 def test_bad_budget_kind_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "allocator", "budget=delta", "budget.value=-5",
+    proc = subprocess.run([sys.executable, "-m", "allocator", "experiment=synthetic", "budget=delta", "budget.value=-5",
                            f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "smallest predicted degradation achievable" in proc.stderr + proc.stdout
