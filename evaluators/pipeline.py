@@ -158,9 +158,20 @@ def run_pipeline(cfg, output_dir: Path) -> dict:
     lap("profile")
 
     # --- solve: the configured solver and the uniform baseline on the same problem
+    solver_options = dict(s_cfg.get("options") or {})
+    true_objective = None
+    if solver_options.get("objective") in ("true", True):  # search solvers scoring candidates on the model itself
+        from .objective import TrueObjective
+        true_objective = TrueObjective(model, prof_windows, method, metric=metric, tables=tables,
+                                       batch_size=int(p_cfg.get("batch_size", 8)),
+                                       score_last=float(e_cfg.get("score_last", 1.0)))
+        if solver_options.get("warm_start", "absent") is None:
+            solver_options["warm_start"] = "dp"
     problem = Problem(tables, cost=pr_cfg.get("cost", "bytes_decode"), grouping=pr_cfg.get("grouping"),
-                      max_groups=pr_cfg.get("max_groups"), **{kind: value})
-    result = minimize(problem, s_cfg.get("name", "dp"), seed=seed, **(s_cfg.get("options") or {}))
+                      max_groups=pr_cfg.get("max_groups"), objective=true_objective, **{kind: value})
+    result = minimize(problem, s_cfg.get("name", "dp"), seed=seed, **solver_options)
+    if true_objective is not None:
+        timings["true_evaluations"] = true_objective.evaluations
     if operating is not None:
         j = int(np.flatnonzero((levels["s"].sub(operating["s"]).abs() < 1e-9)
                                & (levels["rho"].sub(operating["rho"]).abs() < 1e-9))[0])

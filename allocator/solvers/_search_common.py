@@ -49,6 +49,8 @@ def resolve_true_objective(problem, objective) -> Callable | None:
     ``objective``: None / "auto" (``problem.objective`` when set, else the tables), "tables", "true"
     (``problem.objective``, required) or a callable.
     """
+    if isinstance(objective, bool):  # YAML reads `objective: true` as a boolean
+        objective = "true" if objective else "tables"
     if callable(objective):
         fn = objective
     elif objective in (None, "auto"):
