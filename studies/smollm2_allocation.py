@@ -47,6 +47,8 @@ def parse_args():
     ap.add_argument("--calib", type=int, nargs=2, default=[8, 256], help="calibration windows x length")
     ap.add_argument("--profile", type=int, nargs=2, default=[3, 96], help="profiling windows x length (one per calibration source)")
     ap.add_argument("--eval", type=int, nargs=2, default=[4, 256], help="held-out windows x length per source")
+    ap.add_argument("--unit", default="layer", choices=["layer", "block", "projection"],
+                    help="allocation unit: a decoder layer, attention / MLP block, or one projection")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quick", action="store_true", help="6 layers and tiny windows (smoke run)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -74,7 +76,7 @@ def main():
     evals = {"austen": token_windows(tok, "austen_eval", *args.eval, seed=0),
              "wiki": token_windows(tok, "wiki_eval", *args.eval, seed=0)}
     grid = make_levels(s=GRID)
-    base = analytic_tables(model.config.to_dict(), grid, unit="layer")
+    base = analytic_tables(model.config.to_dict(), grid, unit=args.unit)
     units = base.unit_names
     methods = {name: get_method(name, seed=0).calibrate(model, calib, batch_size=4) for name in args.methods}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +117,8 @@ def main():
                 key = f"{solver}/{mode}"
                 s = np.array([lv["s"] for lv in alloc.levels])
                 pred = predicted[(solver, mode)]
-                rows.append({"method": name, "budget": budget, "solver": solver, "profile_mode": mode,
+                rows.append({"method": name, "unit": args.unit, "budget": budget, "solver": solver,
+                             "profile_mode": mode,
                              "s_min": s.min(), "s_max": s.max(),
                              "predicted_kl": pred.get(mode, pred.get("operating_point", pred.get("isolated"))),
                              "measured_kl_calib": audit[key]["kl"],
