@@ -114,6 +114,11 @@ def test_custom_op_under_cuda_graph_and_compile(monkeypatch):
 def test_smollm2_shaped_decoder_same_logits():
     from allocator.kernels.llama_decode import SMOLLM2_135M, RandomLlamaDecoder
 
+    # Calibration draws its tokens from the global RNG: seed it, so the thresholds do not depend on which tests
+    # ran before. Unseeded, a run after the whole kernels folder put one activation at a threshold (a one-ulp
+    # difference between the fused and the plain elementwise ops flips it, and 30 random layers amplify that
+    # to 8.6e-2); seeds 0-3 measured 6.4e-7 to 6.7e-7 with every |x| >= 2.7e-6 (relative) from its threshold.
+    torch.manual_seed(0)
     model = RandomLlamaDecoder(SMOLLM2_135M, torch.float32, "cuda", max_len=32, seed=3)
     model.calibrate(0.5, steps=2)
     kv0 = model.kv.clone()
