@@ -9,7 +9,6 @@ Every run writes ``allocation.json``, ``result.parquet`` and ``report.md`` into 
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -96,8 +95,8 @@ def hydra_main(cfg: DictConfig):
 
 
 def main():
-    """Console-script entry point."""
-    sys.exit(hydra_main() and 0)
+    """Console-script entry point (Hydra exits non-zero itself when the job raises)."""
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-import pandas as pd
 
 from .tables import Tables, TablesError, Unit, normalize_levels
 

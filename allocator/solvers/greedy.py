@@ -91,8 +91,7 @@ class GreedySolver(Solver):
         return variables, X, (problem.evaluate(X) if len(X) else None), evals
 
     def _solve(self, problem, rng) -> SolveOutput:
-        n, m = problem.n_vars, problem.n_levels
-        x = np.zeros(n, dtype=int)
+        x = np.zeros(problem.n_vars, dtype=int)
         ev = problem.evaluate(x[None])
         cons, obj = (float(v[0]) for v in self._split(problem, ev))
         cost = float(ev.cost[0])
