@@ -1,7 +1,8 @@
 """The true objective: apply a candidate allocation to the real model and measure it on calibration windows.
 
 Search solvers (evolutionary, Bayesian) call it instead of, or beside, the additive table. The dense model's
-log-probabilities are computed once; repeated candidates are answered from a memo.
+log-probabilities are computed once; repeated candidates are answered from a memo. ``fidelity`` (the number of
+windows to score, the first ones) lets a solver screen candidates cheaply (EvoPress's multi-step selection).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ class TrueObjective:
     """``objective(allocation) -> float``: KL(dense || compressed) per token (``metric="kl"``) or perplexity.
 
     Accepts an ``Allocation``, a ``{unit: level}`` dict, or a vector of level indices when ``tables`` is given
-    (``objective.batch(X)`` for a population, shape (P, n_units)).
+    (``objective.batch(X)`` for a population, shape (P, n_units)). ``objective(x, fidelity=k)`` scores the first
+    ``k`` windows only (None: all); the memo keys include the fidelity.
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, method: Method | str, metric: str = "kl", *,
@@ -33,8 +35,9 @@ class TrueObjective:
         self.model, self.windows, self.metric, self.tables = model, windows, metric, tables
         self.method = get_method(method) if isinstance(method, str) else method
         self.batch_size, self.score_last = batch_size, score_last
-        self.memo: dict[tuple, float] = {}
+        self.memo: dict[tuple, float] = {}   # (allocation key, windows used) -> value
         self.evaluations = self.hits = 0
+        self.evaluations_by_fidelity: dict[int, int] = {}
         self.seconds = 0.0
         remove_compression_(model)
         self._batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
@@ -59,9 +62,17 @@ class TrueObjective:
         return tuple(sorted((u, round(lv.get("s", 0.0), 6), round(lv.get("rho", 1.0), 6), int(lv.get("bits", 16)))
                             for u, lv in units.items()))
 
-    def __call__(self, candidate) -> float:
+    def _windows_used(self, fidelity: int | None) -> int:
+        if fidelity is None:
+            return len(self.windows)
+        if not 1 <= int(fidelity) <= len(self.windows):
+            raise ValueError(f"fidelity must be between 1 and the {len(self.windows)} windows, got {fidelity}")
+        return int(fidelity)
+
+    def __call__(self, candidate, fidelity: int | None = None) -> float:
         units = self._as_dict(candidate)
-        key = self._key(units)
+        n_windows = self._windows_used(fidelity)
+        key = (self._key(units), n_windows)
         if key in self.memo:
             self.hits += 1
             return self.memo[key]
@@ -70,17 +81,19 @@ class TrueObjective:
         nll = kl = 0.0
         count = 0
         try:
-            for ids, ref in zip(self._batches, self._ref):
-                a, b, n = token_losses(logits_of(self.model, ids), ids, ref, self.score_last)
+            for start, ids, ref in zip(range(0, n_windows, self.batch_size), self._batches, self._ref):
+                take = min(len(ids), n_windows - start)  # the last batch is cut at the fidelity
+                a, b, n = token_losses(logits_of(self.model, ids[:take]), ids[:take], ref[:take], self.score_last)
                 nll, kl, count = nll + a, kl + b, count + n
         finally:
             remove_compression_(self.model)
         value = {"kl": kl / count, "nll": nll / count}.get(self.metric, math.exp(nll / count))
         self.memo[key] = value
         self.evaluations += 1
+        self.evaluations_by_fidelity[n_windows] = self.evaluations_by_fidelity.get(n_windows, 0) + 1
         self.seconds += time.perf_counter() - t0
         return value
 
-    def batch(self, population) -> np.ndarray:
+    def batch(self, population, fidelity: int | None = None) -> np.ndarray:
         """Values for a population of level-index vectors (P, n_units)."""
-        return np.array([self(x) for x in np.atleast_2d(population)])
+        return np.array([self(x, fidelity) for x in np.atleast_2d(population)])

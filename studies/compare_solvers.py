@@ -91,19 +91,6 @@ def unit_levels_dict(tables, unit_levels) -> dict:
     return out
 
 
-class MultiFidelity:
-    """``objective(levels, fidelity)``: the pipeline's TrueObjective on the first ``fidelity`` windows (the table's
-    windows) or, for ``fidelity=None``, on a larger calibration set (multi-step selection's later stage)."""
-
-    def __init__(self, model, method, tables, small, large):
-        self.small = len(small)
-        self.objectives = {self.small: TrueObjective(model, small, method, "kl", tables=tables, batch_size=8),
-                           None: TrueObjective(model, large, method, "kl", tables=tables, batch_size=8)}
-
-    def __call__(self, unit_levels, fidelity=None):
-        return self.objectives[fidelity if fidelity == self.small else None](unit_levels)
-
-
 # ---------------------------------------------------------------------------------------------- study
 def run_config(model, method_name, method, sparsity, args, prof_windows, held, profiles, rows, curves,
                ms_windows=None):
@@ -191,9 +178,9 @@ def run_config(model, method_name, method, sparsity, args, prof_windows, held, p
     for name in args.searches:
         label, solver, kw = searches[name]
         fn, counter = objective, [objective]
-        if name == "evo-ms":
-            fn = MultiFidelity(model, method, tables, prof_windows, ms_windows)
-            counter = list(fn.objectives.values())
+        if name == "evo-ms":  # the table's windows first, so fidelity = len(prof_windows) screens on them
+            fn = TrueObjective(model, torch.cat([prof_windows, ms_windows]), method, "kl", tables=tables, batch_size=8)
+            counter = [fn]
         calls0 = sum(o.evaluations for o in counter)
         secs0 = sum(o.seconds for o in counter)
         t0 = time.perf_counter()
@@ -369,8 +356,8 @@ def main(argv=None):
     # the pipeline's default data (conf/data/shipped.yaml): thresholds on 8 x 256, tables on 4 x 128 (seed + 1)
     calib = token_windows(tok, "calibration", args.calib_windows, args.calib_len, args.seed)
     prof_windows = token_windows(tok, "calibration", args.profile_windows, args.profile_len, args.seed + 1)
-    # multi-step selection's larger set: more calibration windows, disjoint from the table's (another seed)
-    ms_windows = (token_windows(tok, "calibration", args.ms_windows, args.profile_len, args.seed + 2)
+    # multi-step selection's larger set: the table's windows plus more calibration windows (another seed)
+    ms_windows = (token_windows(tok, "calibration", args.ms_windows - args.profile_windows, args.profile_len, args.seed + 2)
                   if "evo-ms" in args.searches else None)
     held_w = {"austen": token_windows(tok, "austen_eval", args.eval_windows, args.eval_len, args.seed),
               "wiki": token_windows(tok, "wiki_eval", args.eval_windows, args.eval_len, args.seed)}
