@@ -12,6 +12,9 @@
   up a level, ``min(randint(1,3), randint(1,3))`` times; on equal-sized units it keeps the cost exactly.
 * ``warm_start_vectors`` turns ``"dp"`` / ``"greedy"`` / ``"uniform"`` / explicit vectors into feasible
   search-space vectors.
+* ``choose_by_validation`` guards against overfitting the fitness windows: the best few measured candidates and
+  the warm start are scored on a *validation* callable (other windows); the start is kept unless a candidate
+  beats it there.
 
 The true-objective protocol (what ``problem.objective`` or ``objective=callable`` must be)::
 
@@ -92,6 +95,7 @@ class Scorer:
     best_value: float = np.inf
     best_units: np.ndarray | None = None
     best_vars: np.ndarray | None = None
+    measured: list = field(default_factory=list)   # (value, unit_levels) of feasible full-fidelity measurements
 
     def __post_init__(self):
         self._memo: dict[tuple, float] = {}
@@ -172,6 +176,8 @@ class Scorer:
         return float(self.true_objective(unit_levels.copy(), **kwargs))
 
     def _record(self, x_vars, unit_levels, value, feasible):
+        if feasible and np.isfinite(value):
+            self.measured.append((float(value), unit_levels.copy()))
         improved = feasible and value < self.best_value
         if improved:
             self.best_value, self.best_units, self.best_vars = float(value), unit_levels.copy(), x_vars.copy()
@@ -188,6 +194,41 @@ class Scorer:
                 "n_calls": self.n_calls, "memo_hits": self.n_calls - self.n_evals,
                 "evals_by_fidelity": dict(self.evals_by_fidelity), "search_time": self.elapsed,
                 "budget_exhausted": self.exhausted}
+
+
+    def top(self, k: int) -> list[tuple[float, np.ndarray]]:
+        """The ``k`` best feasible full-fidelity candidates measured (value, unit_levels), best first."""
+        return sorted(self.measured, key=lambda item: item[0])[:k]
+
+
+def choose_by_validation(candidates, starts, validation: Callable) -> tuple[np.ndarray, dict]:
+    """Pick the answer on held-aside windows: a start unless a search candidate beats every start there.
+
+    ``candidates``: the search's best few per-unit level vectors (best fitness first); ``starts``: the warm-start
+    vectors (may be empty: then the best candidate on validation wins). Each distinct vector costs one
+    ``validation`` call. Returns the chosen vector and a record of the decision.
+    """
+    t0 = time.perf_counter()
+    scored: dict[bytes, float] = {}
+
+    def value(x):
+        key = np.asarray(x, dtype=int).tobytes()
+        if key not in scored:
+            scored[key] = float(validation(np.asarray(x, dtype=int).copy()))
+        return scored[key]
+
+    cand_values = [value(x) for x in candidates]
+    start_values = [value(x) for x in starts]
+    best_start = int(np.argmin(start_values)) if starts else None
+    best_cand = int(np.argmin(cand_values)) if candidates else None
+    keep_start = best_start is not None and (best_cand is None or cand_values[best_cand] >= start_values[best_start])
+    chosen = np.asarray(starts[best_start] if keep_start else candidates[best_cand], dtype=int)
+    record = {"candidate_values": cand_values, "start_values": start_values,
+              "chosen": "start" if keep_start else f"candidate {best_cand}", "evals": len(scored),
+              "seconds": time.perf_counter() - t0}
+    logger.info("validation: candidates %s, starts %s -> %s", np.round(cand_values, 5), np.round(start_values, 5),
+                record["chosen"])
+    return chosen, record
 
 
 # ---------------------------------------------------------------------------------------------- variables

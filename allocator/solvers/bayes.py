@@ -10,6 +10,11 @@ measured and added to the study as its own trial, so the sampler learns from fea
 ``storage`` takes any optuna storage URL (``sqlite:///study.db``, ``postgresql://...``): several processes or
 machines running the same ``study_name`` share one study (optuna's distributed mode), each with its own budget.
 
+Validation (``validation=callable`` on windows disjoint from the fitness windows and from any test text): after
+the search the ``validation_top`` best measured trials (plus the study's shared best) and the warm start are
+scored on it, and the warm start is returned unless a trial beats it there, so a search that overfits its
+fitness windows does not replace a good start (as in ``evo``; ``info["validation"]`` has the record).
+
 Samplers: TPE (Bergstra et al., NeurIPS 2011; optuna's multivariate TPE, Akiba et al., KDD 2019) and optuna's
 ``GPSampler`` (log expected improvement times the probability of feasibility; needs torch). ``sampler="auto"``
 uses the GP on the true objective when torch is importable (few, expensive evaluations) and TPE otherwise.
@@ -25,7 +30,7 @@ import logging
 import numpy as np
 
 from ..registry import register_solver
-from ._search_common import BudgetRepair, Scorer, resolve_true_objective, warm_start_vectors
+from ._search_common import BudgetRepair, Scorer, choose_by_validation, resolve_true_objective, warm_start_vectors
 from .base import Solver, SolveOutput
 
 logger = logging.getLogger(__name__)
@@ -43,6 +48,8 @@ DEFAULTS = {
     "storage": None,         # optuna storage URL, e.g. "sqlite:///search.db"
     "study_name": None,      # default: derived from the problem's tables hash and limit
     "load_if_exists": True,
+    "validation": None,      # callable(unit_levels) -> float on held-aside windows: picks the answer
+    "validation_top": 5,     # best trials scored on validation, beside the warm start
     "progress": True,
 }
 PENALTY = 1e12  # objective told for an over-budget proposal (plus its violation): never measured
@@ -120,7 +127,8 @@ class BayesSolver(Solver):
         study = optuna.create_study(direction="minimize", sampler=sampler, storage=cfg["storage"], study_name=name,
                                     load_if_exists=cfg["load_if_exists"])
         dists = {f"x{i}": optuna.distributions.IntDistribution(0, m - 1) for i in range(n)}
-        for x in warm_start_vectors(problem, cfg["warm_start"], rng, repair):
+        warm = warm_start_vectors(problem, cfg["warm_start"], rng, repair)
+        for x in warm:
             study.enqueue_trial({f"x{i}": int(v) for i, v in enumerate(x)}, skip_if_exists=True)
 
         scorer = Scorer(problem, true_fn, max_evals=cfg["max_evals"], max_time=cfg["max_time"],
@@ -169,9 +177,16 @@ class BayesSolver(Solver):
             best_units, best_value = np.asarray(shared[0], dtype=int), shared[1]
         if best_units is None:
             raise problem.infeasible(float("inf"), scope="the Bayesian search (no feasible proposal measured)")
+        validation = None
+        if cfg["validation"] is not None:
+            starts = list(problem.expand(warm[problem.evaluate(warm).feasible])) if len(warm) else []
+            candidates = [u for _, u in scorer.top(int(cfg["validation_top"]))]
+            if shared is not None and shared[1] < scorer.best_value:
+                candidates.insert(0, np.asarray(shared[0], dtype=int))
+            best_units, validation = choose_by_validation(candidates, starts, cfg["validation"])
         info = {**scorer.info(), "sampler": kind, "study_name": name, "storage": cfg["storage"],
                 "n_asked": n_asked, "n_penalised": n_penalised, "n_trials_in_study": len(study.trials),
-                "best_value": float(best_value), "fidelity": fid}
+                "best_value": float(best_value), "fidelity": fid, "validation": validation}
         return SolveOutput(best_units, n_evals=scorer.n_evals, history=scorer.history, info=info)
 
     @staticmethod

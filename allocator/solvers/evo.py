@@ -12,6 +12,13 @@ table-predicted moves first) and spends leftover slack, so the search runs in th
 the ``dp`` / ``greedy`` answer (or given vectors) joins the first population with level-switch mutants of it;
 elitism makes the result never worse than the warm start on the objective being searched.
 
+Validation (``validation=callable``, same protocol as the true objective, on windows disjoint from the fitness
+windows and from any test text): elitism guards only the fitness windows, and a search of a few hundred
+evaluations on a few hundred tokens overfits them. With a validation callable, the ``validation_top`` best
+measured candidates and the warm start are scored on it after the search, and the warm start is returned unless
+a candidate beats it there (without a warm start: the best candidate on validation). Cost: at most
+``validation_top + 1`` validation calls. ``info["validation"]`` records the values and the decision.
+
 Presets: ``preset="rsparse"`` is R-Sparse's search (arXiv 2504.19449, section 4: population 32, 5
 generations, fitness on 16 calibration samples); ``preset="evopress"`` a small-population, many-generation
 search with multi-step selection, as EvoPress's scripts.
@@ -26,7 +33,8 @@ import logging
 import numpy as np
 
 from ..registry import register_solver
-from ._search_common import BudgetRepair, Scorer, level_switch, resolve_true_objective, warm_start_vectors
+from ._search_common import (BudgetRepair, Scorer, choose_by_validation, level_switch, resolve_true_objective,
+                             warm_start_vectors)
 from .base import Solver, SolveOutput
 
 logger = logging.getLogger(__name__)
@@ -50,6 +58,8 @@ DEFAULTS = {
     "crossover_prob": 0.9,
     "eta": 3.0,              # SBX / PM distribution index: small = far-reaching moves
     "repair": True,
+    "validation": None,      # callable(unit_levels) -> float on held-aside windows: picks the answer (see above)
+    "validation_top": 5,     # best search candidates scored on validation, beside the warm start
     "progress": True,
 }
 
@@ -164,11 +174,16 @@ class EvoSolver(Solver):
             constrained = problem.evaluate(initial).cost if problem.direction == "min_degradation" else \
                 problem.evaluate(initial).degradation
             raise problem.infeasible(float(np.min(constrained)), scope="the evolutionary search")
+        answer, validation = scorer.best_units, None
+        if cfg["validation"] is not None:
+            starts = problem.expand(warm[problem.evaluate(warm).feasible]) if len(warm) else []
+            candidates = [u for _, u in scorer.top(int(cfg["validation_top"]))]
+            answer, validation = choose_by_validation(candidates, list(starts), cfg["validation"])
         info = {**scorer.info(), "generations": int(algorithm.n_gen - 1), "pop_size": pop_size,
                 "preset": cfg["preset"], "fidelity": final_fid, "multi_step": stages,
                 "warm_start": None if cfg["warm_start"] is None else (cfg["warm_start"] if isinstance(
-                    cfg["warm_start"], str) else "vectors"), "warm_start_values": warm_value}
-        return SolveOutput(scorer.best_units, n_evals=scorer.n_evals, history=scorer.history, info=info)
+                    cfg["warm_start"], str) else "vectors"), "warm_start_values": warm_value, "validation": validation}
+        return SolveOutput(answer, n_evals=scorer.n_evals, history=scorer.history, info=info)
 
     @staticmethod
     def _initial_population(warm, pop_size, m, n, rng, IntegerRandomSampling, pproblem) -> np.ndarray:

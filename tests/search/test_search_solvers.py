@@ -177,3 +177,56 @@ def test_bayes_gp_on_true_objective_over_fixed_groups():
     result = minimize(problem, "bayes", seed=0, max_evals=14, n_startup_trials=6, warm_start="dp", progress=False)
     assert result.info["sampler"] == "gp" and result.n_evals <= 14 and result.feasible
     assert result.info["best_value"] <= result.history[0]["value"] + 1e-12  # never worse than the queued dp start
+
+
+class Validation:
+    """A validation callable: ``distance`` to a preferred vector (the start wins) or the fitness itself."""
+
+    def __init__(self, fn=None, prefer=None):
+        self.fn, self.prefer, self.calls = fn, prefer, []
+
+    def __call__(self, unit_levels):
+        self.calls.append(tuple(unit_levels))
+        if self.prefer is not None:
+            return float(np.abs(unit_levels - self.prefer).sum())
+        return self.fn(unit_levels)
+
+
+@pytest.mark.parametrize("solver", ["evo", "bayes"])
+def test_validation_keeps_the_start_unless_a_candidate_beats_it_there(solver):
+    tables = synthetic_tables(30, 8, seed=8)
+    fn = CountingObjective(tables)
+    problem = Problem(tables, "bytes_decode", sparsity=0.5, objective=fn)
+    start = minimize(Problem(tables, "bytes_decode", sparsity=0.5), "uniform", seed=0).x  # room to improve
+    budget = {"max_evals": 40, "progress": False, **({"sampler": "tpe"} if solver == "bayes" else {})}
+    # validation prefers the start: the search improves the fitness, yet the start is returned
+    prefers_start = Validation(prefer=start)
+    kept = minimize(problem, solver, seed=0, warm_start=start, validation=prefers_start, validation_top=4, **budget)
+    assert kept.info["best_value"] < fn(start)           # the search did find a better fitness ...
+    np.testing.assert_array_equal(kept.x, start)          # ... which validation did not confirm
+    assert kept.info["validation"]["chosen"] == "start"
+    assert len(prefers_start.calls) == len(set(prefers_start.calls)) <= 4 + 1
+    # validation agrees with the fitness: the best candidate replaces the start
+    agrees = Validation(fn=fn)
+    moved = minimize(problem, solver, seed=0, warm_start=start, validation=agrees, **budget)
+    assert moved.info["validation"]["chosen"] == "candidate 0"
+    assert fn(moved.x) == pytest.approx(moved.info["best_value"]) and fn(moved.x) < fn(start)
+
+
+def test_choose_by_validation_without_a_start_takes_the_best_on_validation():
+    from allocator.solvers._search_common import choose_by_validation
+    candidates = [np.array([0, 1]), np.array([1, 1]), np.array([2, 0])]
+
+    def validation(x):
+        return float(abs(x[0] - 2) + x[1])  # 3, 2, 0 on the candidates
+
+    chosen, record = choose_by_validation(candidates, [], validation)
+    np.testing.assert_array_equal(chosen, [2, 0])
+    assert record["chosen"] == "candidate 2" and record["evals"] == 3
+    # a start that ties with the best candidate is kept (a candidate must beat it) ...
+    chosen, record = choose_by_validation(candidates[:2], [np.array([3, 1])], validation)
+    np.testing.assert_array_equal(chosen, [3, 1])
+    assert record["chosen"] == "start" and record["start_values"] == [2.0]
+    # ... and one that loses is not
+    chosen, record = choose_by_validation(candidates, [np.array([3, 1])], validation)
+    np.testing.assert_array_equal(chosen, [2, 0])
