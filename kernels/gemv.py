@@ -46,13 +46,9 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _kept_rows_product(
-    x_ptr, wt_ptr, scale_ptr, scratch_row, n_offs, n_mask, b_offs, b_mask, k_lo, k_hi, N, stride_xb, thr,
-    BATCH: tl.constexpr, BATCH_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SCAN_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, INVERT: tl.constexpr, USE_DOT: tl.constexpr,
-):
-    """acc [BATCH_PAD, BLOCK_N] = sum over kept channels j in [k_lo, k_hi) of x[:, j] * wt[j, stripe]."""
-    # ---- 1. compact the kept channels of [k_lo, k_hi) into this program's scratch row ----
+def _compact_kept(x_ptr, scale_ptr, scratch_row, k_lo, k_hi, stride_xb, thr, BATCH: tl.constexpr,
+                  SCAN_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, INVERT: tl.constexpr):
+    """Write the kept channels of [k_lo, k_hi) (union over the batch) in order into scratch_row; -> count."""
     count = 0
     for k0 in range(k_lo, k_hi, SCAN_BLOCK):
         k_offs = k0 + tl.arange(0, SCAN_BLOCK)
@@ -72,8 +68,14 @@ def _kept_rows_product(
         tl.store(scratch_row + pos, k_offs, mask=keep)
         count += tl.sum(keep_i, axis=0)
     tl.debug_barrier()  # scratch written by all threads of the program before any reads it
+    return count
 
-    # ---- 2. accumulate the kept rows of this stripe ----
+
+@triton.jit
+def _gather_rows_product(x_ptr, wt_ptr, scratch_row, count, n_offs, n_mask, b_offs, b_mask, N, stride_xb,
+                         BATCH_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         USE_DOT: tl.constexpr):
+    """acc [BATCH_PAD, BLOCK_N] = sum over the `count` channel indices j in scratch_row of x[:, j] * wt[j, stripe]."""
     acc = tl.zeros([BATCH_PAD, BLOCK_N], dtype=tl.float32)
     k_ar = tl.arange(0, BLOCK_K)
     if USE_DOT:  # tensor cores, batch padded to 16 rows; Triton pipelines the weight loads through shared memory
@@ -114,6 +116,20 @@ def _kept_rows_product(
             rows_b = rows_b2
         acc += tl.sum(acc3, axis=1)
     return acc
+
+
+@triton.jit
+def _kept_rows_product(
+    x_ptr, wt_ptr, scale_ptr, scratch_row, n_offs, n_mask, b_offs, b_mask, k_lo, k_hi, N, stride_xb, thr,
+    BATCH: tl.constexpr, BATCH_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, INVERT: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """acc [BATCH_PAD, BLOCK_N] = sum over kept channels j in [k_lo, k_hi) of x[:, j] * wt[j, stripe]:
+    1. compact the kept channels into this program's scratch row, 2. gather and accumulate those rows."""
+    count = _compact_kept(x_ptr, scale_ptr, scratch_row, k_lo, k_hi, stride_xb, thr, BATCH, SCAN_BLOCK,
+                          HAS_SCALE, INVERT)
+    return _gather_rows_product(x_ptr, wt_ptr, scratch_row, count, n_offs, n_mask, b_offs, b_mask, N, stride_xb,
+                                BATCH_PAD, BLOCK_N, BLOCK_K, USE_DOT)
 
 
 @triton.jit

@@ -8,7 +8,9 @@ Each layer sparsifies the four inputs TEAL / R-Sparse sparsify: the attention in
 attention output (o), the MLP input (fused gate|up) and the down-projection input. Modes of `step`:
 * "dense": standard row-major nn.Linear weights through cuBLAS (the baseline; no masking);
 * "sparse": the Triton kernels on the transposed weights (`torch.ops.allocator.sparse_gemv`);
-* "reference": the same masked function through the PyTorch reference (fp32 accumulate).
+* "reference": the same masked function through the PyTorch reference (fp32 accumulate);
+* "fused": the same kernels with the kept-channel lists written by the kernel that produces x and split-K
+  partials accumulated atomically into buffers their consumer reads and re-zeroes (pipelined.py).
 The step takes a token id tensor and a position tensor, so one CUDA graph replays every decode step. Outside
 "reference", norms, RoPE + cache write and SiLU * up run as fused Triton kernels (decode_ops.py) in both the
 dense and the sparse step, as a compiled inference engine would; the comparison stays like for like.
@@ -24,6 +26,8 @@ import torch.nn.functional as F
 
 from .decode_ops import add_rms_norm, rope_and_cache, silu_mul
 from .gemv import sparse_gemv_reference
+from .pipelined import (SiteBuffers, add_rms_norm_compact, indexed_gemv, plan_site, rope_and_cache_from_acc,
+                        silu_mul_compact)
 
 SITES = ("qkv", "o", "gate_up", "down")
 
@@ -129,6 +133,8 @@ class RandomLlamaDecoder:
         "reference" runs everything as plain PyTorch ops (the reference of both)."""
         if mode == "reference" or self.record is not None:
             return self._step_reference(token, pos, mode)
+        if mode == "fused":
+            return self._step_fused(token, pos)
         s = self.shape
         hd, nh, nkv = s.head_dim, s.n_heads, s.n_kv_heads
         h = self.embed[token]  # [1, H], a fresh buffer: updated in place below
@@ -147,6 +153,41 @@ class RandomLlamaDecoder:
             x = add_rms_norm(h, o, layer["mlp_norm"], s.norm_eps)
             delta = self._linear(silu_mul(self._linear(x, layer, "gate_up", mode, i)), layer, "down", mode, i)
         return F.linear(add_rms_norm(h, delta, self.final_norm, s.norm_eps), self.lm_head).float()
+
+    def fused_sites(self, splits: dict[str, int] | None = None) -> dict:
+        """The buffers of the "fused" step, one set per site shared by all layers (built on first use)."""
+        if getattr(self, "_sites", None) is None or splits is not None:
+            s, splits = self.shape, splits or {}
+            q_out, kv_out = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+            dims = {"qkv": (s.hidden, q_out + 2 * kv_out), "o": (q_out, s.hidden),
+                    "gate_up": (s.hidden, 2 * s.intermediate), "down": (s.intermediate, s.hidden)}
+            self._sites = {site: SiteBuffers(plan_site(k, n, self.device, splits.get(site)), self.device,
+                                             scan=site == "o") for site, (k, n) in dims.items()}
+        return self._sites
+
+    def _step_fused(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        s, sites = self.shape, self.fused_sites()
+        hd, nh, nkv = s.head_dim, s.n_heads, s.n_kv_heads
+        h = self.embed[token]  # [1, H], a fresh buffer: updated in place below
+        visible = (torch.arange(self.max_len, device=self.device) <= pos).view(1, 1, 1, -1)
+        for i, layer in enumerate(self.layers):
+            thr = self.thresholds[i]
+            x = add_rms_norm_compact(h, sites["down"] if i else None, layer["attn_norm"], s.norm_eps,
+                                     thr["qkv"], sites["qkv"])
+            indexed_gemv(x, layer["qkv"], sites["qkv"])
+            cache = self.kv[i]
+            q = rope_and_cache_from_acc(sites["qkv"], self.rope_cos, self.rope_sin, pos, cache[0], cache[1], nh, nkv)
+            attn = F.scaled_dot_product_attention(
+                q.view(1, nh, 1, hd), cache[0].unsqueeze(0), cache[1].unsqueeze(0), attn_mask=visible,
+                enable_gqa=nkv != nh,
+            )
+            indexed_gemv(attn.reshape(1, nh * hd), layer["o"], sites["o"], thr["o"])
+            x = add_rms_norm_compact(h, sites["o"], layer["mlp_norm"], s.norm_eps, thr["gate_up"], sites["gate_up"])
+            indexed_gemv(x, layer["gate_up"], sites["gate_up"])
+            indexed_gemv(silu_mul_compact(sites["gate_up"], self.dtype, thr["down"], sites["down"]), layer["down"],
+                         sites["down"])
+        x = add_rms_norm_compact(h, sites["down"], self.final_norm, s.norm_eps)
+        return F.linear(x, self.lm_head).float()
 
     def _step_reference(self, token: torch.Tensor, pos: torch.Tensor, mode: str) -> torch.Tensor:
         s = self.shape

@@ -48,7 +48,8 @@ def amdahl_ceiling(model, s: float) -> float:
     return dense_bytes / (sparse_bytes * (1 - s) + dense_bytes - sparse_bytes)
 
 
-def tokens_per_s(name: str, shape, dtype, layers: int | None, levels, out_rows: list) -> None:
+def tokens_per_s(name: str, shape, dtype, layers: int | None, levels, out_rows: list,
+                 modes=("sparse", "fused")) -> None:
     import dataclasses
 
     from allocator.kernels.llama_decode import RandomLlamaDecoder
@@ -66,11 +67,14 @@ def tokens_per_s(name: str, shape, dtype, layers: int | None, levels, out_rows: 
     for s in levels:
         model.calibrate(s, steps=4, start_pos=400)
         measured = model.measured_sparsity(steps=2, start_pos=450)
-        us = graph_step_us(model, "sparse", pos)
-        out_rows.append({**base, "target_s": s, "measured_s": measured, "mode": "sparse", "step_us": us,
-                         "tokens_per_s": 1e6 / us, "speedup": dense / us, "amdahl_ceiling": amdahl_ceiling(model, s)})
-        print(f"{name} {dtype} s={s} (measured {measured:.3f}): {us:.1f} us/token = {1e6 / us:.1f} tok/s, "
-              f"x{dense / us:.3f} (ceiling x{amdahl_ceiling(model, s):.3f}) [{time.time() - t0:.0f}s]", flush=True)
+        for mode in modes:
+            us = graph_step_us(model, mode, pos)
+            out_rows.append({**base, "target_s": s, "measured_s": measured, "mode": mode, "step_us": us,
+                             "tokens_per_s": 1e6 / us, "speedup": dense / us,
+                             "amdahl_ceiling": amdahl_ceiling(model, s)})
+            print(f"{name} {dtype} s={s} {mode} (measured {measured:.3f}): {us:.1f} us/token = {1e6 / us:.1f} "
+                  f"tok/s, x{dense / us:.3f} (ceiling x{amdahl_ceiling(model, s):.3f}) [{time.time() - t0:.0f}s]",
+                  flush=True)
     del model
     torch.cuda.empty_cache()
 
@@ -84,15 +88,17 @@ def logits_check(dtype, steps: int = 8, sparsity: float = 0.5) -> dict:
     kv0 = model.kv.clone()
     tokens = torch.randint(0, SMOLLM2_135M.vocab, (steps,), device="cuda")
     logits = {}
-    for mode in ("sparse", "reference", "dense"):
+    for mode in ("sparse", "fused", "reference", "dense"):
         model.kv.copy_(kv0)
         logits[mode] = torch.stack([model.step(tokens[t : t + 1], torch.tensor([8 + t], device="cuda"), mode)[0]
                                     for t in range(steps)])
-    ref, ker, den = logits["reference"], logits["sparse"], logits["dense"]
+    ref, ker, den, fus = logits["reference"], logits["sparse"], logits["dense"], logits["fused"]
     rel = ((ker - ref).norm() / ref.norm()).item()
     return dict(dtype=str(dtype)[6:], steps=steps, sparsity=sparsity,
                 max_abs_diff=(ker - ref).abs().max().item(), rel_err=rel,
+                rel_err_fused=((fus - ref).norm() / ref.norm()).item(),
                 top1_agree=(ker.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                top1_agree_fused=(fus.argmax(-1) == ref.argmax(-1)).float().mean().item(),
                 rel_err_sparse_vs_dense=((ref - den).norm() / den.norm()).item())
 
 
@@ -104,6 +110,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", default="float16,bfloat16")
     p.add_argument("--tuned", type=pathlib.Path)
     p.add_argument("--skip-logits", action="store_true")
+    p.add_argument("--modes", default="sparse,fused", help="kernel paths timed beside dense")
+    p.add_argument("--indexed", type=pathlib.Path, help="indexed_tuned.json from `kernel_bench.py indexed`")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.tuned:
@@ -111,6 +119,11 @@ def main(argv=None) -> None:
         from kernel_bench import load_tuned
 
         load_tuned(a.tuned)
+    if a.indexed:
+        sys.path.insert(0, str(pathlib.Path(__file__).parent))
+        from kernel_bench import load_indexed
+
+        load_indexed(a.indexed)
     from allocator.kernels.llama_decode import LLAMA2_7B, LLAMA3_8B
 
     shapes = {"llama3_8b": LLAMA3_8B, "llama2_7b": LLAMA2_7B}
@@ -122,10 +135,11 @@ def main(argv=None) -> None:
             print("SmolLM2-shaped logits, kernels vs reference:", c, flush=True)
     for name in a.models.split(","):
         for dt in a.dtypes.split(","):
-            tokens_per_s(name, shapes[name], getattr(torch, dt), a.layers, (0.4, 0.5, 0.7), rows)
+            tokens_per_s(name, shapes[name], getattr(torch, dt), a.layers, (0.4, 0.5, 0.7), rows,
+                         tuple(a.modes.split(",")))
             pd.DataFrame(rows).to_csv(a.out / "e2e_decode.csv", index=False)
     df = pd.DataFrame(rows)
-    print(df[["model", "dtype", "target_s", "measured_s", "step_us", "tokens_per_s", "speedup",
+    print(df[["model", "dtype", "mode", "target_s", "measured_s", "step_us", "tokens_per_s", "speedup",
               "amdahl_ceiling"]].to_string(index=False))
 
 

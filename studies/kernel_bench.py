@@ -139,6 +139,140 @@ def tune(out: pathlib.Path, shapes, rep_ms: int = 15) -> dict:
     return best
 
 
+INDEXED_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (14336, 4096), (11008, 4096),
+                  (4096, 11008), (22016, 4096), (12288, 4096)]
+
+
+def _producer_lists(x, site):
+    """What the producing kernel writes for this x: kept indices per K split and their counts."""
+    import torch
+
+    from allocator.kernels.latency import THRESHOLD
+
+    keep = x.float().abs().reshape(-1) > THRESHOLD
+    ks = site.plan.k_split
+    for s in range(site.plan.n_splits):
+        kept = torch.nonzero(keep[s * ks:(s + 1) * ks]).flatten().to(torch.int32) + s * ks
+        site.idx[s * ks:s * ks + kept.numel()] = kept
+        site.cnt[s] = kept.numel()
+
+
+def indexed(out: pathlib.Path, rep_ms: int = 15, sparsities=(0.0, 0.4, 0.5, 0.7, 0.9)) -> pd.DataFrame:
+    """Producer-indexed GEMV (kernels/pipelined.py): kept lists given, atomic fp32 accumulation. Sweeps tiles and
+    K splits at s = 0.5 per shape, then times the best at every s against cuBLAS and the standalone kernel
+    (which compacts itself and reduces through the last-arriving program)."""
+    import torch
+    import torch.nn.functional as F
+
+    from allocator.kernels import GemvConfig, sparse_gemv_reference, sparse_gemv_triton
+    from allocator.kernels.latency import THRESHOLD, graph_time_us, sparse_input
+    from allocator.kernels.pipelined import SiteBuffers, indexed_gemv, plan_site
+
+    dev = torch.device("cuda")
+    gpu = torch.cuda.get_device_name(dev)
+    tiles = [(256, 64, True, 8, 4), (128, 64, True, 4, 4), (128, 64, True, 4, 3), (64, 64, True, 4, 4),
+             (128, 128, True, 4, 3), (64, 32, False, 1, 2), (128, 32, False, 4, 2)]
+    rows, best = [], {}
+    for d_out, d_in in INDEXED_SHAPES:
+        w, wt = _weights(d_out, d_in, torch.float16, dev)
+        x5 = sparse_input(1, d_in, 0.5, torch.float16, dev)
+        ref = sparse_gemv_reference(x5, wt[0], THRESHOLD).float()
+        scores = []
+        for bn, bk, dot, warps, stages in tiles:
+            for splits in (4, 8, 16, 32, 64):
+                if d_in // splits < 64:
+                    continue
+                cfg = GemvConfig(block_n=bn, block_k=bk, use_dot=dot, num_warps=warps, num_stages=stages,
+                                 n_splits=splits)
+                site = SiteBuffers(plan_site(d_in, d_out, dev, config=cfg), dev)
+                _producer_lists(x5, site)
+                try:
+                    indexed_gemv(x5, wt[0], site)
+                    err = ((site.acc - ref).norm() / ref.norm()).item()
+                    assert err < 2e-2, f"relative error {err:.2e}"
+                    t = graph_time_us([lambda m=m: indexed_gemv(x5, m, site) for m in wt], rep_ms)
+                except Exception as exc:  # a tile that does not compile, or a wrong answer
+                    print(f"skip {d_out}x{d_in} {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                    continue
+                scores.append((t, cfg))
+        scores.sort(key=lambda r: r[0])
+        cfg = scores[0][1]
+        best[f"{d_in},{d_out}"] = dataclasses.asdict(cfg)
+        print(f"indexed {d_out}x{d_in}: best {cfg} {scores[0][0]:.2f} us at s=0.5; next "
+              f"{[(round(t, 2), c.block_n, c.block_k, c.n_splits) for t, c in scores[1:4]]}", flush=True)
+        x0 = sparse_input(1, d_in, 0.0, torch.float16, dev)
+        dense = graph_time_us([lambda m=m: F.linear(x0, m) for m in w], rep_ms)
+        for s in sparsities:
+            x = sparse_input(1, d_in, s, torch.float16, dev)
+            site = SiteBuffers(plan_site(d_in, d_out, dev, config=cfg), dev)
+            _producer_lists(x, site)
+            ours = graph_time_us([lambda m=m: indexed_gemv(x, m, site) for m in wt], rep_ms)
+            scan_site = SiteBuffers(plan_site(d_in, d_out, dev, config=cfg), dev, scan=True)
+            scan = graph_time_us([lambda m=m: indexed_gemv(x, m, scan_site, THRESHOLD) for m in wt], rep_ms)
+            standalone = graph_time_us([lambda m=m: sparse_gemv_triton(x, m, THRESHOLD) for m in wt], rep_ms)
+            rows.append(dict(gpu=gpu, d_out=d_out, d_in=d_in, dtype="float16", s=s, dense_us=dense,
+                             indexed_us=ours, scan_atomic_us=scan, standalone_us=standalone,
+                             speedup_indexed=dense / ours, speedup_standalone=dense / standalone,
+                             frac_ideal_indexed=dense / ours * (1 - s), block_n=cfg.block_n, block_k=cfg.block_k,
+                             splits=cfg.n_splits, use_dot=cfg.use_dot, warps=cfg.num_warps, stages=cfg.num_stages))
+            print(f"{d_out}x{d_in} s={s}: dense {dense:.2f} indexed {ours:.2f} (x{dense / ours:.2f}) scan+atomic "
+                  f"{scan:.2f} standalone {standalone:.2f} (x{dense / standalone:.2f})", flush=True)
+        del w, wt
+        torch.cuda.empty_cache()
+        pd.DataFrame(rows).to_csv(out / "kernel_bench_indexed.csv", index=False)
+        (out / "indexed_tuned.json").write_text(json.dumps(best, indent=1))
+    return pd.DataFrame(rows)
+
+
+def producers(out: pathlib.Path, rep_ms: int = 15) -> pd.DataFrame:
+    """The elementwise kernels of a Llama-3-8B decode step, plain (decode_ops.py) against their versions that
+    also write the next GEMV's kept lists / read and clear its accumulator (pipelined.py)."""
+    import torch
+
+    from allocator.kernels.decode_ops import add_rms_norm, rope_and_cache, silu_mul
+    from allocator.kernels.latency import graph_time_us
+    from allocator.kernels.pipelined import (SiteBuffers, add_rms_norm_compact, plan_site, rope_and_cache_from_acc,
+                                             silu_mul_compact)
+
+    dev, dt, H, I, reps = torch.device("cuda"), torch.float16, 4096, 14336, 100
+    h, d, w = (torch.randn(1, H, device=dev, dtype=dt) for _ in range(3))
+    qkv, gu, down = (SiteBuffers(plan_site(k, n, dev), dev) for k, n in ((H, 6144), (H, 2 * I), (I, H)))
+    cos = sin = torch.rand(512, 64, device=dev)
+    pos = torch.tensor([300], device=dev)
+    kc = vc = torch.zeros(8, 512, 128, device=dev, dtype=dt)
+    gu_out = torch.randn(1, 2 * I, device=dev, dtype=dt)
+    qkv_out = torch.randn(6144, device=dev, dtype=dt)
+    calls = {
+        "add_rms_norm": lambda: add_rms_norm(h, d, w, 1e-5),
+        "silu_mul": lambda: silu_mul(gu_out),
+        "rope_and_cache": lambda: rope_and_cache(qkv_out, cos, sin, pos, kc, vc, 32, 8),
+        "rope_and_cache_from_acc": lambda: rope_and_cache_from_acc(qkv, cos, sin, pos, kc, vc, 32, 8),
+        "silu_mul_compact": lambda: silu_mul_compact(gu, dt, 0.5, down),
+    }
+    for warps in (4, 8, 16):
+        calls[f"add_rms_norm_compact_qkv_w{warps}"] = lambda w_=warps: add_rms_norm_compact(
+            h, down, w, 1e-5, 0.5, qkv, num_warps=w_)
+        calls[f"add_rms_norm_compact_gate_up_w{warps}"] = lambda w_=warps: add_rms_norm_compact(
+            h, down, w, 1e-5, 0.5, gu, num_warps=w_)
+    rows = []
+    for name, call in calls.items():
+        t = graph_time_us([call] * reps, rep_ms)
+        rows.append({"kernel": name, "us": t})
+        print(f"{name}: {t:.2f} us", flush=True)
+    df = pd.DataFrame(rows)
+    df.to_csv(out / "kernel_bench_producers.csv", index=False)
+    return df
+
+
+def load_indexed(path: pathlib.Path) -> None:
+    from allocator.kernels import GemvConfig
+    from allocator.kernels.pipelined import INDEXED_CONFIGS
+
+    for key, cfg in json.loads(path.read_text()).items():
+        K, N = map(int, key.split(","))
+        INDEXED_CONFIGS[(K, N)] = GemvConfig(**cfg)
+
+
 def load_tuned(path: pathlib.Path) -> None:
     from allocator.kernels import GemvConfig
     from allocator.kernels.gemv import TUNED_CONFIGS
@@ -332,7 +466,7 @@ def report(out: pathlib.Path, dest: pathlib.Path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["all", "tune", "gemv", "rsparse", "report", "explore", "latency"])
+    p.add_argument("what", choices=["all", "tune", "gemv", "rsparse", "report", "explore", "latency", "indexed", "producers"])
     p.add_argument("--out", type=pathlib.Path, required=True)
     p.add_argument("--tuned", type=pathlib.Path, help="tuned.json from a previous `tune`")
     p.add_argument("--dest", type=pathlib.Path, default=pathlib.Path("studies/results/kernel_bench_h100.md"))
@@ -344,6 +478,12 @@ def main(argv=None) -> None:
     t0 = time.time()
     if a.what == "explore":
         explore(a.out)
+        return
+    if a.what == "indexed":
+        indexed(a.out)
+        return
+    if a.what == "producers":
+        producers(a.out)
         return
     if a.what == "latency":
         if a.tuned:

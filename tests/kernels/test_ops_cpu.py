@@ -117,3 +117,45 @@ def test_latency_cost_matrix_sums_projections_at_nearest_level():
     np.testing.assert_allclose(m_rs[:, 0], [7.0, 7.0 + 13.0])
     with pytest.raises(KeyError):
         latency_cost_matrix(df, [[(1, 1)]], [0.5])
+
+
+@interpreted
+@pytest.mark.parametrize("splits", [None, {"qkv": 3, "o": 2, "gate_up": 4, "down": 5}])
+def test_fused_step_equals_reference_and_leaves_accumulators_zero(splits):
+    """Producer-compacted, atomically accumulated step == the all-PyTorch step, over two steps (the
+    accumulators must be back at zero after each), ragged split sizes included."""
+    from allocator.kernels.llama_decode import DecoderShape, RandomLlamaDecoder
+
+    model = RandomLlamaDecoder(DecoderShape(64, 96, 4, 2, 2, 50), torch.float32, "cpu", max_len=16)
+    model.calibrate(0.5, steps=2)
+    sites = model.fused_sites(splits)
+    kv0 = model.kv.clone()
+    fused = [model.step(torch.tensor([t]), torch.tensor([6 + t]), "fused") for t in (3, 7)]
+    assert all(float(site.acc.abs().max()) == 0.0 for site in sites.values())
+    kv_fused = model.kv.clone()
+    model.kv.copy_(kv0)
+    ref = [model.step(torch.tensor([t]), torch.tensor([6 + t]), "reference") for t in (3, 7)]
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kv_fused, model.kv, rtol=1e-5, atol=1e-5)
+    counts = sites["down"].cnt
+    assert 0 < int(counts.sum()) < 96  # about half of the down-projection inputs kept
+
+
+@interpreted
+@pytest.mark.parametrize("H,splits", [(64, 4), (64, 3), (48, 4)])
+def test_norm_producer_writes_the_kept_lists_of_each_split(H, splits):
+    """Both compaction paths (one segmented scan when the splits tile the block, a loop otherwise)."""
+    from allocator.kernels.pipelined import SiteBuffers, add_rms_norm_compact, plan_site
+
+    h, w = torch.randn(1, H), torch.rand(H) + 0.5
+    site = SiteBuffers(plan_site(H, 32, torch.device("cpu"), n_splits=splits), torch.device("cpu"))
+    site.cnt.fill_(-1)
+    site.idx.fill_(-1)
+    x = add_rms_norm_compact(h, None, w, 1e-5, 0.7, site)
+    torch.testing.assert_close(x, torch.nn.functional.rms_norm(h, (H,), eps=1e-5) * w, rtol=1e-5, atol=1e-5)
+    ks = site.plan.k_split
+    for s in range(site.plan.n_splits):
+        want = torch.nonzero(x[0, s * ks:(s + 1) * ks].abs() > 0.7).flatten() + s * ks
+        assert int(site.cnt[s]) == want.numel()
+        assert torch.equal(site.idx[s * ks:s * ks + want.numel()].long(), want)

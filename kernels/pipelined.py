@@ -1,0 +1,257 @@
+"""Decode-step kernels that hand the kept-channel list from the kernel producing x to the sparse GEMV.
+
+Why: the standalone sparse GEMV (gemv.py) pays a fixed chain of ~9 us per call against cuBLAS's ~3 us
+(kernels/NOTES.md, variant 4). Two links of that chain disappear when x comes from one of our own kernels:
+
+* **compaction in the producer**: the kernel that computes x (add + RMSNorm, SiLU * up) already holds it, so
+  it also writes, for each K split of the consuming GEMV, the kept channel indices and their count. A GEMV
+  program then starts with one count load instead of x load + threshold scan + scratch round trip.
+* **atomic split-K accumulation into a buffer that is zero at rest**: each GEMV program adds its fp32 partial
+  into `acc` with relaxed atomics and ends; the kernel that consumes y (RoPE + cache write, add + RMSNorm,
+  SiLU * up) reads `acc`, rounds it to the model dtype as the reference does, and writes zeros back. No
+  memset launch and no last-arriver reduction; the order of the fp32 additions across splits is not fixed.
+
+Protocol of one GEMV site with `n_splits` K splits of `k_split` channels: `idx` int32 holds the kept channel
+indices of split s at `idx[s * k_split:]`, `cnt[s]` their number, `acc` [N] fp32 is zero at rest. A site
+whose input comes from elsewhere (attention output into o) compacts in the GEMV as before (`scan=True`,
+private index rows per program) and still accumulates atomically. Batch 1 (decode). References: the
+all-PyTorch step in llama_decode.py; tests compare against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from .gemv import GemvConfig, _compact_kept, _gather_rows_product, default_config
+
+# Launch parameters (tile and K splits) of the producer-indexed GEMV per (K, N), measured on the H100 by
+# `studies/kernel_bench.py indexed`; more splits are cheap here (no serial reduction). Absent shapes: the
+# standalone kernel's tile with at least 8 splits.
+INDEXED_CONFIGS: dict[tuple[int, int], GemvConfig] = {  # (K, N): (block_n, block_k, n_splits, warps, stages, dot)
+    (4096, 6144): GemvConfig(128, 64, 8, 4, 3, True),  # 6144x4096 (Llama-3-8B q|k|v)
+    (4096, 4096): GemvConfig(64, 32, 16, 1, 2, False),  # 4096x4096
+    (4096, 28672): GemvConfig(128, 128, 8, 4, 3, True),  # 28672x4096 (Llama-3-8B gate|up)
+    (14336, 4096): GemvConfig(128, 128, 16, 4, 3, True),  # 4096x14336
+    (4096, 14336): GemvConfig(64, 32, 4, 1, 2, False),  # 14336x4096
+    (4096, 11008): GemvConfig(128, 64, 8, 4, 3, True),  # 11008x4096
+    (11008, 4096): GemvConfig(64, 32, 16, 1, 2, False),  # 4096x11008
+    (4096, 22016): GemvConfig(256, 64, 4, 8, 4, True),  # 22016x4096 (Llama-2-7B gate|up)
+    (4096, 12288): GemvConfig(256, 64, 8, 8, 4, True),  # 12288x4096 (Llama-2-7B q|k|v)
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SitePlan:
+    """Launch geometry of one GEMV site; the producer compacts with the same `k_split`."""
+
+    K: int
+    N: int
+    cfg: GemvConfig
+    n_splits: int
+
+    @property
+    def k_split(self) -> int:
+        return triton.cdiv(self.K, self.n_splits)
+
+    @property
+    def stripes(self) -> int:
+        return triton.cdiv(self.N, self.cfg.block_n)
+
+
+def plan_site(K: int, N: int, device: torch.device, n_splits: int | None = None,
+              config: GemvConfig | None = None) -> SitePlan:
+    if config is None and (K, N) not in INDEXED_CONFIGS:
+        base = default_config(K, N, 1, device)
+        config = dataclasses.replace(base, n_splits=max(base.n_splits, 8))
+    cfg = config or INDEXED_CONFIGS[(K, N)]
+    n_splits = n_splits or cfg.n_splits or 8
+    return SitePlan(K, N, cfg, max(1, min(n_splits, K // 16)))
+
+
+class SiteBuffers:
+    """idx / cnt / acc of one site (acc zeroed once here, then kept at zero by its consumer)."""
+
+    def __init__(self, plan: SitePlan, device: torch.device, scan: bool = False):
+        self.plan, self.scan = plan, scan
+        rows = plan.stripes * plan.n_splits if scan else plan.n_splits
+        self.idx = torch.empty(rows * plan.k_split, dtype=torch.int32, device=device)
+        self.cnt = torch.zeros(plan.n_splits, dtype=torch.int32, device=device)
+        self.acc = torch.zeros(plan.N, dtype=torch.float32, device=device)
+
+
+@triton.jit
+def _indexed_gemv_kernel(x_ptr, wt_ptr, acc_ptr, idx_ptr, cnt_ptr, K, N, k_split, thr,
+                         BATCH_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SCAN_BLOCK: tl.constexpr, USE_DOT: tl.constexpr, SCAN: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n_offs < N
+    b_offs = tl.arange(0, BATCH_PAD)
+    b_mask = b_offs < 1
+    if SCAN:  # input not from our producer: compact here, into this program's private index row
+        row = idx_ptr + (pid_n * tl.num_programs(1) + pid_s).to(tl.int64) * k_split
+        k_lo = pid_s * k_split
+        count = _compact_kept(x_ptr, x_ptr, row, k_lo, tl.minimum(k_lo + k_split, K), K, thr, 1, SCAN_BLOCK,
+                              False, False)
+    else:
+        row = idx_ptr + pid_s * k_split
+        count = tl.load(cnt_ptr + pid_s)
+    acc = _gather_rows_product(x_ptr, wt_ptr, row, count, n_offs, n_mask, b_offs, b_mask, N, K,
+                               BATCH_PAD, BLOCK_N, BLOCK_K, USE_DOT)
+    out = tl.sum(acc, axis=0)  # only row 0 is real (the batch is padded for tl.dot)
+    tl.atomic_add(acc_ptr + n_offs, out, mask=n_mask, sem="relaxed")
+
+
+def indexed_gemv(x: torch.Tensor, wt: torch.Tensor, site: SiteBuffers, threshold: float = 0.0) -> None:
+    """site.acc += (x * m) @ wt for one row x [K] / [1, K]; m from the producer's lists, or from
+    |x| > threshold when the site scans."""
+    p = site.plan
+    assert x.numel() == p.K and wt.shape == (p.K, p.N) and wt.is_contiguous() and x.is_contiguous()
+    _indexed_gemv_kernel[(p.stripes, p.n_splits)](
+        x, wt, site.acc, site.idx, site.cnt, p.K, p.N, p.k_split, float(threshold),
+        BATCH_PAD=16 if p.cfg.use_dot else 1, BLOCK_N=p.cfg.block_n, BLOCK_K=p.cfg.block_k,
+        SCAN_BLOCK=min(p.cfg.scan_block, triton.next_power_of_2(p.k_split)), USE_DOT=p.cfg.use_dot, SCAN=site.scan,
+        num_warps=p.cfg.num_warps, num_stages=p.cfg.num_stages,
+    )
+
+
+@triton.jit
+def _compact_segment(v, offs, valid, thr, idx_ptr, cnt_ptr, seg, k_split):
+    """Kept channels (|v| > thr) of one segment -> idx[seg * k_split + rank], cnt[seg]."""
+    keep = (tl.abs(v.to(tl.float32)) > thr) & valid
+    keep_i = keep.to(tl.int32)
+    pos = tl.cumsum(keep_i, axis=0) - 1
+    tl.store(idx_ptr + seg * k_split + pos, offs, mask=keep)
+    tl.store(cnt_ptr + seg, tl.sum(keep_i, axis=0))
+
+
+@triton.jit
+def _add_rms_norm_compact_kernel(h_ptr, acc_ptr, w_ptr, out_ptr, idx_ptr, cnt_ptr, H, eps, thr, k_split,
+                                 HAS_DELTA: tl.constexpr, N_SEG: tl.constexpr, BLOCK: tl.constexpr,
+                                 SEG_BLOCK: tl.constexpr, SEG_2D: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    m = offs < H
+    h = tl.load(h_ptr + offs, mask=m, other=0.0)
+    if HAS_DELTA:  # delta = the previous GEMV's accumulator, rounded like its output would be; then zeroed
+        d = tl.load(acc_ptr + offs, mask=m, other=0.0)
+        tl.store(acc_ptr + offs, tl.zeros_like(d), mask=m)
+        h = (h.to(tl.float32) + d.to(h.dtype).to(tl.float32)).to(h.dtype)
+        tl.store(h_ptr + offs, h, mask=m)
+    hf = h.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / H + eps)
+    normed = (hf * inv).to(h.dtype).to(tl.float32) * tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    x = normed.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, x, mask=m)
+    if SEG_2D:  # K splits tile the block exactly: one segmented scan over [N_SEG, k_split], in registers
+        keep = tl.reshape((tl.abs(x.to(tl.float32)) > thr) & m, (N_SEG, SEG_BLOCK))
+        keep_i = keep.to(tl.int32)
+        pos = tl.cumsum(keep_i, axis=1) - 1
+        seg = tl.arange(0, N_SEG)
+        tl.store(idx_ptr + seg[:, None] * k_split + pos, tl.reshape(offs, (N_SEG, SEG_BLOCK)), mask=keep)
+        tl.store(cnt_ptr + seg, tl.sum(keep_i, axis=1))
+    elif N_SEG > 0:  # ragged splits: re-read x segment by segment
+        tl.debug_barrier()  # x stored by every thread before it is re-read
+        for seg in range(0, N_SEG):
+            k_lo = seg * k_split
+            so = k_lo + tl.arange(0, SEG_BLOCK)
+            valid = (so < k_lo + k_split) & (so < H)
+            v = tl.load(out_ptr + so, mask=valid, other=0.0)
+            _compact_segment(v, so, valid, thr, idx_ptr, cnt_ptr, seg, k_split)
+
+
+def add_rms_norm_compact(h: torch.Tensor, delta: SiteBuffers | None, weight: torch.Tensor, eps: float,
+                         threshold: float = 0.0, consumer: SiteBuffers | None = None,
+                         num_warps: int = 8) -> torch.Tensor:
+    """h += round(delta.acc) (delta.acc zeroed); returns x = rms_norm(h) * weight and, for `consumer`, its kept
+    channel lists (|x| > threshold per K split). h [1, H]."""
+    H = h.shape[-1]
+    out = torch.empty_like(h)
+    block = triton.next_power_of_2(H)
+    ks = consumer.plan.k_split if consumer is not None else H
+    n_seg = consumer.plan.n_splits if consumer is not None else 0
+    _add_rms_norm_compact_kernel[(1,)](
+        h, delta.acc if delta is not None else h, weight, out,
+        consumer.idx if consumer is not None else h, consumer.cnt if consumer is not None else h,
+        H, eps, float(threshold), ks, HAS_DELTA=delta is not None, N_SEG=n_seg, BLOCK=block,
+        SEG_BLOCK=triton.next_power_of_2(ks), SEG_2D=n_seg > 0 and n_seg * ks == block == H, num_warps=num_warps,
+    )
+    return out
+
+
+@triton.jit
+def _silu_mul_compact_kernel(acc_ptr, out_ptr, idx_ptr, cnt_ptr, inter, thr, k_split, BLOCK: tl.constexpr):
+    seg = tl.program_id(0)
+    k_lo = seg * k_split
+    offs = k_lo + tl.arange(0, BLOCK)
+    m = (offs < k_lo + k_split) & (offs < inter)
+    g32 = tl.load(acc_ptr + offs, mask=m, other=0.0)
+    u32 = tl.load(acc_ptr + inter + offs, mask=m, other=0.0)
+    tl.store(acc_ptr + offs, tl.zeros_like(g32), mask=m)
+    tl.store(acc_ptr + inter + offs, tl.zeros_like(u32), mask=m)
+    dt = out_ptr.dtype.element_ty
+    gf = g32.to(dt).to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(dt).to(tl.float32)
+    a = (act * u32.to(dt).to(tl.float32)).to(dt)
+    tl.store(out_ptr + offs, a, mask=m)
+    _compact_segment(a, offs, m, thr, idx_ptr, cnt_ptr, seg, k_split)
+
+
+def silu_mul_compact(gate_up: SiteBuffers, dtype: torch.dtype, threshold: float, consumer: SiteBuffers) -> torch.Tensor:
+    """a = silu(gate) * up from gate_up.acc (then zeroed), and the down projection's kept channel lists."""
+    inter = gate_up.plan.N // 2
+    assert consumer.plan.K == inter and not consumer.scan
+    out = torch.empty((1, inter), dtype=dtype, device=gate_up.acc.device)
+    ks = consumer.plan.k_split
+    _silu_mul_compact_kernel[(consumer.plan.n_splits,)](
+        gate_up.acc, out, consumer.idx, consumer.cnt, inter, float(threshold), ks,
+        BLOCK=triton.next_power_of_2(ks), num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _rope_cache_acc_kernel(acc_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, max_len,
+                           NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr):
+    pid = tl.program_id(0)  # 0..NH-1: query heads; NH..NH+NKV-1: key/value heads
+    dt = q_out_ptr.dtype.element_ty
+    half = tl.arange(0, HD // 2)
+    pos = tl.load(pos_ptr)
+    cos = tl.load(cos_ptr + pos * (HD // 2) + half)
+    sin = tl.load(sin_ptr + pos * (HD // 2) + half)
+    a1 = tl.load(acc_ptr + pid * HD + half)
+    a2 = tl.load(acc_ptr + pid * HD + HD // 2 + half)
+    tl.store(acc_ptr + pid * HD + half, tl.zeros_like(a1))
+    tl.store(acc_ptr + pid * HD + HD // 2 + half, tl.zeros_like(a2))
+    x1 = a1.to(dt).to(tl.float32)
+    x2 = a2.to(dt).to(tl.float32)
+    r1 = x1 * cos - x2 * sin
+    r2 = x1 * sin + x2 * cos
+    if pid < NH:
+        tl.store(q_out_ptr + pid * HD + half, r1.to(dt))
+        tl.store(q_out_ptr + pid * HD + HD // 2 + half, r2.to(dt))
+    else:
+        j = pid - NH
+        row = (j * max_len + pos) * HD
+        tl.store(k_cache_ptr + row + half, r1.to(k_cache_ptr.dtype.element_ty))
+        tl.store(k_cache_ptr + row + HD // 2 + half, r2.to(k_cache_ptr.dtype.element_ty))
+        full = tl.arange(0, HD)
+        v = tl.load(acc_ptr + (NH + NKV + j) * HD + full)
+        tl.store(acc_ptr + (NH + NKV + j) * HD + full, tl.zeros_like(v))
+        tl.store(v_cache_ptr + row + full, v.to(v_cache_ptr.dtype.element_ty))
+
+
+def rope_and_cache_from_acc(qkv: SiteBuffers, cos, sin, pos, k_cache, v_cache, n_heads: int,
+                            n_kv_heads: int) -> torch.Tensor:
+    """As decode_ops.rope_and_cache, reading q|k|v from the GEMV accumulator (then zeroed); returns q [nh, hd]."""
+    hd = k_cache.shape[-1]
+    q = torch.empty((n_heads, hd), dtype=k_cache.dtype, device=k_cache.device)
+    _rope_cache_acc_kernel[(n_heads + n_kv_heads,)](
+        qkv.acc, cos, sin, pos, q, k_cache, v_cache, k_cache.shape[1], NH=n_heads, NKV=n_kv_heads, HD=hd,
+        num_warps=1,
+    )
+    return q
