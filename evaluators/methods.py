@@ -217,6 +217,7 @@ class Method:
     def calibrate(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> "Method":
         from .text import windows_hash
         self.calibration_hash = windows_hash(windows)
+        self.calibration_windows = windows          # for sequential calibration (evaluators.calibration)
         if not self.needs_calibration:
             return self
         gen = torch.Generator().manual_seed(self.seed)

@@ -20,6 +20,7 @@ import torch
 from allocator import Allocation, Problem, analytic_tables, make_levels, minimize
 from allocator.tables import TablesError
 
+from .calibration import SparsityMeter, for_allocations
 from .methods import Protocol, apply_allocation_, get_method, remove_compression_
 from .metrics import allocation_cost, logits_of, memory, token_losses
 from .models import load_model, model_id
@@ -74,8 +75,12 @@ def trust_region(levels: pd.DataFrame, sparsity: float, window: float) -> pd.Dat
 @torch.no_grad()
 def compare(model, windows: torch.Tensor, method, allocations: dict, batch_size: int = 4,
             score_last: float = 1.0) -> dict[str, dict]:
-    """Perplexity and KL to dense of several allocations on the same windows, the dense logits computed once."""
+    """Perplexity, KL to dense and realized sparsity (``SparsityMeter``) of several allocations on the same
+    windows, the dense logits computed once. ``method``: one method, or ``{allocation name: method}`` (e.g. one
+    sequentially calibrated copy per allocation, ``calibration.for_allocations``)."""
+    methods = method if isinstance(method, dict) else {name: method for name in allocations}
     sums = {name: [0.0, 0.0, 0] for name in ["dense", *allocations]}
+    meters = {name: None for name in allocations}
     remove_compression_(model)
     for start in range(0, len(windows), batch_size):
         ids = windows[start:start + batch_size]
@@ -85,15 +90,21 @@ def compare(model, windows: torch.Tensor, method, allocations: dict, batch_size:
         sums["dense"] = [sums["dense"][0] + a, 0.0, sums["dense"][2] + n]
         del dense
         for name, alloc in allocations.items():
-            apply_allocation_(model, alloc, method)
+            apply_allocation_(model, alloc, methods[name])
             try:
-                a, k, n = token_losses(logits_of(model, ids), ids, ref, score_last)
+                meter = SparsityMeter(model) if meters[name] is None else meters[name]
+                with meter:
+                    a, k, n = token_losses(logits_of(model, ids), ids, ref, score_last)
+                meters[name] = meter
             finally:
                 remove_compression_(model)
             s = sums[name]
             sums[name] = [s[0] + a, s[1] + k, s[2] + n]
-    return {name: {"perplexity": math.exp(s[0] / s[2]), "kl": s[1] / s[2], "tokens": s[2]}
-            for name, s in sums.items()}
+    out = {name: {"perplexity": math.exp(s[0] / s[2]), "kl": s[1] / s[2], "tokens": s[2]} for name, s in sums.items()}
+    out["dense"]["realized_sparsity"] = 0.0
+    for name, meter in meters.items():
+        out[name]["realized_sparsity"] = meter.share() if meter is not None else float("nan")
+    return out
 
 
 def run_pipeline(cfg, output_dir: Path) -> dict:
@@ -188,8 +199,12 @@ def run_pipeline(cfg, output_dir: Path) -> dict:
     # --- apply and measure: the audit on the profiling windows, then held-out text
     allocations = {"uniform": uniform, s_cfg.get("name", "dp"): result.allocation}
     batch = int(e_cfg.get("batch_size", 4))
-    audit = compare(model, prof_windows, method, allocations, batch, float(e_cfg.get("score_last", 1.0)))
-    held_out = {src: compare(model, w, method, allocations, batch, float(e_cfg.get("score_last", 1.0)))
+    calibration = meth_cfg.get("calibration", "dense")
+    methods = for_allocations(model, method, allocations, calibration, int(d_cfg.get("batch_size", 4)))
+    if calibration != "dense":
+        lap(f"calibrate_{calibration}")
+    audit = compare(model, prof_windows, methods, allocations, batch, float(e_cfg.get("score_last", 1.0)))
+    held_out = {src: compare(model, w, methods, allocations, batch, float(e_cfg.get("score_last", 1.0)))
                 for src, w in evals.items()}
     lap("evaluate")
 
@@ -205,11 +220,12 @@ def run_pipeline(cfg, output_dir: Path) -> dict:
         for src, res in held_out.items():
             row[f"ppl_{src}"] = res[name]["perplexity"]
             row[f"kl_{src}"] = res[name]["kl"]
+            row[f"realized_{src}"] = res[name]["realized_sparsity"]
         rows.append(row)
     frame = pd.DataFrame(rows)
     frame.to_csv(output_dir / "measurements.csv", index=False)
     if e_cfg.get("memory", True):
-        apply_allocation_(model, result.allocation, method)
+        apply_allocation_(model, result.allocation, methods[s_cfg.get("name", "dp")])
         mem = memory(model)
         remove_compression_(model)
     else:
@@ -217,12 +233,13 @@ def run_pipeline(cfg, output_dir: Path) -> dict:
     zs = e_cfg.get("zeroshot") or {}
     summary_zs = {}
     if zs.get("tasks"):
-        summary_zs = run_zeroshot_all(model, tokenizer, method, allocations, zs)
+        summary_zs = run_zeroshot_all(model, tokenizer, methods, allocations, zs)
         (output_dir / "zeroshot.json").write_text(json.dumps(summary_zs, indent=1, default=float))
         lap("zeroshot")
     _plot(allocations, output_dir / "allocation.png", f"{model_id(model)} / {method.name}: {kind} {value}")
     summary = {"objective": float(result.objective), "feasible": bool(result.feasible), "model": model_id(model),
-               "method": method.options(), "budget": {kind: value}, "profile_mode": prof.mode, "metric": metric,
+               "method": method.options(), "calibration": calibration, "budget": {kind: value},
+               "profile_mode": prof.mode, "metric": metric,
                "solver": result.summary(), "measurements": rows, "memory": mem, "zeroshot": summary_zs,
                "timings": timings}
     lap("report")
@@ -235,12 +252,14 @@ def run_pipeline(cfg, output_dir: Path) -> dict:
 
 
 def run_zeroshot_all(model, tokenizer, method, allocations: dict, zs_cfg: dict) -> dict:
-    """lm-eval tasks for the dense model and each allocation (tasks need the hub unless they are custom)."""
+    """lm-eval tasks for the dense model and each allocation (tasks need the hub unless they are custom);
+    ``method``: one method or ``{allocation name: method}``."""
     from .zeroshot import run_zeroshot
+    methods = method if isinstance(method, dict) else {name: method for name in allocations}
     out = {"dense": run_zeroshot(model, tokenizer, zs_cfg["tasks"], limit=zs_cfg.get("limit"),
                                  include_path=zs_cfg.get("include_path"))}
     for name, alloc in allocations.items():
-        apply_allocation_(model, alloc, method)
+        apply_allocation_(model, alloc, methods[name])
         try:
             out[name] = run_zeroshot(model, tokenizer, zs_cfg["tasks"], limit=zs_cfg.get("limit"),
                                      include_path=zs_cfg.get("include_path"))
@@ -279,6 +298,7 @@ def _report(out: Path, summary: dict, frame: pd.DataFrame, result, tables) -> No
              f"- degradation table: {metric} per unit x level, profiled `{summary['profile_mode']}` on "
              f"{tables.provenance.get('tokens')} calibration tokens",
              f"- solver: {summary['solver']}",
+             f"- thresholds: `{summary['calibration']}` calibration",
              *[f"- {line}" for line in _gains(frame)], "",
              "## Held-out measurements and the additivity audit", "",
              f"`predicted` is the table's sum for the allocation; `measured_{metric}_calib` is the same quantity "

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from allocator import Allocation, Problem, analytic_tables, make_levels, minimize
+from allocator.evaluators.calibration import for_allocations
 from allocator.evaluators.methods import get_method
 from allocator.evaluators.models import load_model
 from allocator.evaluators.pipeline import budget_level, compare, trust_region
@@ -50,6 +51,11 @@ def parse_args():
     ap.add_argument("--eval", type=int, nargs=2, default=[4, 256], help="held-out windows x length per source")
     ap.add_argument("--unit", default="layer", choices=["layer", "block", "projection"],
                     help="allocation unit: a decoder layer, attention / MLP block, or one projection")
+    ap.add_argument("--rho", type=float, nargs="+", default=[1.0],
+                    help="rsparse sparse ratios: a per-unit (s, rho) grid (R-Sparse: 1 0.9 0.8); teal uses rho = 1")
+    ap.add_argument("--calibrations", nargs="+", default=["dense", "sequential"], choices=["dense", "sequential"],
+                    help="threshold calibration(s) every allocation is measured with")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quick", action="store_true", help="6 layers and tiny windows (smoke run)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -62,13 +68,52 @@ def solve(tables, solver: str, sparsity: float):
     return minimize(problem, solver, seed=0)
 
 
+KEY = ["method", "unit", "rho_grid", "profile_tokens", "budget", "solver", "profile_mode", "calibration"]
+
+
+def isolated_table(model, method, windows, iso_levels, units, rhos):
+    """The isolated KL table on ``iso_levels`` x ``rhos``: the rho = 1 rows and the rho < 1 rows are profiled (and
+    cached) as two tables, so a grid that adds rho < 1 reuses the rho = 1 rows; columns in ``make_levels`` order."""
+    s_values = sorted(set(iso_levels["s"]))
+    levels = make_levels(s=s_values, rho=rhos)
+    kl = np.zeros((len(units), len(levels)))
+    parts = [[1.0]] + ([[r for r in rhos if r < 1]] if any(r < 1 for r in rhos) else [])
+    for part_rhos in parts:
+        part_levels = make_levels(s=[s for s in s_values if s > 0 or part_rhos == [1.0]], rho=part_rhos)
+        table = profile(model, method, windows, part_levels, units, mode="isolated").table("kl")
+        for j, lv in enumerate(part_levels.itertuples()):
+            kl[:, _level_index(levels, lv.s, lv.rho)] = table[:, j]
+    return levels, kl
+
+
+def _level_index(levels, s, rho=1.0) -> int:
+    return int(np.flatnonzero(np.isclose(levels["s"], s) & np.isclose(levels["rho"], rho))[0])
+
+
+def matched_uniform(model, method, rows, units, evals, prof_windows, name, budget, args) -> dict:
+    """Uniform with sequential thresholds at the sparsity that dense-calibrated uniform actually realizes: the two
+    calibrations compared at equal realized cost."""
+    dense_uniform = next(r for r in rows if r["method"] == name and r["budget"] == budget and r["unit"] == args.unit
+                         and r["solver"] == "uniform" and r["calibration"] == "dense")
+    s = round(float(np.mean([dense_uniform[f"realized_{src}"] for src in evals])), 3)
+    alloc = {"matched": {u: {"s": s, "rho": 1.0, "bits": 16} for u in units}}
+    per_alloc = for_allocations(model, method, alloc, "sequential")
+    audit = compare(model, prof_windows, per_alloc, alloc, batch_size=8)["matched"]
+    held = {src: compare(model, w, per_alloc, alloc, batch_size=4)["matched"] for src, w in evals.items()}
+    return {**{k: dense_uniform[k] for k in ("method", "unit", "rho_grid", "profile_tokens", "budget")},
+            "solver": "uniform@realized", "profile_mode": "-", "calibration": "sequential", "s_min": s, "s_max": s,
+            "low_rank_units": 0, "predicted_kl": float("nan"), "measured_kl_calib": audit["kl"],
+            **{f"ppl_{src}": h["perplexity"] for src, h in held.items()}, **{f"kl_{src}": h["kl"] for src, h in held.items()},
+            **{f"realized_{src}": h["realized_sparsity"] for src, h in held.items()}, "levels": f"{s:g} everywhere"}
+
+
 def main():
     args = parse_args()
     if args.render:
-        write(pd.read_csv(args.out / "smollm2_allocation.csv").to_dict("records"), args.out)
+        write(pd.read_csv(args.out / "smollm2_allocation.csv").to_dict("records"), args.out, merge=False)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.calib, args.profile, args.eval = [2, 64], [2, 32], [2, 64]
     model, tok = load_model("smollm2-135m", dtype=args.dtype, max_layers=6 if args.quick else None)
@@ -76,58 +121,70 @@ def main():
     prof_windows = token_windows(tok, "calibration", *args.profile, seed=1)
     evals = {"austen": token_windows(tok, "austen_eval", *args.eval, seed=0),
              "wiki": token_windows(tok, "wiki_eval", *args.eval, seed=0)}
-    grid = make_levels(s=GRID)
-    base = analytic_tables(model.config.to_dict(), grid, unit=args.unit)
-    units = base.unit_names
+    profile_tokens = f"{args.profile[0]}x{args.profile[1]}"
+    units = analytic_tables(model.config.to_dict(), make_levels(s=GRID), unit=args.unit).unit_names
     methods = {name: get_method(name, seed=0).calibrate(model, calib, batch_size=4) for name in args.methods}
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
 
-    iso_levels = trust_region(grid, args.iso_center, args.window)
+    iso_levels = trust_region(make_levels(s=GRID), args.iso_center, args.window)
     op_budgets = args.budgets if args.op_budgets is None else args.op_budgets
     for budget in args.budgets:
-        near = trust_region(iso_levels, budget, args.window)
-        index = [int(np.flatnonzero(np.isclose(grid["s"], s))[0]) for s in near["s"]]
-        iso_index = [int(np.flatnonzero(np.isclose(iso_levels["s"], s))[0]) for s in near["s"]]
         for name, method in methods.items():
+            rhos = args.rho if name == "rsparse" else [1.0]
             t0 = time.perf_counter()
-            iso = profile(model, method, prof_windows, iso_levels, units, mode="isolated")
-            tables = {"isolated": base.select_levels(index).with_degradation(iso.table("kl")[:, iso_index])}
+            iso_grid, iso_kl = isolated_table(model, method, prof_windows, iso_levels, units, rhos)
+            near = trust_region(iso_grid, budget, args.window)
+            base = analytic_tables(model.config.to_dict(), near, unit=args.unit)
+            iso_index = [_level_index(iso_grid, lv.s, lv.rho) for lv in near.itertuples()]
+            tables = {"isolated": base.with_degradation(iso_kl[:, iso_index])}
             if any(np.isclose(budget, op_budgets)):
-                op = profile(model, method, prof_windows, near, units, mode="operating_point",
-                             operating_level=budget_level(near, budget))
-                tables["operating_point"] = base.select_levels(index).with_degradation(op.table("kl"))
+                near1 = near[np.isclose(near["rho"], 1.0)].reset_index(drop=True)
+                op = profile(model, method, prof_windows, near1, units, mode="operating_point",
+                             operating_level=budget_level(near1, budget))
+                op_index = [_level_index(near, lv.s, 1.0) for lv in near1.itertuples()]
+                tables["operating_point"] = base.select_levels(op_index).with_degradation(op.table("kl"))
             profile_s = time.perf_counter() - t0
-            j = int(np.flatnonzero(np.isclose(near["s"], budget))[0])
+            j = _level_index(near, budget)
             allocations = {("uniform", "-"): Allocation.from_levels(tables["isolated"], [j] * len(units))}
-            predicted = {("uniform", "-"): {m: float(t.degradation[:, j].sum()) for m, t in tables.items()}}
+            predicted = {("uniform", "-"): {m: float(t.degradation[:, _level_index(t.levels, budget)].sum())
+                                            for m, t in tables.items()}}
             for mode, table in tables.items():
                 for solver in args.solvers:
                     result = solve(table, solver, budget)
                     allocations[(solver, mode)] = result.allocation
                     predicted[(solver, mode)] = {mode: float(result.degradation)}
             named = {f"{s}/{m}": a for (s, m), a in allocations.items()}
-            audit = compare(model, prof_windows, method, named, batch_size=8)
-            held = {src: compare(model, w, method, named, batch_size=4) for src, w in evals.items()}
-            if not rows:
-                rows.append({"method": "-", "budget": 0.0, "solver": "dense", "profile_mode": "-", "s_min": 0.0,
-                             "s_max": 0.0, "predicted_kl": 0.0, "measured_kl_calib": 0.0,
-                             **{f"ppl_{src}": h["dense"]["perplexity"] for src, h in held.items()},
-                             **{f"kl_{src}": 0.0 for src in held}})
-            for (solver, mode), alloc in allocations.items():
-                key = f"{solver}/{mode}"
-                s = np.array([lv["s"] for lv in alloc.levels])
-                pred = predicted[(solver, mode)]
-                rows.append({"method": name, "unit": args.unit, "budget": budget, "solver": solver,
-                             "profile_mode": mode,
-                             "s_min": s.min(), "s_max": s.max(),
-                             "predicted_kl": pred.get(mode, pred.get("operating_point", pred.get("isolated"))),
-                             "measured_kl_calib": audit[key]["kl"],
-                             **{f"ppl_{src}": h[key]["perplexity"] for src, h in held.items()},
-                             **{f"kl_{src}": held[src][key]["kl"] for src in held},
-                             "levels": " ".join(f"{v:g}" for v in s)})
+            for calibration in args.calibrations:
+                per_alloc = for_allocations(model, method, named, calibration)
+                audit = compare(model, prof_windows, per_alloc, named, batch_size=8)
+                held = {src: compare(model, w, per_alloc, named, batch_size=4) for src, w in evals.items()}
+                if not rows:
+                    rows.append({"method": "-", "unit": "-", "rho_grid": "-", "profile_tokens": "-", "budget": 0.0,
+                                 "solver": "dense", "profile_mode": "-", "calibration": "-", "s_min": 0.0,
+                                 "s_max": 0.0, "predicted_kl": 0.0, "measured_kl_calib": 0.0,
+                                 **{f"ppl_{src}": h["dense"]["perplexity"] for src, h in held.items()},
+                                 **{f"kl_{src}": 0.0 for src in held}})
+                for (solver, mode), alloc in allocations.items():
+                    key = f"{solver}/{mode}"
+                    s = np.array([lv["s"] for lv in alloc.levels])
+                    rho = np.array([lv.get("rho", 1.0) for lv in alloc.levels])
+                    pred = predicted[(solver, mode)]
+                    rows.append({"method": name, "unit": args.unit, "rho_grid": " ".join(f"{r:g}" for r in rhos),
+                                 "profile_tokens": profile_tokens, "budget": budget, "solver": solver,
+                                 "profile_mode": mode, "calibration": calibration,
+                                 "s_min": s.min(), "s_max": s.max(), "low_rank_units": int((rho < 1).sum()),
+                                 "predicted_kl": pred.get(mode, pred.get("operating_point", pred.get("isolated"))),
+                                 "measured_kl_calib": audit[key]["kl"],
+                                 **{f"ppl_{src}": h[key]["perplexity"] for src, h in held.items()},
+                                 **{f"kl_{src}": held[src][key]["kl"] for src in held},
+                                 **{f"realized_{src}": held[src][key]["realized_sparsity"] for src in held},
+                                 "levels": " ".join(f"{v:g}" if r >= 1 else f"{v:g}/{r:g}" for v, r in zip(s, rho))})
+                write(rows, args.out)
+            if {"dense", "sequential"} <= set(args.calibrations):
+                rows.append(matched_uniform(model, method, rows, units, evals, prof_windows, name, budget, args))
+                write(rows, args.out)
             logger.info("%s at %.1f done (profiles %.0f s)", name, budget, profile_s)
-            write(rows, args.out)
     write(rows, args.out)
 
 
@@ -138,8 +195,11 @@ def with_gains(frame: pd.DataFrame) -> pd.DataFrame:
     for src in [c[4:] for c in frame.columns if c.startswith("ppl_")]:
         gains = []
         for _, row in frame.iterrows():
-            uni = frame[(frame["method"] == row["method"]) & (frame["budget"] == row["budget"])
-                        & (frame["solver"] == "uniform")]
+            same = np.ones(len(frame), dtype=bool)
+            for col in ("method", "unit", "rho_grid", "profile_tokens", "budget", "calibration"):
+                if col in frame:
+                    same &= (frame[col].astype(str) == str(row[col])).to_numpy()
+            uni = frame[same & (frame["solver"] == "uniform").to_numpy()]
             if row["solver"] == "dense" or uni.empty:
                 gains.append(float("nan"))
                 continue
@@ -149,20 +209,35 @@ def with_gains(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def write(rows: list[dict], out: Path) -> None:
+def write(rows: list[dict], out: Path, merge: bool = True) -> None:
+    """CSV and markdown; ``merge`` keeps the rows of earlier runs that this run did not recompute (same KEY)."""
     frame = pd.DataFrame(rows)
-    frame.to_csv(out / "smollm2_allocation.csv", index=False, float_format="%.5g")
-    shown = with_gains(frame).drop(columns=["levels"], errors="ignore")
+    path_csv = out / "smollm2_allocation.csv"
+    if merge and path_csv.exists():
+        old = pd.read_csv(path_csv, keep_default_na=False, na_values=[""])
+        for col, default in (("calibration", "dense"), ("rho_grid", "1"), ("profile_tokens", "3x96")):
+            if col not in old:
+                old[col] = np.where(old["solver"] == "dense", "-", default)
+        old["rho_grid"] = old["rho_grid"].astype(str)
+        fresh = set(map(tuple, frame[KEY].astype(str).values))
+        old = old[[tuple(r) not in fresh for r in old[KEY].astype(str).values]]
+        frame = pd.concat([old, frame], ignore_index=True)
+    frame = frame.sort_values(["budget", "method", "unit", "rho_grid", "profile_tokens", "calibration"],
+                              kind="stable").reset_index(drop=True)
+    frame.to_csv(path_csv, index=False, float_format="%.5g")
+    shown = with_gains(frame).drop(columns=["levels", "iso_levels"], errors="ignore")
     path = out / "smollm2_allocation.md"
-    old = path.read_text() if path.exists() else ""
-    notes = old[old.index(NOTES):] if NOTES in old else ""      # hand-written findings survive a re-render
+    old_md = path.read_text() if path.exists() else ""
+    notes = old_md[old_md.index(NOTES):] if NOTES in old_md else ""      # hand-written findings survive a re-render
     path.write_text(
         "# SmolLM2-135M: per-layer allocation vs uniform (generated by studies/smollm2_allocation.py)\n\n"
-        "`gain_*`: share of uniform's perplexity increase over dense that the allocation removes.\n"
-        "`predicted_kl`: the table's sum; `measured_kl_calib`: the same quantity measured on the profiling windows\n"
-        "with the whole allocation applied (the additivity audit).\n\n"
+        "`gain_*`: share of uniform's perplexity increase over dense that the allocation removes (against the uniform\n"
+        "row of the same method, unit, rho grid, profiling tokens and calibration). `predicted_kl`: the table's sum;\n"
+        "`measured_kl_calib`: the same quantity measured on the profiling windows with the whole allocation applied\n"
+        "(the additivity audit). `realized_*`: share of the dense projection bytes not read on that held-out text\n"
+        "(zeroed channels less the low-rank factors). `calibration`: thresholds from the dense model, or sequential\n"
+        "(per allocation, on the model whose earlier layers are already compressed).\n\n"
         + shown.to_markdown(index=False, floatfmt=".4g") + "\n" + ("\n" + notes if notes else ""))
-
 
 if __name__ == "__main__":
     main()
