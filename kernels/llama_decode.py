@@ -9,7 +9,7 @@ attention output (o), the MLP input (fused gate|up) and the down-projection inpu
 * "dense": standard row-major nn.Linear weights through cuBLAS (the baseline; no masking);
 * "sparse": the Triton kernels on the transposed weights (`torch.ops.allocator.sparse_gemv`);
 * "reference": the same masked function through the PyTorch reference (fp32 accumulate);
-* "fused": the same kernels with the kept-channel lists written by the kernel that produces x and split-K
+* "fused" / "fused_pdl" (launched with programmatic dependent launch): the same kernels with the kept-channel lists written by the kernel that produces x and split-K
   partials accumulated atomically into buffers their consumer reads and re-zeroes (pipelined.py).
 The step takes a token id tensor and a position tensor, so one CUDA graph replays every decode step. Outside
 "reference", norms, RoPE + cache write and SiLU * up run as fused Triton kernels (decode_ops.py) in both the
@@ -24,10 +24,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .decode_ops import add_rms_norm, rope_and_cache, silu_mul
+from .decode_ops import add_rms_norm, decode_attention, rope_and_cache, silu_mul
+from . import pipelined
 from .gemv import sparse_gemv_reference
-from .pipelined import (SiteBuffers, add_rms_norm_compact, indexed_gemv, plan_site, rope_and_cache_from_acc,
-                        silu_mul_compact)
+from .pipelined import (SiteBuffers, add_rms_norm_compact, add_rms_norm_split, indexed_gemv, plan_site,
+                        rope_and_cache_from_acc, silu_mul_compact)
 
 SITES = ("qkv", "o", "gate_up", "down")
 
@@ -133,23 +134,23 @@ class RandomLlamaDecoder:
         "reference" runs everything as plain PyTorch ops (the reference of both)."""
         if mode == "reference" or self.record is not None:
             return self._step_reference(token, pos, mode)
-        if mode == "fused":
-            return self._step_fused(token, pos)
+        if mode in ("fused", "fused_pdl"):
+            previous, pipelined.USE_PDL = pipelined.USE_PDL, mode == "fused_pdl"
+            try:
+                return self._step_fused(token, pos)
+            finally:
+                pipelined.USE_PDL = previous
         s = self.shape
-        hd, nh, nkv = s.head_dim, s.n_heads, s.n_kv_heads
+        nh, nkv = s.n_heads, s.n_kv_heads
         h = self.embed[token]  # [1, H], a fresh buffer: updated in place below
-        visible = (torch.arange(self.max_len, device=self.device) <= pos).view(1, 1, 1, -1)
         delta = None
         for i, layer in enumerate(self.layers):
             x = add_rms_norm(h, delta, layer["attn_norm"], s.norm_eps)
             qkv = self._linear(x, layer, "qkv", mode, i)[0]
             cache = self.kv[i]
             q = rope_and_cache(qkv, self.rope_cos, self.rope_sin, pos, cache[0], cache[1], nh, nkv)
-            attn = F.scaled_dot_product_attention(
-                q.view(1, nh, 1, hd), cache[0].unsqueeze(0), cache[1].unsqueeze(0), attn_mask=visible,
-                enable_gqa=nkv != nh,
-            )
-            o = self._linear(attn.reshape(1, nh * hd), layer, "o", mode, i)
+            attn = decode_attention(q, cache[0], cache[1], pos)
+            o = self._linear(attn, layer, "o", mode, i)
             x = add_rms_norm(h, o, layer["mlp_norm"], s.norm_eps)
             delta = self._linear(silu_mul(self._linear(x, layer, "gate_up", mode, i)), layer, "down", mode, i)
         return F.linear(add_rms_norm(h, delta, self.final_norm, s.norm_eps), self.lm_head).float()
@@ -167,26 +168,26 @@ class RandomLlamaDecoder:
 
     def _step_fused(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         s, sites = self.shape, self.fused_sites()
-        hd, nh, nkv = s.head_dim, s.n_heads, s.n_kv_heads
-        h = self.embed[token]  # [1, H], a fresh buffer: updated in place below
-        visible = (torch.arange(self.max_len, device=self.device) <= pos).view(1, 1, 1, -1)
+        nh, nkv = s.n_heads, s.n_kv_heads
+        h = self.embed[token]  # [1, H], a fresh buffer; the residual alternates between h and h_next
+        h_next = torch.empty_like(h)
         for i, layer in enumerate(self.layers):
             thr = self.thresholds[i]
-            x = add_rms_norm_compact(h, sites["down"] if i else None, layer["attn_norm"], s.norm_eps,
-                                     thr["qkv"], sites["qkv"])
-            indexed_gemv(x, layer["qkv"], sites["qkv"])
+            x = add_rms_norm_split(h, h_next, sites["down"] if i else None, layer["attn_norm"], s.norm_eps,
+                                   thr["qkv"], sites["qkv"])
+            h, h_next = h_next, h
+            indexed_gemv(x, layer["qkv"], sites["qkv"], clear=sites["down"].acc if i else None)
             cache = self.kv[i]
             q = rope_and_cache_from_acc(sites["qkv"], self.rope_cos, self.rope_sin, pos, cache[0], cache[1], nh, nkv)
-            attn = F.scaled_dot_product_attention(
-                q.view(1, nh, 1, hd), cache[0].unsqueeze(0), cache[1].unsqueeze(0), attn_mask=visible,
-                enable_gqa=nkv != nh,
-            )
-            indexed_gemv(attn.reshape(1, nh * hd), layer["o"], sites["o"], thr["o"])
-            x = add_rms_norm_compact(h, sites["o"], layer["mlp_norm"], s.norm_eps, thr["gate_up"], sites["gate_up"])
-            indexed_gemv(x, layer["gate_up"], sites["gate_up"])
-            indexed_gemv(silu_mul_compact(sites["gate_up"], self.dtype, thr["down"], sites["down"]), layer["down"],
-                         sites["down"])
-        x = add_rms_norm_compact(h, sites["down"], self.final_norm, s.norm_eps)
+            attn = decode_attention(q, cache[0], cache[1], pos, pdl=pipelined.USE_PDL)
+            indexed_gemv(attn, layer["o"], sites["o"], thr["o"])
+            x = add_rms_norm_split(h, h_next, sites["o"], layer["mlp_norm"], s.norm_eps, thr["gate_up"],
+                                   sites["gate_up"])
+            h, h_next = h_next, h
+            indexed_gemv(x, layer["gate_up"], sites["gate_up"], clear=sites["o"].acc)
+            a = silu_mul_compact(sites["gate_up"], self.dtype, thr["down"], sites["down"])
+            indexed_gemv(a, layer["down"], sites["down"], clear=sites["gate_up"].acc)
+        x = add_rms_norm_compact(h, sites["down"], self.final_norm, s.norm_eps)  # one program: reads, then clears
         return F.linear(x, self.lm_head).float()
 
     def _step_reference(self, token: torch.Tensor, pos: torch.Tensor, mode: str) -> torch.Tensor:

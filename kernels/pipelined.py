@@ -26,7 +26,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import GemvConfig, _compact_kept, _gather_rows_product, default_config
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .gemv import GemvConfig, _compact_kept, _gather_rows_product, _interpreting, default_config
+
+# Programmatic dependent launch (Hopper): each kernel of the fused step is launched while its predecessor
+# finishes and waits (griddepcontrol.wait) before touching memory. Off in the interpreter.
+USE_PDL = False
+
+
+def _pdl() -> dict:
+    on = USE_PDL and not _interpreting()
+    return {"PDL": on, "launch_pdl": on}
 
 # Launch parameters (tile and K splits) of the producer-indexed GEMV per (K, N), measured on the H100 by
 # `studies/kernel_bench.py indexed`; more splits are cheap here (no serial reduction). Absent shapes: the
@@ -84,15 +95,21 @@ class SiteBuffers:
 
 
 @triton.jit
-def _indexed_gemv_kernel(x_ptr, wt_ptr, acc_ptr, idx_ptr, cnt_ptr, K, N, k_split, thr,
+def _indexed_gemv_kernel(x_ptr, wt_ptr, acc_ptr, idx_ptr, cnt_ptr, clear_ptr, K, N, k_split, thr, clear_n,
                          BATCH_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SCAN_BLOCK: tl.constexpr, USE_DOT: tl.constexpr, SCAN: tl.constexpr):
+                         SCAN_BLOCK: tl.constexpr, USE_DOT: tl.constexpr, SCAN: tl.constexpr,
+                         CLEAR_BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()  # everything below reads what the previous kernel wrote
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n_offs < N
     b_offs = tl.arange(0, BATCH_PAD)
     b_mask = b_offs < 1
+    if CLEAR_BLOCK > 0:  # zero an accumulator that the previous (multi-program) kernel finished reading
+        co = (pid_n * tl.num_programs(1) + pid_s) * CLEAR_BLOCK + tl.arange(0, CLEAR_BLOCK)
+        tl.store(clear_ptr + co, tl.zeros([CLEAR_BLOCK], dtype=tl.float32), mask=co < clear_n)
     if SCAN:  # input not from our producer: compact here, into this program's private index row
         row = idx_ptr + (pid_n * tl.num_programs(1) + pid_s).to(tl.int64) * k_split
         k_lo = pid_s * k_split
@@ -103,20 +120,26 @@ def _indexed_gemv_kernel(x_ptr, wt_ptr, acc_ptr, idx_ptr, cnt_ptr, K, N, k_split
         count = tl.load(cnt_ptr + pid_s)
     acc = _gather_rows_product(x_ptr, wt_ptr, row, count, n_offs, n_mask, b_offs, b_mask, N, K,
                                BATCH_PAD, BLOCK_N, BLOCK_K, USE_DOT)
+    if PDL:
+        gdc_launch_dependents()  # the next kernel may launch now; it waits for this grid before reading
     out = tl.sum(acc, axis=0)  # only row 0 is real (the batch is padded for tl.dot)
     tl.atomic_add(acc_ptr + n_offs, out, mask=n_mask, sem="relaxed")
 
 
-def indexed_gemv(x: torch.Tensor, wt: torch.Tensor, site: SiteBuffers, threshold: float = 0.0) -> None:
+def indexed_gemv(x: torch.Tensor, wt: torch.Tensor, site: SiteBuffers, threshold: float = 0.0,
+                 clear: torch.Tensor | None = None) -> None:
     """site.acc += (x * m) @ wt for one row x [K] / [1, K]; m from the producer's lists, or from
-    |x| > threshold when the site scans."""
+    |x| > threshold when the site scans. `clear` (fp32) is zeroed on the way (see add_rms_norm_split)."""
     p = site.plan
     assert x.numel() == p.K and wt.shape == (p.K, p.N) and wt.is_contiguous() and x.is_contiguous()
+    n_programs = p.stripes * p.n_splits
+    clear_block = triton.next_power_of_2(triton.cdiv(clear.numel(), n_programs)) if clear is not None else 0
     _indexed_gemv_kernel[(p.stripes, p.n_splits)](
-        x, wt, site.acc, site.idx, site.cnt, p.K, p.N, p.k_split, float(threshold),
+        x, wt, site.acc, site.idx, site.cnt, clear if clear is not None else site.acc, p.K, p.N, p.k_split,
+        float(threshold), clear.numel() if clear is not None else 0,
         BATCH_PAD=16 if p.cfg.use_dot else 1, BLOCK_N=p.cfg.block_n, BLOCK_K=p.cfg.block_k,
         SCAN_BLOCK=min(p.cfg.scan_block, triton.next_power_of_2(p.k_split)), USE_DOT=p.cfg.use_dot, SCAN=site.scan,
-        num_warps=p.cfg.num_warps, num_stages=p.cfg.num_stages,
+        CLEAR_BLOCK=clear_block, **_pdl(), num_warps=p.cfg.num_warps, num_stages=p.cfg.num_stages,
     )
 
 
@@ -133,7 +156,10 @@ def _compact_segment(v, offs, valid, thr, idx_ptr, cnt_ptr, seg, k_split):
 @triton.jit
 def _add_rms_norm_compact_kernel(h_ptr, acc_ptr, w_ptr, out_ptr, idx_ptr, cnt_ptr, H, eps, thr, k_split,
                                  HAS_DELTA: tl.constexpr, N_SEG: tl.constexpr, BLOCK: tl.constexpr,
-                                 SEG_BLOCK: tl.constexpr, SEG_2D: tl.constexpr):
+                                 SEG_BLOCK: tl.constexpr, SEG_2D: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     offs = tl.arange(0, BLOCK)
     m = offs < H
     h = tl.load(h_ptr + offs, mask=m, other=0.0)
@@ -178,21 +204,68 @@ def add_rms_norm_compact(h: torch.Tensor, delta: SiteBuffers | None, weight: tor
         h, delta.acc if delta is not None else h, weight, out,
         consumer.idx if consumer is not None else h, consumer.cnt if consumer is not None else h,
         H, eps, float(threshold), ks, HAS_DELTA=delta is not None, N_SEG=n_seg, BLOCK=block,
-        SEG_BLOCK=triton.next_power_of_2(ks), SEG_2D=n_seg > 0 and n_seg * ks == block == H, num_warps=num_warps,
+        SEG_BLOCK=triton.next_power_of_2(ks), SEG_2D=n_seg > 0 and n_seg * ks == block == H, **_pdl(), num_warps=num_warps,
     )
     return out
 
 
 @triton.jit
-def _silu_mul_compact_kernel(acc_ptr, out_ptr, idx_ptr, cnt_ptr, inter, thr, k_split, BLOCK: tl.constexpr):
+def _add_rms_norm_split_kernel(h_in_ptr, h_out_ptr, acc_ptr, w_ptr, out_ptr, idx_ptr, cnt_ptr, H, eps, thr, k_split,
+                               HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, SEG_BLOCK: tl.constexpr,
+                               PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    seg = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    m = offs < H
+    h = tl.load(h_in_ptr + offs, mask=m, other=0.0)
+    if HAS_DELTA:
+        h = (h.to(tl.float32) + tl.load(acc_ptr + offs, mask=m, other=0.0).to(h.dtype).to(tl.float32)).to(h.dtype)
+    hf = h.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / H + eps)  # every program reduces the whole row (8-16 KB)
+    so = seg * k_split + tl.arange(0, SEG_BLOCK)
+    valid = (so < seg * k_split + k_split) & (so < H)
+    hs = tl.load(h_in_ptr + so, mask=valid, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(acc_ptr + so, mask=valid, other=0.0)
+        hs = (hs.to(tl.float32) + d.to(hs.dtype).to(tl.float32)).to(hs.dtype)
+    tl.store(h_out_ptr + so, hs, mask=valid)
+    ws = tl.load(w_ptr + so, mask=valid, other=0.0).to(tl.float32)
+    x = ((hs.to(tl.float32) * inv).to(hs.dtype).to(tl.float32) * ws).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + so, x, mask=valid)
+    _compact_segment(x, so, valid, thr, idx_ptr, cnt_ptr, seg, k_split)
+
+
+def add_rms_norm_split(h_in: torch.Tensor, h_out: torch.Tensor, delta: SiteBuffers | None, weight: torch.Tensor,
+                       eps: float, threshold: float, consumer: SiteBuffers) -> torch.Tensor:
+    """One program per K split of `consumer`: h_out = h_in + round(delta.acc) and x = rms_norm(h_out) * weight
+    for its split, plus that split's kept list. Every program reads all of h_in and delta.acc, so h is not
+    updated in place (h_in -> h_out, the caller alternates two buffers) and delta.acc is not cleared here:
+    pass it as `clear` to the consumer's indexed_gemv, which runs after this kernel has finished."""
+    H = h_in.shape[-1]
+    out = torch.empty_like(h_in)
+    ks = consumer.plan.k_split
+    _add_rms_norm_split_kernel[(consumer.plan.n_splits,)](
+        h_in, h_out, delta.acc if delta is not None else h_in, weight, out, consumer.idx, consumer.cnt, H, eps,
+        float(threshold), ks, HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(H),
+        SEG_BLOCK=triton.next_power_of_2(ks), **_pdl(), num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _silu_mul_compact_kernel(acc_ptr, out_ptr, idx_ptr, cnt_ptr, inter, thr, k_split, BLOCK: tl.constexpr,
+                             PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     seg = tl.program_id(0)
     k_lo = seg * k_split
     offs = k_lo + tl.arange(0, BLOCK)
     m = (offs < k_lo + k_split) & (offs < inter)
     g32 = tl.load(acc_ptr + offs, mask=m, other=0.0)
     u32 = tl.load(acc_ptr + inter + offs, mask=m, other=0.0)
-    tl.store(acc_ptr + offs, tl.zeros_like(g32), mask=m)
-    tl.store(acc_ptr + inter + offs, tl.zeros_like(u32), mask=m)
     dt = out_ptr.dtype.element_ty
     gf = g32.to(dt).to(tl.float32)
     act = (gf / (1.0 + tl.exp(-gf))).to(dt).to(tl.float32)
@@ -202,21 +275,25 @@ def _silu_mul_compact_kernel(acc_ptr, out_ptr, idx_ptr, cnt_ptr, inter, thr, k_s
 
 
 def silu_mul_compact(gate_up: SiteBuffers, dtype: torch.dtype, threshold: float, consumer: SiteBuffers) -> torch.Tensor:
-    """a = silu(gate) * up from gate_up.acc (then zeroed), and the down projection's kept channel lists."""
+    """a = silu(gate) * up from gate_up.acc and the down projection's kept channel lists; gate_up.acc is left
+    for the down projection's indexed_gemv to clear (`clear=gate_up.acc`)."""
     inter = gate_up.plan.N // 2
     assert consumer.plan.K == inter and not consumer.scan
     out = torch.empty((1, inter), dtype=dtype, device=gate_up.acc.device)
     ks = consumer.plan.k_split
     _silu_mul_compact_kernel[(consumer.plan.n_splits,)](
         gate_up.acc, out, consumer.idx, consumer.cnt, inter, float(threshold), ks,
-        BLOCK=triton.next_power_of_2(ks), num_warps=4,
+        BLOCK=triton.next_power_of_2(ks), **_pdl(), num_warps=4,
     )
     return out
 
 
 @triton.jit
 def _rope_cache_acc_kernel(acc_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, max_len,
-                           NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr):
+                           NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)  # 0..NH-1: query heads; NH..NH+NKV-1: key/value heads
     dt = q_out_ptr.dtype.element_ty
     half = tl.arange(0, HD // 2)
@@ -252,6 +329,6 @@ def rope_and_cache_from_acc(qkv: SiteBuffers, cos, sin, pos, k_cache, v_cache, n
     q = torch.empty((n_heads, hd), dtype=k_cache.dtype, device=k_cache.device)
     _rope_cache_acc_kernel[(n_heads + n_kv_heads,)](
         qkv.acc, cos, sin, pos, q, k_cache, v_cache, k_cache.shape[1], NH=n_heads, NKV=n_kv_heads, HD=hd,
-        num_warps=1,
+        **_pdl(), num_warps=1,
     )
     return q

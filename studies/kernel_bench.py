@@ -231,8 +231,8 @@ def producers(out: pathlib.Path, rep_ms: int = 15) -> pd.DataFrame:
 
     from allocator.kernels.decode_ops import add_rms_norm, rope_and_cache, silu_mul
     from allocator.kernels.latency import graph_time_us
-    from allocator.kernels.pipelined import (SiteBuffers, add_rms_norm_compact, plan_site, rope_and_cache_from_acc,
-                                             silu_mul_compact)
+    from allocator.kernels.pipelined import (SiteBuffers, add_rms_norm_compact, add_rms_norm_split, plan_site,
+                                             rope_and_cache_from_acc, silu_mul_compact)
 
     dev, dt, H, I, reps = torch.device("cuda"), torch.float16, 4096, 14336, 100
     h, d, w = (torch.randn(1, H, device=dev, dtype=dt) for _ in range(3))
@@ -248,6 +248,8 @@ def producers(out: pathlib.Path, rep_ms: int = 15) -> pd.DataFrame:
         "rope_and_cache": lambda: rope_and_cache(qkv_out, cos, sin, pos, kc, vc, 32, 8),
         "rope_and_cache_from_acc": lambda: rope_and_cache_from_acc(qkv, cos, sin, pos, kc, vc, 32, 8),
         "silu_mul_compact": lambda: silu_mul_compact(gu, dt, 0.5, down),
+        "add_rms_norm_split_qkv": lambda: add_rms_norm_split(h, d, down, w, 1e-5, 0.5, qkv),
+        "add_rms_norm_split_gate_up": lambda: add_rms_norm_split(h, d, down, w, 1e-5, 0.5, gu),
     }
     for warps in (4, 8, 16):
         calls[f"add_rms_norm_compact_qkv_w{warps}"] = lambda w_=warps: add_rms_norm_compact(

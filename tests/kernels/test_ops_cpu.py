@@ -159,3 +159,21 @@ def test_norm_producer_writes_the_kept_lists_of_each_split(H, splits):
         want = torch.nonzero(x[0, s * ks:(s + 1) * ks].abs() > 0.7).flatten() + s * ks
         assert int(site.cnt[s]) == want.numel()
         assert torch.equal(site.idx[s * ks:s * ks + want.numel()].long(), want)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("nh,nkv,pos", [(4, 2, 0), (4, 2, 17), (6, 2, 39), (4, 4, 31)])
+def test_decode_attention_matches_sdpa(dtype, nh, nkv, pos):
+    """Split-KV attention of one token == SDPA with the causal position mask (chunks past pos, a group of 3)."""
+    from allocator.kernels.decode_ops import decode_attention
+
+    hd, max_len = 16, 40
+    q, k, v = torch.randn(nh, hd, dtype=dtype), torch.randn(nkv, max_len, hd, dtype=dtype), torch.randn(nkv, max_len, hd, dtype=dtype)
+    got = decode_attention(q, k, v, torch.tensor([pos]), chunk=16)
+    visible = (torch.arange(max_len) <= pos).view(1, 1, 1, -1)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float().view(1, nh, 1, hd), k.float().unsqueeze(0), v.float().unsqueeze(0), attn_mask=visible,
+        enable_gqa=nkv != nh).reshape(1, -1)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
