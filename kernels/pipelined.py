@@ -8,14 +8,16 @@ Why: the standalone sparse GEMV (gemv.py) pays a fixed chain of ~9 us per call a
   program then starts with one count load instead of x load + threshold scan + scratch round trip.
 * **atomic split-K accumulation into a buffer that is zero at rest**: each GEMV program adds its fp32 partial
   into `acc` with relaxed atomics and ends; the kernel that consumes y (RoPE + cache write, add + RMSNorm,
-  SiLU * up) reads `acc`, rounds it to the model dtype as the reference does, and writes zeros back. No
+  SiLU * up) reads `acc` and rounds it to the model dtype as the reference does. A consumer that is one
+  program per element range clears what it read; one whose programs each read all of `acc` (the norm: every
+  program needs the whole row for the RMS) leaves it to the next GEMV (`clear=`), which runs after it. No
   memset launch and no last-arriver reduction; the order of the fp32 additions across splits is not fixed.
 
 Protocol of one GEMV site with `n_splits` K splits of `k_split` channels: `idx` int32 holds the kept channel
 indices of split s at `idx[s * k_split:]`, `cnt[s]` their number, `acc` [N] fp32 is zero at rest. A site
 whose input comes from elsewhere (attention output into o) compacts in the GEMV as before (`scan=True`,
 private index rows per program) and still accumulates atomically. Batch 1 (decode). References: the
-all-PyTorch step in llama_decode.py; tests compare against it.
+all-PyTorch step in llama_decode.py; tests compare against it. Measured: kernels/NOTES.md, variants 9-12.
 """
 
 from __future__ import annotations

@@ -426,7 +426,8 @@ def report(out: pathlib.Path, dest: pathlib.Path) -> None:
              "TB/s = kept weight bytes / our time. s = 1.0 is the floor (every channel dropped). "
              "fallback = the same masked product through cuBLAS on the transposed Wt. Batch > 1: the mask "
              "(union over the rows) is at s. The committed file combines `kernel_bench.py all` (GEMV), "
-             "`kernel_bench.py rsparse` (after the last R-Sparse change) and `e2e_decode.py`, on one H100.", ""]
+             "`kernel_bench.py rsparse` (after the last R-Sparse change), `kernel_bench.py indexed` / "
+             "`producers` and `e2e_decode.py --modes sparse,fused,fused_pdl`, on one H100.", ""]
     g = out / "kernel_bench_gemv.csv"
     if g.exists():
         df = pd.read_csv(g)
@@ -447,20 +448,49 @@ def report(out: pathlib.Path, dest: pathlib.Path) -> None:
                   _md_table(df, ["d_out", "d_in", "dtype", "s", "rho", "rank", "dense_us", "sparse_only_us",
                                  "z_kernel_us", "two_launch_us", "fused_us", "ratio", "bound", "bound_strict", "speedup_vs_dense"],
                             fmt), ""]
+    ix = out / "kernel_bench_indexed.csv"
+    if ix.exists():
+        df = pd.read_csv(ix)
+        fmt = {c: "{:.2f}" for c in ("dense_us", "indexed_us", "scan_atomic_us", "standalone_us")}
+        fmt.update({"speedup_indexed": "{:.2f}x", "speedup_standalone": "{:.2f}x", "frac_ideal_indexed": "{:.0%}",
+                    "s": "{:.2f}"})
+        parts += ["## GEMV with the kept lists from the producer (kernels/pipelined.py), float16, batch 1", "",
+                  "indexed = the kept channel lists written by the kernel that produces x (its cost is in the "
+                  "producer table below), split-K partials added atomically into an fp32 buffer that the consumer "
+                  "clears; scan_atomic = the GEMV compacts itself, atomic accumulation; standalone = `sparse_gemv` "
+                  "(compacts itself, last-arriver reduction, writes y in the model dtype). Tile and splits per shape "
+                  "tuned at s = 0.5 (`kernel_bench.py indexed`).", "",
+                  _md_table(df, ["d_out", "d_in", "s", "dense_us", "standalone_us", "scan_atomic_us", "indexed_us",
+                                 "speedup_standalone", "speedup_indexed", "frac_ideal_indexed"], fmt), ""]
+    pr = out / "kernel_bench_producers.csv"
+    if pr.exists():
+        df = pd.read_csv(pr)
+        parts += ["## Producer kernels of a Llama-3-8B step (float16, one call, CUDA graph)", "",
+                  "Plain kernels (decode_ops.py) against the versions that also write the next GEMV's kept lists "
+                  "(`_compact`: one program; `_split`: one program per K split, the one the fused step uses) or "
+                  "read its accumulator (`_from_acc`).", "",
+                  _md_table(df, ["kernel", "us"], {"us": "{:.2f}"}), ""]
     e = out / "e2e_decode.csv"
     if e.exists():
         df = pd.read_csv(e)
-        fmt = {"tokens_per_s": "{:.1f}", "step_us": "{:.1f}", "speedup": "{:.2f}x", "measured_s": "{:.3f}",
+        if "mode" not in df:
+            df["mode"] = ["dense" if s == 0 else "sparse" for s in df["target_s"]]
+        fmt = {"tokens_per_s": "{:.1f}", "step_us": "{:.1f}", "speedup": "{:.3f}x", "measured_s": "{:.3f}",
                "amdahl_ceiling": "{:.2f}x"}
         parts += ["## End-to-end decode, batch 1 (random weights, CUDA graph of a whole step)", "",
-                  _md_table(df, ["model", "dtype", "layers", "target_s", "measured_s", "step_us", "tokens_per_s",
-                                 "speedup", "amdahl_ceiling"], fmt), ""]
+                  "Modes (kernels/llama_decode.py): dense = cuBLAS projections; sparse = `sparse_gemv` per "
+                  "projection; fused = kept lists from the producing kernel + atomic accumulation; fused_pdl = "
+                  "fused, every kernel launched with programmatic dependent launch. All modes share the fused "
+                  "norm / RoPE / SiLU kernels and the split-KV decode attention; context ~500 tokens.", "",
+                  _md_table(df, ["model", "dtype", "layers", "mode", "target_s", "measured_s", "step_us",
+                                 "tokens_per_s", "speedup", "amdahl_ceiling"], fmt), ""]
     lg = out / "e2e_logits_check.csv"
     if lg.exists():
         df = pd.read_csv(lg)
         parts += ["## Logits check: SmolLM2-135M-shaped random model, kernels vs PyTorch reference path", "",
                   _md_table(df, list(df.columns), {"max_abs_diff": "{:.3g}", "rel_err": "{:.3g}",
-                                                   "top1_agree": "{:.2f}", "rel_err_sparse_vs_dense": "{:.3f}"}),
+                                                   "rel_err_fused": "{:.3g}", "top1_agree": "{:.2f}",
+                                                   "top1_agree_fused": "{:.2f}", "rel_err_sparse_vs_dense": "{:.3f}"}),
                   "", "rel_err_sparse_vs_dense: how far the sparse model's logits are from the dense model's "
                   "(the sensitivity of this random 30-layer model).", ""]
     dest.write_text("\n".join(parts) + "\n")
