@@ -1,27 +1,31 @@
 """Solver comparison on SmolLM2-135M: table solvers against search on the measured objective (issue 5).
 
-For each method (``teal``, ``rsparse``) and model-level sparsity (0.5, 0.6) it runs: uniform, greedy, dp on an
-isolated per-layer KL table, dp on a table profiled around the operating point (when the pipeline provides
-one), evo on the table, evo on the true objective warm-started from dp, and bayes (optuna) on the true
-objective, the two true-objective searches at the same evaluation budget. Every answer is applied to the model
-and measured on held-out text (Austen: Pride and Prejudice + Persuasion; Wikipedia: the evaluation half),
-perplexity and KL to the dense model. Writes ``compare_solvers.{csv,md,png}`` (the PNG: best-so-far held-out
-perplexity against true-objective evaluations).
+One job = one method (``teal``, ``rsparse``) at one model-level sparsity, on layer or attention / MLP block units.
+It runs: uniform, greedy and dp on an isolated per-unit KL table, dp on a table profiled around the operating
+point (optional), evo on the table, and evo and bayes (optuna) on the true objective (KL to dense of the whole
+allocation on the table's calibration windows) warm-started from dp, at the same evaluation budget. Each search's
+answer is picked on *validation* windows (other calibration windows): the dp start unless a candidate among the
+search's best few beats it there. Every answer is applied to the model and measured on held-out text (Austen:
+Pride and Prejudice + Persuasion; Wikipedia: the evaluation half), perplexity and KL to the dense model.
+Writes ``compare_solvers.{csv,md,png}`` (the PNG: held-out perplexity of each search's incumbent against
+true-objective evaluations) in the job's Hydra output folder; ``--merge`` combines jobs into one report.
 
-    .venv/bin/python studies/compare_solvers.py                       # the committed run
-    .venv/bin/python studies/compare_solvers.py --sparsity 0.5 --methods teal --budget 20 --out /tmp/cs
+    .venv/bin/python studies/compare_solvers.py -m method=teal,rsparse sparsity=0.5,0.6      # one job per config
+    .venv/bin/python studies/compare_solvers.py --merge multirun/compare_solvers/<stamp> --out studies/results \
+        --notes findings.md
+    .venv/bin/python studies/compare_solvers.py method=teal sparsity=0.5 budget=10 unit=layer   # a quick single job
 
-Argparse (one process per configuration works too: ``--methods rsparse --sparsity 0.6 --out DIR``).
-Costs: the true objective is KL to the dense model on ``--fit-windows x --fit-len`` calibration tokens; the
-isolated table costs ``units x (levels - 1)`` forwards on ``--profile-windows`` windows.
+Settings: ``studies/conf/compare_solvers.yaml``. Costs: a true evaluation is a forward on ``profile_windows x
+profile_len`` tokens; the isolated table costs ``units x (levels - 1)`` partial forwards on the same windows
+(cached on disk, so the second sparsity of a method reuses it).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from allocator import Allocation, Problem, analytic_tables, make_levels, minimize
+from allocator import Problem, analytic_tables, make_levels, minimize
 from allocator.evaluators.methods import Protocol, apply_allocation_, get_method, remove_compression_
 from allocator.evaluators.models import load_model
 from allocator.evaluators.objective import TrueObjective
@@ -44,10 +48,6 @@ LEVELS = {  # the pipeline's method configs (conf/method/*.yaml): teal s only; r
     "teal": make_levels(s=[0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]),
     "rsparse": make_levels(s=[0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], rho=[1.0, 0.9]),
 }
-# SmolLM2-135M and Llama-3-8B: forward FLOPs per token ~ 2 x parameters (weights incl. LM head)
-PARAMS = {"smollm2-135m": 134.5e6, "llama-3-8b": 8.03e9}
-
-
 # ---------------------------------------------------------------------------------------------- model side
 class DenseRef:
     """Dense next-token log-probs (bf16, (n, T-1, V)) and perplexity on fixed windows, computed once."""
@@ -91,141 +91,191 @@ def unit_levels_dict(tables, unit_levels) -> dict:
     return out
 
 
+def disjoint_windows(tok, n: int, length: int, seed: int, exclude: torch.Tensor) -> torch.Tensor:
+    """``n`` calibration windows none of which is a row of ``exclude`` (windows of one length from one source
+    either coincide or do not overlap, so dropping equal rows makes the sets disjoint)."""
+    drawn = token_windows(tok, "calibration", n + len(exclude), length, seed)
+    taken = {tuple(row.tolist()) for row in exclude}
+    keep = [row for row in drawn if tuple(row.tolist()) not in taken]
+    return torch.stack(keep[:n])
+
+
 # ---------------------------------------------------------------------------------------------- study
-def run_config(model, method_name, method, sparsity, args, prof_windows, held, profiles, rows, curves,
-               ms_windows=None):
+def run_config(model, method, cfg, windows, held, profiles, out: Path) -> tuple[list, list]:
     """All solvers on one (method, sparsity); the true objective is KL on the profiling windows."""
-    levels = LEVELS[method_name]
-    iso, op = profiles["isolated"], profiles.get(("operating_point", sparsity))
-    tables = analytic_tables("smollm2-135m", levels, unit="layer").with_degradation(
-        iso.table("kl"), metric="kl", **iso.provenance)
-    objective = TrueObjective(model, prof_windows, method, "kl", tables=tables, batch_size=8)
+    levels, sparsity, rows, curves = LEVELS[cfg.method], float(cfg.sparsity), [], []
+    tables = analytic_tables("smollm2-135m", levels, unit=cfg.unit).with_degradation(
+        profiles["isolated"].table("kl"), metric="kl", **profiles["isolated"].provenance)
+    objective = TrueObjective(model, windows["fitness"], method, "kl", tables=tables, batch_size=8)
+    validation = (TrueObjective(model, windows["validation"], method, "kl", tables=tables, batch_size=8)
+                  if cfg.validation_windows else None)
     problem = Problem(tables, "bytes_decode", sparsity=sparsity, objective=objective)
-    profile_seconds = profiles["seconds"]
+    table_problem = Problem(tables, "bytes_decode", sparsity=sparsity)
     profile_evals = int(tables.n_units * (tables.levels["s"] > 0).sum())  # rows of the isolated table
     cache = {}
 
-    def held_out(x, kl=True):
-        k = (np.asarray(x).tobytes(), kl)
-        if k not in cache:
+    def held_out(x):
+        key = np.asarray(x).tobytes()
+        if key not in cache:
             apply_allocation_(model, unit_levels_dict(tables, x), method)
             try:
-                cache[k] = {name: ref.compare(model, kl=kl) for name, ref in held.items()}
+                cache[key] = {name: ref.compare(model) for name, ref in held.items()}
             finally:
                 remove_compression_(model)
-        return cache[k]
+        return cache[key]
 
-    def record(label, result, true_evals, table_based, search_seconds):
+    def record(label, result, true_evals=0, table_based=False, search_seconds=0.0, **extra):
         m = held_out(result.x)
-        fit = objective(result.x)
-        row = {"method": method_name, "sparsity": sparsity, "solver": label,
+        row = {"method": cfg.method, "unit": cfg.unit, "sparsity": sparsity, "solver": label,
                "ppl_austen": m["austen"]["perplexity"], "ppl_wiki": m["wiki"]["perplexity"],
-               "kl_austen": m["austen"]["kl"], "kl_wiki": m["wiki"]["kl"], "fit_kl": fit,
+               "kl_austen": m["austen"]["kl"], "kl_wiki": m["wiki"]["kl"], "fit_kl": objective(result.x),
+               "val_kl": validation(result.x) if validation is not None else np.nan,
                "table_kl": float(result.degradation), "true_evals": true_evals,
                "profile_evals": profile_evals if table_based else 0, "n_evals": result.n_evals,
-               "search_s": search_seconds, "profile_s": profile_seconds if table_based else 0.0,
+               "search_s": search_seconds, "profile_s": profiles["seconds"] if table_based else 0.0,
                "cost_ratio": float(result.cost / (tables.dense_cost("bytes_decode").sum())),
-               "mean_s": float(np.mean([lv["s"] for lv in result.allocation.levels])),
-               "allocation": " ".join(str(int(v)) for v in result.x)}
+               "allocation": " ".join(str(int(v)) for v in result.x), **extra}
         rows.append(row)
-        logger.info("%s %.1f %-22s austen %.2f wiki %.2f fitKL %.4f evals %d %.0fs", method_name, sparsity, label,
-                    row["ppl_austen"], row["ppl_wiki"], fit, true_evals, search_seconds)
-        pd.DataFrame(rows).to_csv(args.out / "compare_solvers.partial.csv", index=False)
+        logger.info("%s %s %.1f %-28s austen %.2f wiki %.2f fitKL %.4f valKL %.4f evals %d %.0fs", cfg.method,
+                    cfg.unit, sparsity, label, row["ppl_austen"], row["ppl_wiki"], row["fit_kl"], row["val_kl"],
+                    true_evals, search_seconds)
+        pd.DataFrame(rows).to_csv(out / "compare_solvers.partial.csv", index=False)
         return row
 
-    table_problem = Problem(tables, "bytes_decode", sparsity=sparsity)
-    results = {}
     operating = budget_level(levels, sparsity, 1.0)
     j = int(np.flatnonzero((levels["s"].sub(operating["s"]).abs() < 1e-9) & (levels["rho"] == 1.0))[0])
     uniform = minimize(table_problem, "uniform")  # the best uniform level by the table ...
-    if uniform.x[0] != j and not args.searches_only:                          # ... and the operating point (s = sparsity, rho = 1) when different
+    if uniform.x[0] != j:                         # ... and the operating point (s = sparsity, rho = 1) when different
         x = np.full(tables.n_units, j)
         ev = table_problem.evaluate_units(x[None])
         record(f"uniform (s={operating['s']}, rho=1)", SimpleNamespace(
-            x=x, cost=float(ev.cost[0]), degradation=float(ev.degradation[0]), n_evals=0,
-            allocation=Allocation.from_levels(tables, x)), 0, False, 0.0)
-    for label, solver, kw in (("uniform", "uniform", {}), ("greedy (isolated)", "greedy", {}), ("dp (isolated)", "dp", {}),
-                              ("evo (tables)", "evo", {"objective": "tables"})):
-        try:
-            t0 = time.perf_counter()
-            res = minimize(table_problem, solver, seed=args.seed, **kw)
-        except Exception as exc:  # e.g. greedy not merged yet
-            logger.warning("%s skipped: %s", label, exc)
-            continue
-        results[label] = res
-        if not args.searches_only:
-            record(label, res, 0, label != "uniform", time.perf_counter() - t0)
+            x=x, cost=float(ev.cost[0]), degradation=float(ev.degradation[0]), n_evals=0))
+    results = {}
+    for label, solver, kw in (("uniform", "uniform", {}), ("greedy (isolated)", "greedy", {}),
+                              ("dp (isolated)", "dp", {}), ("evo (tables)", "evo", {"objective": "tables"})):
+        t0 = time.perf_counter()
+        results[label] = minimize(table_problem, solver, seed=cfg.seed, progress=False, **kw) if solver == "evo" \
+            else minimize(table_problem, solver, seed=cfg.seed)
+        record(label, results[label], 0, label != "uniform", time.perf_counter() - t0)
 
-    if op is not None and not args.searches_only:  # dp on the table profiled around the operating point (first-order interactions)
-        op_problem = Problem(tables.with_degradation(op.table("kl"), **op.provenance), "bytes_decode", sparsity=sparsity)
-        res = minimize(op_problem, "dp", seed=args.seed)
-        row = record("dp (operating point)", res, 0, True, res.solve_time)
-        row["profile_s"] = profiles.get(("seconds", sparsity), 0.0)
-        row["profile_evals"] = int(tables.n_units * (tables.n_levels - 1))
+    if cfg.operating_point:  # dp on the table profiled around the operating point (first-order interactions)
+        op = profile(model, method, windows["fitness"], levels, tables.unit_names, mode="operating_point",
+                     batch_size=8, operating_level=operating)
+        res = minimize(Problem(tables.with_degradation(op.table("kl"), **op.provenance), "bytes_decode",
+                               sparsity=sparsity), "dp", seed=cfg.seed)
+        record("dp (operating point)", res, 0, True, res.solve_time,
+               profile_evals=int(tables.n_units * (tables.n_levels - 1)))
 
     start = results["dp (isolated)"].x
-    budget = args.budget
+    guard = {"validation": validation, "validation_top": cfg.validation_top} if validation is not None else {}
     searches = {
-        "evo": ("evo (true, warm dp)", "evo", {"warm_start": start, "pop_size": args.pop_size, "n_gen": 10_000}),
-        "bayes": ("bayes (true, warm dp)", "bayes", {"warm_start": start, "n_trials": 10_000,
-                                                     "sampler": args.bayes_sampler, "n_startup_trials": 10}),
-        # EvoPress's multi-step selection: children screened on the table's 4 windows, the best 2 of each
-        # generation re-scored on 4x more calibration windows (the answer is the best on the larger set)
-        "evo-ms": (f"evo (true, multi-step {args.profile_windows}->{args.ms_windows} windows)", "evo",
-                   {"warm_start": start, "pop_size": args.pop_size, "n_gen": 10_000,
-                    "multi_step": [(args.profile_windows, 2)]}),
+        "evo": ("evo (true, warm dp)", "evo", {"pop_size": cfg.pop_size, "n_gen": 10_000}),
+        "bayes": ("bayes (true, warm dp)", "bayes", {"n_trials": 10_000, "sampler": cfg.bayes_sampler,
+                                                     "n_startup_trials": 10}),
+        # EvoPress's multi-step selection: children screened on the table's windows, the best 2 of each
+        # generation re-scored on more calibration windows (the table's first, then others)
+        "evo-ms": (f"evo (true, multi-step {cfg.profile_windows}->{cfg.ms_windows} windows)", "evo",
+                   {"pop_size": cfg.pop_size, "n_gen": 10_000, "multi_step": [(cfg.profile_windows, 2)]}),
     }
-    for name in args.searches:
+    for name in cfg.searches:
         label, solver, kw = searches[name]
-        fn, counter = objective, [objective]
-        if name == "evo-ms":  # the table's windows first, so fidelity = len(prof_windows) screens on them
-            fn = TrueObjective(model, torch.cat([prof_windows, ms_windows]), method, "kl", tables=tables, batch_size=8)
-            counter = [fn]
-        calls0 = sum(o.evaluations for o in counter)
-        secs0 = sum(o.seconds for o in counter)
+        fn = objective if name != "evo-ms" else TrueObjective(
+            model, torch.cat([windows["fitness"], windows["multi_step"]]), method, "kl", tables=tables, batch_size=8)
+        evals0, secs0 = fn.evaluations, fn.seconds
+        val0 = (validation.evaluations, validation.seconds) if validation is not None else (0, 0.0)
         t0 = time.perf_counter()
-        res = minimize(problem, solver, seed=args.seed, objective=fn, max_evals=budget, progress=True, **kw)
+        res = minimize(problem, solver, seed=cfg.seed, objective=fn, warm_start=start, max_evals=cfg.budget,
+                       progress=True, **guard, **kw)
         wall = time.perf_counter() - t0
-        n_true = sum(o.evaluations for o in counter) - calls0
-        s_per_eval = (sum(o.seconds for o in counter) - secs0) / max(1, n_true)
-        row = record(label, res, n_true, False, wall)
-        row["s_per_eval"] = s_per_eval
-        # convergence: held-out Austen perplexity of the best-so-far candidates (a few of them + the last)
+        n_true = fn.evaluations - evals0
+        extra = {"s_per_eval": (fn.seconds - secs0) / max(1, n_true), "chosen": "search"}
+        if validation is not None:
+            extra.update(chosen=res.info["validation"]["chosen"], val_evals=validation.evaluations - val0[0],
+                         val_s=validation.seconds - val0[1])
+        row = record(label, res, n_true, False, wall, **extra)
         improved = [h for h in res.history if h.get("improved")]
-        pick = improved if len(improved) <= args.curve_points else (
-            [improved[int(i)] for i in np.linspace(0, len(improved) - 1, args.curve_points)])
-        pts = [(h["eval"], held_out(np.array(h["x"]), kl=False)["austen"]["perplexity"]
-                if not np.array_equal(h["x"], res.x) else row["ppl_austen"]) for h in pick]
-        pts.append((res.n_evals, row["ppl_austen"]))
-        curves.append({"method": method_name, "sparsity": sparsity, "solver": label, "points": pts,
+        best = np.array(improved[-1]["x"]) if improved else res.x
+        if not np.array_equal(best, res.x):  # what the search alone would have answered (its best fitness)
+            record(label.replace("warm dp", "fitness best"), SimpleNamespace(
+                x=best, cost=float(table_problem.evaluate_units(best[None]).cost[0]), n_evals=res.n_evals,
+                degradation=float(table_problem.evaluate_units(best[None]).degradation[0])), n_true, False, wall,
+                s_per_eval=extra["s_per_eval"], chosen="fitness")
+        # convergence: held-out Austen perplexity of the incumbents (a few of them + the answer)
+        pick = improved if len(improved) <= cfg.curve_points else (
+            [improved[int(i)] for i in np.linspace(0, len(improved) - 1, cfg.curve_points)])
+        pts = [(h["eval"], held_out(np.array(h["x"]))["austen"]["perplexity"]) for h in pick]
+        curves.append({"method": cfg.method, "unit": cfg.unit, "sparsity": sparsity, "solver": label,
+                       "points": pts, "answer": [res.n_evals, row["ppl_austen"]],
                        "fit": [(h["eval"], h["best"]) for h in res.history]})
-        (args.out / "compare_solvers.curves.json").write_text(json.dumps(curves))
+        (out / "compare_solvers.curves.json").write_text(json.dumps(curves))
+    return rows, curves
+
+
+def run_job(cfg, out: Path, command: str) -> None:
+    """Load the model, calibrate the method, profile the isolated table, run one configuration, write outputs."""
+    torch.set_num_threads(int(cfg.threads))
+    out.mkdir(parents=True, exist_ok=True)
+    started, t_start = time.strftime("%Y-%m-%d %H:%M", time.gmtime()), time.perf_counter()
+    model, tok = load_model(dtype=cfg.dtype)
+    model.eval()
+    # the pipeline's default data (conf/data/shipped.yaml): thresholds on 8 x 256, tables on 4 x 128 (seed + 1)
+    calib = token_windows(tok, "calibration", cfg.calib_windows, cfg.calib_len, cfg.seed)
+    fitness = token_windows(tok, "calibration", cfg.profile_windows, cfg.profile_len, cfg.seed + 1)
+    windows = {"fitness": fitness}
+    if cfg.validation_windows:
+        windows["validation"] = disjoint_windows(tok, cfg.validation_windows, cfg.profile_len, cfg.seed + 3, fitness)
+    if "evo-ms" in cfg.searches:
+        windows["multi_step"] = disjoint_windows(tok, cfg.ms_windows - cfg.profile_windows, cfg.profile_len,
+                                                 cfg.seed + 2, fitness)
+    held_w = {"austen": token_windows(tok, "austen_eval", cfg.eval_windows, cfg.eval_len, cfg.seed),
+              "wiki": token_windows(tok, "wiki_eval", cfg.eval_windows, cfg.eval_len, cfg.seed)}
+    t0 = time.perf_counter()
+    held = {k: DenseRef(model, w) for k, w in held_w.items()}
+    dense_tok_s = sum(r.tokens for r in held.values()) / (time.perf_counter() - t0)
+    dense = {k: r.perplexity for k, r in held.items()}
+    logger.info("dense perplexity %s; %.0f tokens/s", dense, dense_tok_s)
+
+    method = get_method(cfg.method, protocol=Protocol(1.0), seed=cfg.seed)
+    method.calibrate(model, calib, batch_size=4)
+    units = analytic_tables("smollm2-135m", LEVELS[cfg.method], unit=cfg.unit).unit_names
+    t0 = time.perf_counter()
+    profiles = {"isolated": profile(model, method, fitness, LEVELS[cfg.method], units, mode="isolated",
+                                    batch_size=8)}
+    profiles["seconds"] = time.perf_counter() - t0  # ~0 when the on-disk cache had the table
+    rows, curves = run_config(model, method, cfg, windows, held, profiles, out)
+    from omegaconf import OmegaConf
+    args = OmegaConf.to_container(cfg, resolve=True)
+    timing = {"command": command, "started": started, "hours": (time.perf_counter() - t_start) / 3600,
+              "dense_tok_s": dense_tok_s, "dense": dense, "args": args}
+    write_outputs(rows, curves, [timing], out)
 
 
 def plot(curves, rows, dense, path):
     """Top: held-out Austen perplexity of each search's incumbent (its best candidate on the fitness so far) against
-    true-objective evaluations; bottom: the incumbent's fitness KL. A gap between the rows is overfitting."""
+    true-objective evaluations, the star being the answer validation picked; bottom: the incumbent's fitness KL.
+    A gap between the rows is overfitting to the fitness windows."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     frame = pd.DataFrame(rows)
-    configs = sorted({(c["method"], c["sparsity"]) for c in curves})
+    configs = sorted({(c["method"], c.get("unit", "layer"), c["sparsity"]) for c in curves})
     fig, axes = plt.subplots(2, len(configs), figsize=(4.4 * len(configs), 6.4), constrained_layout=True,
                              squeeze=False, sharex="col")
     colors = {}
-    for col, (method, s) in enumerate(configs):
+    for col, (method, unit, s) in enumerate(configs):
         top, bottom = axes[0][col], axes[1][col]
-        sub = frame[(frame.method == method) & (frame.sparsity == s)]
+        sub = frame[(frame.method == method) & (frame.unit == unit) & (frame.sparsity == s)]
         highs = [dense["austen"]]
         for c in curves:
-            if (c["method"], c["sparsity"]) != (method, s):
+            if (c["method"], c.get("unit", "layer"), c["sparsity"]) != (method, unit, s):
                 continue
             color = colors.setdefault(c["solver"], f"C{len(colors)}")
             ev, ppl = zip(*c["points"])
             top.step(ev, ppl, where="post", marker="o", markersize=3, color=color, label=c["solver"])
-            fev, fit = zip(*c["fit"])  # multi-step: the incumbent's KL on its larger final set
+            top.plot(*c["answer"], marker="*", markersize=11, color=color, linestyle="none")
+            fev, fit = zip(*c["fit"])
             bottom.step(fev, fit, where="post", color=color, label=c["solver"])
-            highs += list(ppl)
+            highs += list(ppl) + [c["answer"][1]]
         for label, style in (("dp (isolated)", "--"), ("dp (operating point)", "-.")):
             hit = sub[sub.solver == label]
             if len(hit):
@@ -235,14 +285,14 @@ def plot(curves, rows, dense, path):
         uni = sub[sub.solver == "uniform"]
         top.axhline(dense["austen"], color="k", linewidth=0.8, label="dense")
         top.set_ylim(dense["austen"] * 0.97, max(highs) * 1.05)
-        title = f"{method}, sparsity {s}" + (f" (uniform {uni.ppl_austen.iloc[0]:.1f})" if len(uni) else "")
+        title = f"{method}, {unit} units, sparsity {s}" + (f"\n(uniform {uni.ppl_austen.iloc[0]:.1f})" if len(uni) else "")
         top.set_title(title, fontsize=10)
         top.set_ylabel("held-out Austen perplexity")
         bottom.set_ylabel("fitness KL (calibration)")
         bottom.set_xlabel("true-objective evaluations")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-        top.legend(fontsize=6.5, loc="lower right")
+        top.legend(fontsize=6.5, loc="upper right")
     fig.savefig(path, dpi=110)
 
 
@@ -252,42 +302,59 @@ H100_TOK_S = {"llama-3-8b": 28756.0, "smollm2-135m": 149483.0}
 RSPARSE_SEARCH_TOKENS = 32 * 5 * 16 * 4096  # population 32, 5 generations, 16 samples of 4096 tokens (C4)
 
 
-def report(rows, curves, runs) -> str:
+def share(ppl, uniform, dense) -> float:
+    """Perplexity increase over dense as a share of uniform's (the issue's target: <= 0.5 at 50%, <= 0.25 at 60%)."""
+    return (ppl - dense) / (uniform - dense)
+
+
+def report(rows, runs) -> str:
     frame, a, dense = pd.DataFrame(rows), runs[0]["args"], runs[0]["dense"]
+    if "unit" not in frame:
+        frame["unit"] = "layer"
+    val = (f"Each search's answer is picked on {a['validation_windows']} x {a['profile_len']} other calibration "
+           f"tokens (validation, disjoint from the fitness windows and from the held-out text) among its "
+           f"{a['validation_top']} best candidates and the dp start: the start unless a candidate beats it there; "
+           "a row `(true, fitness best)` shows what the search alone would have answered, where that differs."
+           if a.get("validation_windows") else "No validation: each search answers its best fitness.")
     lines = ["# Solver comparison on SmolLM2-135M (issue 5)", "",
              *[f"- `{r['command']}` (started {r['started']} UTC, {r['hours']:.2f} h)" for r in runs],
-             "", "On the shared 2-core CPU machine (bf16, other engineers' jobs running beside it), one process per "
-             "method with one thread each, merged with `--merge`.", "",
+             "", "On the shared 2-core CPU machine (bf16, one thread per process, other engineers' jobs running "
+             "beside it), one Hydra job per configuration, merged with `--merge`.", "",
              f"Dense held-out perplexity: Austen {dense['austen']:.2f}, wiki {dense['wiki']:.2f} "
              f"({a['eval_windows']} x {a['eval_len']} tokens each; Austen = Pride and Prejudice + Persuasion, wiki = "
-             "the evaluation half of the shipped articles). Tables: KL to dense per layer x level, on "
-             f"{a['profile_windows']} x {a['profile_len']} calibration tokens (isolated: the rest dense; operating "
-             "point: the rest at the uniform level). True objective: KL to dense of the whole allocation on the same "
-             f"windows. Searches: {a['budget']} true evaluations each, warm-started from the isolated-table dp "
-             f"answer; evo population {a['pop_size']}; bayes sampler `{a['bayes_sampler']}`.", "",
-             "Columns: perplexity and KL (per token) on held-out text; fitness KL = the true objective; true evals = "
-             "model evaluations of whole allocations during the search; table rows = forwards spent on the "
-             "table; search s = solver wall time (the profiling time is in the CSV, `profile_s`); last column = "
-             "(ppl - dense) / (uniform ppl - dense) on Austen (target: <= 0.5 at 50%, <= 0.25 at 60%).", ""]
-    for (method, sp), sub in frame.groupby(["method", "sparsity"], sort=True):
+             "the evaluation half of the shipped articles). Units: `layer` = one level per decoder layer, `block` = "
+             "one for the attention (q, k, v, o) and one for the MLP (gate, up, down) of each layer. Tables: KL to "
+             f"dense per unit x level, on {a['profile_windows']} x {a['profile_len']} calibration tokens, the rest "
+             "dense (isolated). True objective (fitness): KL to dense of the whole allocation on the same windows. "
+             f"Searches: {a['budget']} true evaluations each, warm-started from the dp answer; evo population "
+             f"{a['pop_size']}; bayes sampler `{a['bayes_sampler']}`. {val}", "",
+             "Columns: perplexity and KL (per token) on held-out text; fitness KL = the true objective; val KL = KL "
+             "on the validation windows; true evals = model evaluations of whole allocations during the search "
+             "(validation calls not included, see the CSV); table rows = forwards spent on the table; search s = "
+             "solver wall time including validation; share = (ppl - dense) / (uniform ppl - dense) on Austen and "
+             "wiki (target on Austen: <= 0.5 at 50%, <= 0.25 at 60%).", ""]
+    for (method, unit, sp), sub in frame.groupby(["method", "unit", "sparsity"], sort=True):
         uni = sub[sub.solver == "uniform"]
-        lines += [f"## {method}, model-level sparsity {sp}", "",
-                  "| solver | ppl Austen | ppl wiki | KL Austen | KL wiki | fitness KL | true evals | table rows "
-                  "| search s | increase / uniform's |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {method}, {unit} units, model-level sparsity {sp}", "",
+                  "| solver | ppl Austen | ppl wiki | KL Austen | KL wiki | fitness KL | val KL | true evals "
+                  "| table rows | search s | share Austen | share wiki |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sub.itertuples():
-            inc = (r.ppl_austen - dense["austen"]) / (uni.ppl_austen.iloc[0] - dense["austen"]) if len(uni) else np.nan
+            sa = share(r.ppl_austen, uni.ppl_austen.iloc[0], dense["austen"]) if len(uni) else np.nan
+            sw = share(r.ppl_wiki, uni.ppl_wiki.iloc[0], dense["wiki"]) if len(uni) else np.nan
             lines.append(f"| {r.solver} | {r.ppl_austen:.2f} | {r.ppl_wiki:.2f} | {r.kl_austen:.4f} | {r.kl_wiki:.4f} "
-                         f"| {r.fit_kl:.4f} | {r.true_evals} | {r.profile_evals} | {r.search_s:.0f} | {inc:.2f} |")
+                         f"| {r.fit_kl:.4f} | {r.val_kl:.4f} | {r.true_evals} | {r.profile_evals} | {r.search_s:.0f} "
+                         f"| {sa:.2f} | {sw:.2f} |")
         start = sub[sub.solver == "dp (isolated)"]
-        for label in [v for v in sub.solver if "(true" in v]:
+        for label in [v for v in sub.solver if "warm dp" in v]:
             hit = sub[sub.solver == label]
             if len(hit) and len(start):
                 d = hit.ppl_austen.iloc[0] - start.ppl_austen.iloc[0]
                 w = hit.ppl_wiki.iloc[0] - start.ppl_wiki.iloc[0]
-                lines.append(f"\n{label} against its dp start: Austen {d:+.2f}, wiki {w:+.2f} perplexity "
-                             f"({'never worse' if d <= 1e-9 and w <= 1e-9 else 'WORSE on held-out text'}).")
+                chosen = hit.chosen.iloc[0] if "chosen" in hit else "search"
+                lines.append(f"\n{label} (answer: {chosen}) against its dp start: Austen {d:+.2f}, wiki {w:+.2f} "
+                             f"perplexity ({'never worse' if d <= 1e-9 and w <= 1e-9 else 'WORSE on held-out text'}).")
         lines.append("")
-    search = frame[frame.true_evals > 0]
+    search = frame[(frame.true_evals > 0) & (frame.get("chosen", "search") != "fitness")]
     if len(search) and "s_per_eval" in search:
         tok = a["profile_windows"] * a["profile_len"]
         spe = float(search.s_per_eval.mean())
@@ -295,10 +362,11 @@ def report(rows, curves, runs) -> str:
         h100 = H100_TOK_S["llama-3-8b"]
         evals_rs = 32 * 5
         lines += ["## Cost of the search", "",
-                  f"- One true evaluation here: {spe:.2f} s on average ({tok} tokens; a dense forward of them takes "
-                  f"~{fwd:.2f} s at the measured {runs[0]['dense_tok_s']:.0f} tokens/s, the rest is applying the "
-                  "allocation and the KL). A search of "
-                  f"{a['budget']} evaluations: {a['budget'] * spe / 60:.1f} min; the whole study: "
+                  f"- One true evaluation here: {spe:.2f} s on average over {len(search)} searches ({tok} tokens; a "
+                  f"dense forward of them takes ~{fwd:.2f} s at the measured {runs[0]['dense_tok_s']:.0f} tokens/s, "
+                  "the rest is applying the allocation and the KL). Search wall time (evaluations + solver + "
+                  f"validation): {search.search_s.mean() / 60:.1f} min per search on average, "
+                  f"{search.search_s.sum() / 3600:.2f} h for all {len(search)}; the whole study: "
                   f"{sum(r['hours'] for r in runs):.2f} CPU-process hours.",
                   f"- R-Sparse reports ~1 GPU-hour for its 7B search (population 32, 5 generations, fitness on 16 "
                   f"samples: {evals_rs} evaluations x {RSPARSE_SEARCH_TOKENS / evals_rs:.0f} tokens = "
@@ -308,113 +376,80 @@ def report(rows, curves, runs) -> str:
                   "too small to fill it, so scaling its time by FLOPs (x60) would overestimate 8B by ~11x). "
                   f"R-Sparse's search on Llama-3-8B: {RSPARSE_SEARCH_TOKENS / h100 / 60:.1f} min of forwards "
                   "(plus the dense reference once, and applying each candidate: ~"
-                  f"{spe - fwd:.1f} s measured here per SmolLM2 candidate on the CPU; at an assumed 1 s per 8B "
-                  f"candidate on the GPU, {evals_rs / 60:.0f} min); our study's budget ({a['budget']} evaluations of {tok} tokens) would "
-                  f"take {a['budget'] * tok / h100:.1f} s of forwards; an EvoPress-size search (400 generations x "
-                  f"16 offspring, multi-step 2048 / 16384 / 65536 tokens with 8 / 2 / 1 survivors) "
+                  f"{max(spe - fwd, 0):.1f} s measured here per SmolLM2 candidate on the CPU; at an assumed 1 s per "
+                  f"8B candidate on the GPU, {evals_rs / 60:.0f} min); this study's budget ({a['budget']} evaluations "
+                  f"of {tok} tokens) would take {a['budget'] * tok / h100:.1f} s of forwards (+ ~{a['budget'] / 60:.1f}"
+                  f" min applying candidates); an EvoPress-size search (400 generations x 16 offspring, multi-step "
+                  f"2048 / 16384 / 65536 tokens with 8 / 2 / 1 survivors) "
                   f"{400 * (16 * 2048 + 8 * 16384 + 2 * 65536) / h100 / 3600:.1f} h.", ""]
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", nargs="+", default=["teal", "rsparse"])
-    p.add_argument("--sparsity", nargs="+", type=float, default=[0.5, 0.6])
-    p.add_argument("--budget", type=int, default=60, help="true-objective evaluations per search solver")
-    p.add_argument("--pop-size", type=int, default=12)
-    p.add_argument("--bayes-sampler", default="auto", help="auto: optuna's GP (torch is there), else TPE")
-    p.add_argument("--operating-point", nargs="*", default=["teal", "rsparse"],
-                   help="methods that also get dp on tables profiled around the operating point")
-    p.add_argument("--calib-windows", type=int, default=8)
-    p.add_argument("--calib-len", type=int, default=256)
-    p.add_argument("--profile-windows", type=int, default=4, help="tables and true objective: calibration windows")
-    p.add_argument("--profile-len", type=int, default=128)
-    p.add_argument("--eval-windows", type=int, default=8)
-    p.add_argument("--eval-len", type=int, default=256)
-    p.add_argument("--curve-points", type=int, default=5)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--searches", nargs="+", default=["evo", "bayes"], choices=["evo", "bayes", "evo-ms"])
-    p.add_argument("--ms-windows", type=int, default=16, help="evo-ms: calibration windows of the final stage")
-    p.add_argument("--searches-only", action="store_true", help="record only the searches (tables: from cache)")
-    p.add_argument("--merge", nargs="+", type=Path, help="only merge the outputs of earlier runs in these folders")
-    p.add_argument("--notes", type=Path, help="a markdown file appended to the report (the findings, by hand)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.merge:
-        return merge(args.merge, args.out, args.notes)
-    logging.getLogger("allocator").setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
-    t_start = time.perf_counter()
-
-    model, tok = load_model(dtype=args.dtype)
-    model.eval()
-    # the pipeline's default data (conf/data/shipped.yaml): thresholds on 8 x 256, tables on 4 x 128 (seed + 1)
-    calib = token_windows(tok, "calibration", args.calib_windows, args.calib_len, args.seed)
-    prof_windows = token_windows(tok, "calibration", args.profile_windows, args.profile_len, args.seed + 1)
-    # multi-step selection's larger set: the table's windows plus more calibration windows (another seed)
-    ms_windows = (token_windows(tok, "calibration", args.ms_windows - args.profile_windows, args.profile_len, args.seed + 2)
-                  if "evo-ms" in args.searches else None)
-    held_w = {"austen": token_windows(tok, "austen_eval", args.eval_windows, args.eval_len, args.seed),
-              "wiki": token_windows(tok, "wiki_eval", args.eval_windows, args.eval_len, args.seed)}
-    t0 = time.perf_counter()
-    held = {k: DenseRef(model, w) for k, w in held_w.items()}
-    dense_tok_s = sum(r.tokens for r in held.values()) / (time.perf_counter() - t0)
-    dense = {k: r.perplexity for k, r in held.items()}
-    logger.info("dense perplexity %s; %.0f tokens/s", dense, dense_tok_s)
-
-    rows, curves = [], []
-    for method_name in args.methods:
-        method = get_method(method_name, protocol=Protocol(1.0), seed=args.seed)
-        method.calibrate(model, calib, batch_size=4)
-        levels = LEVELS[method_name]
-        units = [f"layers.{i}" for i in range(model.config.num_hidden_layers)]
-        t0 = time.perf_counter()
-        profiles = {"isolated": profile(model, method, prof_windows, levels, units, mode="isolated", batch_size=8)}
-        profiles["seconds"] = time.perf_counter() - t0
-        for sparsity in args.sparsity:
-            if method_name in args.operating_point:
-                t0 = time.perf_counter()
-                profiles[("operating_point", sparsity)] = profile(
-                    model, method, prof_windows, levels, units, mode="operating_point", batch_size=8,
-                    operating_level=budget_level(levels, sparsity, 1.0))
-                profiles[("seconds", sparsity)] = time.perf_counter() - t0
-            run_config(model, method_name, method, sparsity, args, prof_windows, held, profiles, rows, curves,
-                       ms_windows)
-
-    timing = {"command": "python studies/compare_solvers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "started": started, "hours": (time.perf_counter() - t_start) / 3600, "dense_tok_s": dense_tok_s,
-              "dense": dense, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    write_outputs(rows, curves, [timing], args.out)
-
-
 def write_outputs(rows, curves, runs, out: Path, notes: Path | None = None):
-    """CSV, markdown report and convergence PNG (``runs``: one timing record per process that contributed)."""
+    """CSV, markdown report and convergence PNG (``runs``: one timing record per job that contributed)."""
+    out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(out / "compare_solvers.csv", index=False)
     (out / "compare_solvers.curves.json").write_text(json.dumps(curves))
     (out / "compare_solvers.runs.json").write_text(json.dumps(runs, indent=1))
     plot(curves, rows, runs[0]["dense"], out / "compare_solvers.png")
-    text = report(rows, curves, runs) + "\n"
+    text = report(rows, runs) + "\n"
     if notes is not None:
         text += "\n" + Path(notes).read_text()
     (out / "compare_solvers.md").write_text(text)
     logger.info("wrote %s", out)
 
 
-def merge(dirs, out: Path, notes: Path | None = None):
-    """Combine the outputs of several processes (e.g. one per method) into one report."""
+def job_dirs(paths) -> list[Path]:
+    """Job folders under the given paths (a job folder itself, or a sweep folder holding several)."""
+    found = []
+    for path in map(Path, paths):
+        hits = sorted({p.parent for pattern in ("compare_solvers.csv", "compare_solvers.partial.csv")
+                       for p in path.rglob(pattern)})
+        if not hits:
+            raise FileNotFoundError(f"no compare_solvers output under {path}")
+        found += [h for h in hits if h not in found]
+    return found
+
+
+def merge(paths, out: Path, notes: Path | None = None):
+    """Combine the outputs of several jobs (e.g. a multirun sweep) into one report."""
     rows, curves, runs = [], [], []
-    for d in map(Path, dirs):
+    for d in job_dirs(paths):
         csv = d / "compare_solvers.csv"
         rows += pd.read_csv(csv if csv.exists() else d / "compare_solvers.partial.csv").to_dict("records")
-        curves += json.loads((d / "compare_solvers.curves.json").read_text())
-        runs += json.loads((d / "compare_solvers.runs.json").read_text()) if (d / "compare_solvers.runs.json").exists() \
-            else []
-    write_outputs(rows, curves, runs, out)
+        if (d / "compare_solvers.curves.json").exists():
+            curves += json.loads((d / "compare_solvers.curves.json").read_text())
+        if (d / "compare_solvers.runs.json").exists():
+            runs += json.loads((d / "compare_solvers.runs.json").read_text())
+    write_outputs(rows, curves, runs, Path(out), notes)
+
+
+def merge_cli(argv):
+    p = argparse.ArgumentParser(description="merge compare_solvers jobs into one report")
+    p.add_argument("--merge", nargs="+", type=Path, required=True, help="job or sweep folders")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--notes", type=Path, help="a markdown file appended to the report (the findings, by hand)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    merge(args.merge, args.out, args.notes)
+
+
+def hydra_main():
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    @hydra.main(version_base=None, config_path="conf", config_name="compare_solvers")
+    def job(cfg) -> None:
+        logging.getLogger("allocator").setLevel(logging.WARNING)
+        hc = HydraConfig.get()
+        command = "python studies/compare_solvers.py " + " ".join(hc.overrides.task)
+        run_job(cfg, Path(hc.runtime.output_dir), command)
+
+    job()
+
 
 if __name__ == "__main__":
-    main()
+    if "--merge" in sys.argv[1:]:
+        merge_cli(sys.argv[1:])
+    else:
+        hydra_main()
