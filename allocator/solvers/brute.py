@@ -16,7 +16,7 @@ import numpy as np
 
 from ..registry import register_solver
 from .base import Solver, SolveOutput
-from .dp import span_tables
+from ._chain import span_tables
 
 CHUNK = 65536
 

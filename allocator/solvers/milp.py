@@ -1,6 +1,6 @@
 """`milp`: the exact optimum of the table problem through ``scipy.optimize.milp`` (HiGHS branch and cut).
 
-Formulation (the chain of ``dp.chain_items``): one binary y[k] per item k = (start, end, level). Per unit (or
+Formulation (the chain of ``_chain.chain_items``): one binary y[k] per item k = (start, end, level). Per unit (or
 fixed group) the items are (u, u+1, l), i.e. x[u, l] with one level per unit; with consecutive grouping they are
 the spans i..j at level l (cost / degradation from the span tables, so measured group rows are used). Flow
 conservation over the node boundaries (one unit of flow leaves node 0, in = out at every inner node) makes the
@@ -24,7 +24,7 @@ from ..problem import Problem
 from ..registry import register_solver
 from ..tables import Tables, Unit
 from .base import Solver, SolveOutput
-from .dp import chain_items, chain_solution
+from ._chain import chain_items, chain_solution
 
 
 def _scale(values: np.ndarray) -> float:
