@@ -23,7 +23,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ["gpu", "d_out", "d_in", "s", "rho", "dtype", "batch", "latency_us", "dense_us"]
+COLUMNS = ["gpu", "d_out", "d_in", "s", "rho", "dtype", "batch", "latency_us", "dense_us", "path"]
+PATHS = ("standalone", "fused")  # sparse_gemv per call | inside the fused decode step (pipelined.py)
 ROTATE_BYTES = 300 * 2**20
 THRESHOLD = 0.05  # kept activations have |x| > 0.1, dropped ones |x| < 0.04
 
@@ -78,10 +79,17 @@ def measure_latency_table(
     device: str | torch.device = "cuda",
     rep_ms: int = 40,
     seed: int = 0,
+    paths: Sequence[str] = ("standalone",),
 ) -> pd.DataFrame:
-    """One row per (shape, s, rho, dtype, batch): median latency of our op and of the cuBLAS dense GEMV."""
+    """One row per (shape, s, rho, dtype, batch, path): median latency of our op and of the cuBLAS dense GEMV.
+    path "fused" (rho = 1, batch 1): the GEMV of the fused decode step, kept lists given by the producer."""
     from .rsparse import rsparse_gemv_triton, rsparse_rank
     from .gemv import sparse_gemv_triton
+    from .pipelined import SiteBuffers, indexed_gemv, plan_site
+
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        raise ValueError(f"unknown latency path(s) {sorted(unknown)}; use {PATHS}")
 
     device = torch.device(device)
     gpu = torch.cuda.get_device_name(device)
@@ -114,13 +122,30 @@ def measure_latency_table(
                                 for m, f in zip(wt, lr)
                             ]
                         us = graph_time_us(calls, rep_ms)
-                        rows.append([gpu, d_out, d_in, s, rho, str(dtype).removeprefix("torch."), batch, us, dense_us])
+                        rows.append([gpu, d_out, d_in, s, rho, str(dtype).removeprefix("torch."), batch, us, dense_us,
+                                     "standalone"])
                         logger.info("%s %dx%d s=%.2f rho=%.2f b=%d: %.2f us (dense %.2f)", dtype, d_out, d_in, s,
                                     rho, batch, us, dense_us)
+                        if "fused" in paths and rho >= 1 and batch == 1:
+                            site = SiteBuffers(plan_site(d_in, d_out, device), device)
+                            producer_lists(x, site)
+                            us = graph_time_us([lambda m=m: indexed_gemv(x, m, site) for m in wt], rep_ms)
+                            rows.append([gpu, d_out, d_in, s, rho, str(dtype).removeprefix("torch."), batch, us,
+                                         dense_us, "fused"])
                     del lr
             del w, wt
             torch.cuda.empty_cache()
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def producer_lists(x: torch.Tensor, site) -> None:
+    """Fill a site's kept lists as the producing kernel would for this x (|x| > THRESHOLD per K split)."""
+    keep = x.float().abs().reshape(-1) > THRESHOLD
+    ks = site.plan.k_split
+    for s in range(site.plan.n_splits):
+        kept = torch.nonzero(keep[s * ks:(s + 1) * ks]).flatten().to(torch.int32) + s * ks
+        site.idx[s * ks:s * ks + kept.numel()] = kept
+        site.cnt[s] = kept.numel()
 
 
 def _levels_frame(levels) -> pd.DataFrame:
@@ -142,15 +167,19 @@ def latency_cost_matrix(
     batch: int = 1,
     gpu: str | None = None,
     with_fallback: bool = True,
+    path: str = "standalone",
 ) -> np.ndarray:
     """Decode latency in microseconds, shape (n_units, n_levels).
 
     units_shapes[u] lists the (d_out, d_in) projections of unit u; levels is a sequence of s values, of
     (s, rho) pairs, or a DataFrame with columns s (and rho). Each projection takes the row of its shape with
     the nearest measured s (and nearest rho); `with_fallback` takes min(kernel, dense) as the op does.
-    A shape that was not measured raises KeyError.
+    `path` picks the kernel path ("fused": the decode step of pipelined.py; tables without a path column are
+    standalone). A shape that was not measured raises KeyError.
     """
     table = df[(df["dtype"] == dtype) & (df["batch"] == batch)]
+    if "path" in table:
+        table = table[table["path"].fillna("standalone") == path]
     if gpu is None:
         gpu = table["gpu"].iloc[0]
     table = table[table["gpu"] == gpu]

@@ -143,20 +143,6 @@ INDEXED_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (143
                   (4096, 11008), (22016, 4096), (12288, 4096)]
 
 
-def _producer_lists(x, site):
-    """What the producing kernel writes for this x: kept indices per K split and their counts."""
-    import torch
-
-    from allocator.kernels.latency import THRESHOLD
-
-    keep = x.float().abs().reshape(-1) > THRESHOLD
-    ks = site.plan.k_split
-    for s in range(site.plan.n_splits):
-        kept = torch.nonzero(keep[s * ks:(s + 1) * ks]).flatten().to(torch.int32) + s * ks
-        site.idx[s * ks:s * ks + kept.numel()] = kept
-        site.cnt[s] = kept.numel()
-
-
 def indexed(out: pathlib.Path, rep_ms: int = 15, sparsities=(0.0, 0.4, 0.5, 0.7, 0.9)) -> pd.DataFrame:
     """Producer-indexed GEMV (kernels/pipelined.py): kept lists given, atomic fp32 accumulation. Sweeps tiles and
     K splits at s = 0.5 per shape, then times the best at every s against cuBLAS and the standalone kernel
@@ -165,7 +151,7 @@ def indexed(out: pathlib.Path, rep_ms: int = 15, sparsities=(0.0, 0.4, 0.5, 0.7,
     import torch.nn.functional as F
 
     from allocator.kernels import GemvConfig, sparse_gemv_reference, sparse_gemv_triton
-    from allocator.kernels.latency import THRESHOLD, graph_time_us, sparse_input
+    from allocator.kernels.latency import THRESHOLD, graph_time_us, producer_lists, sparse_input
     from allocator.kernels.pipelined import SiteBuffers, indexed_gemv, plan_site
 
     dev = torch.device("cuda")
@@ -185,7 +171,7 @@ def indexed(out: pathlib.Path, rep_ms: int = 15, sparsities=(0.0, 0.4, 0.5, 0.7,
                 cfg = GemvConfig(block_n=bn, block_k=bk, use_dot=dot, num_warps=warps, num_stages=stages,
                                  n_splits=splits)
                 site = SiteBuffers(plan_site(d_in, d_out, dev, config=cfg), dev)
-                _producer_lists(x5, site)
+                producer_lists(x5, site)
                 try:
                     indexed_gemv(x5, wt[0], site)
                     err = ((site.acc - ref).norm() / ref.norm()).item()
@@ -205,7 +191,7 @@ def indexed(out: pathlib.Path, rep_ms: int = 15, sparsities=(0.0, 0.4, 0.5, 0.7,
         for s in sparsities:
             x = sparse_input(1, d_in, s, torch.float16, dev)
             site = SiteBuffers(plan_site(d_in, d_out, dev, config=cfg), dev)
-            _producer_lists(x, site)
+            producer_lists(x, site)
             ours = graph_time_us([lambda m=m: indexed_gemv(x, m, site) for m in wt], rep_ms)
             scan_site = SiteBuffers(plan_site(d_in, d_out, dev, config=cfg), dev, scan=True)
             scan = graph_time_us([lambda m=m: indexed_gemv(x, m, scan_site, THRESHOLD) for m in wt], rep_ms)
@@ -405,7 +391,7 @@ def latency(out: pathlib.Path) -> pd.DataFrame:
     shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (960, 576), (576, 576), (3072, 576),
               (576, 1536)]
     df = measure_latency_table(shapes, sparsities=(0.0, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), dtypes=(torch.float16,),
-                               batches=(1,), rhos=(1.0, 0.9), rep_ms=10)
+                               batches=(1,), rhos=(1.0, 0.9), rep_ms=10, paths=("standalone", "fused"))
     df.to_csv(out / "kernel_bench_latency.csv", index=False)
     return df
 

@@ -117,6 +117,10 @@ def test_latency_cost_matrix_sums_projections_at_nearest_level():
     np.testing.assert_allclose(m_rs[:, 0], [7.0, 7.0 + 13.0])
     with pytest.raises(KeyError):
         latency_cost_matrix(df, [[(1, 1)]], [0.5])
+    fused = df.assign(path="fused", latency_us=df["latency_us"] - 1)  # one table holding both kernel paths
+    both = pd.concat([df.assign(path="standalone"), fused])
+    np.testing.assert_allclose(latency_cost_matrix(both, units, [0.45]), m[:, [1]])
+    np.testing.assert_allclose(latency_cost_matrix(both, units, [0.45], path="fused"), m[:, [1]] - [[1.0], [2.0]])
 
 
 @interpreted
