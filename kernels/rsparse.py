@@ -26,16 +26,98 @@ from __future__ import annotations
 import torch
 
 import triton
+import triton.language as tl
 
 from .gemv import (
     GemvConfig,
+    _dense_rows_product,
+    _kept_rows_product,
     _pick_splits,
-    _rsparse_fused_kernel,
     _workspace,
+    _write_out,
     default_config,
     sparse_gemv_reference,
     sparse_gemv_triton,
 )
+
+
+@triton.jit
+def _rsparse_fused_kernel(
+    x_ptr, wt_ptr, at_ptr, bt_ptr, y_ptr, scale_ptr, scratch_ptr,
+    partial_ptr,  # [n_splits, B, N] fp32
+    counter_ptr,  # [n_stripes] int32, zero at rest
+    z_ptr,  # [B, R] fp32 low-rank activations z = (x * (1 - m)) @ At
+    z_partial_ptr,  # [z_splits, B, R] fp32
+    z_counter_ptr,  # [z_stripes] int32, zero at rest
+    sync_ptr,  # [2] int32: z stripes finished, main programs past the wait; zero at rest
+    K, N, R, stride_xb, k_split, z_k_split, r_split, n_splits, z_splits, n_stripes, z_stripes, thr,
+    BATCH: tl.constexpr, BATCH_PAD: tl.constexpr, Z_BATCH_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, Z_BLOCK_N: tl.constexpr, Z_BLOCK_K: tl.constexpr, SCAN_BLOCK: tl.constexpr, Z_SCAN_BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, REDUCE: tl.constexpr, BT_PREFETCH: tl.constexpr,
+):
+    """One launch for the R-Sparse layer. Programs [0, z_stripes * z_splits) compute z from the dropped rows
+    of At; the rest compute the kept rows of Wt, then wait for z (a spin on a counter: the z programs have the
+    lowest ids, so the hardware dispatches them first), then add z @ Bt for their share of the r rows."""
+    pid = tl.program_id(0)
+    b_offs = tl.arange(0, BATCH_PAD)
+    b_mask = b_offs < BATCH
+    n_z = z_stripes * z_splits
+    if pid < n_z:
+        zn = pid // z_splits
+        zs = pid % z_splits
+        zr_offs = zn * Z_BLOCK_N + tl.arange(0, Z_BLOCK_N)
+        k_lo = zs * z_k_split
+        row = scratch_ptr + pid.to(tl.int64) * k_split  # scratch rows are k_split >= z_k_split long
+        zb_offs = tl.arange(0, Z_BATCH_PAD)
+        zacc = _kept_rows_product(
+            x_ptr, at_ptr, scale_ptr, row, zr_offs, zr_offs < R, zb_offs, zb_offs < BATCH, k_lo,
+            tl.minimum(k_lo + z_k_split, K), R, stride_xb, thr,
+            BATCH, Z_BATCH_PAD, Z_BLOCK_N, Z_BLOCK_K, Z_SCAN_BLOCK, HAS_SCALE, True, False,
+        )
+        wrote = _write_out(zacc, z_ptr, z_partial_ptr, z_counter_ptr, zn, zs, z_splits, R, zr_offs, zr_offs < R,
+                           zb_offs, zb_offs < BATCH, BATCH, Z_BATCH_PAD, Z_BLOCK_N, True)
+        tl.debug_barrier()  # the z stripe is stored by every thread before it is published
+        if wrote:
+            tl.atomic_add(sync_ptr, 1, sem="release")
+    else:
+        m = pid - n_z
+        pid_n = m // n_splits
+        pid_s = m % n_splits
+        n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n_offs < N
+        k_lo = pid_s * k_split
+        acc = _kept_rows_product(
+            x_ptr, wt_ptr, scale_ptr, scratch_ptr + pid.to(tl.int64) * k_split, n_offs, n_mask, b_offs, b_mask,
+            k_lo, tl.minimum(k_lo + k_split, K), N, stride_xb, thr,
+            BATCH, BATCH_PAD, BLOCK_N, BLOCK_K, SCAN_BLOCK, HAS_SCALE, False, USE_DOT,
+        )
+        r_lo = pid_s * r_split
+        r_hi = tl.minimum(r_lo + r_split, R)
+        if BT_PREFETCH:  # this split's Bt rows fit one tile: load it before waiting (it does not depend on z)
+            r_offs = r_lo + tl.arange(0, BLOCK_K)
+            r_in = r_offs < r_hi
+            w_bt = tl.load(bt_ptr + r_offs.to(tl.int64)[:, None] * N + n_offs[None, :],
+                           mask=r_in[:, None] & n_mask[None, :], other=0.0)
+        done = tl.atomic_add(sync_ptr, 0, sem="acquire")
+        while done < z_stripes:
+            done = tl.atomic_add(sync_ptr, 0, sem="acquire")
+        tl.debug_barrier()
+        if tl.atomic_add(sync_ptr + 1, 1, sem="relaxed") == n_stripes * n_splits - 1:  # last one past the wait
+            tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed")
+            tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
+        if BT_PREFETCH:
+            zv = tl.load(z_ptr + b_offs[:, None] * R + r_offs[None, :], mask=b_mask[:, None] & r_in[None, :],
+                         other=0.0, cache_modifier=".cg")
+            if USE_DOT:
+                acc = tl.dot(zv.to(w_bt.dtype), w_bt, acc, input_precision="ieee")
+            else:
+                acc += tl.sum(zv[:, :, None] * w_bt.to(tl.float32)[None, :, :], axis=1)
+        else:
+            acc = _dense_rows_product(acc, z_ptr, bt_ptr, r_lo, r_hi, R, N, n_offs, n_mask, b_offs, b_mask,
+                                      BLOCK_K, USE_DOT)
+        _write_out(acc, y_ptr, partial_ptr, counter_ptr, pid_n, pid_s, n_splits, N, n_offs, n_mask, b_offs, b_mask,
+                   BATCH, BATCH_PAD, BLOCK_N, REDUCE)
+
 
 
 def rsparse_rank(d_in: int, d_out: int, s: float, rho: float) -> tuple[int, int]:
