@@ -300,6 +300,8 @@ def plot(curves, rows, dense, path):
 # log-softmax + KL as in the fitness; 2 x 4096 tokens per step for Llama-3-8B, 16 x 256 for SmolLM2).
 H100_TOK_S = {"llama-3-8b": 28756.0, "smollm2-135m": 149483.0}
 RSPARSE_SEARCH_TOKENS = 32 * 5 * 16 * 4096  # population 32, 5 generations, 16 samples of 4096 tokens (C4)
+# Measured on the lent H100 (`compare_solvers.py --probe-8b`): TrueObjective, teal, Llama-3-8B's 64 blocks
+H100_8B = {"tokens": 16 * 1024, "eval_s": 0.68, "apply_s": 0.021}
 
 
 def share(ppl, uniform, dense) -> float:
@@ -360,6 +362,7 @@ def report(rows, runs) -> str:
         spe = float(search.s_per_eval.mean())
         fwd = tok / runs[0]["dense_tok_s"]
         h100 = H100_TOK_S["llama-3-8b"]
+        eval_tok_s = H100_8B["tokens"] / H100_8B["eval_s"]
         evals_rs = 32 * 5
         lines += ["## Cost of the search", "",
                   f"- One true evaluation here: {spe:.2f} s on average over {len(search)} searches ({tok} tokens; a "
@@ -372,16 +375,17 @@ def report(rows, runs) -> str:
                   f"samples: {evals_rs} evaluations x {RSPARSE_SEARCH_TOKENS / evals_rs:.0f} tokens = "
                   f"{RSPARSE_SEARCH_TOKENS / 1e6:.1f} M tokens).",
                   f"- Llama-3-8B on one H100, measured: {h100:.0f} tokens/s for forward + log-softmax + KL in bf16 "
-                  f"(462 TFLOP/s; SmolLM2 on the same GPU: {H100_TOK_S['smollm2-135m']:.0f} tokens/s, 40 TFLOP/s: "
-                  "too small to fill it, so scaling its time by FLOPs (x60) would overestimate 8B by ~11x). "
-                  f"R-Sparse's search on Llama-3-8B: {RSPARSE_SEARCH_TOKENS / h100 / 60:.1f} min of forwards "
-                  "(plus the dense reference once, and applying each candidate: ~"
-                  f"{max(spe - fwd, 0):.1f} s measured here per SmolLM2 candidate on the CPU; at an assumed 1 s per "
-                  f"8B candidate on the GPU, {evals_rs / 60:.0f} min); this study's budget ({a['budget']} evaluations "
-                  f"of {tok} tokens) would take {a['budget'] * tok / h100:.1f} s of forwards (+ ~{a['budget'] / 60:.1f}"
-                  f" min applying candidates); an EvoPress-size search (400 generations x 16 offspring, multi-step "
-                  f"2048 / 16384 / 65536 tokens with 8 / 2 / 1 survivors) "
-                  f"{400 * (16 * 2048 + 8 * 16384 + 2 * 65536) / h100 / 3600:.1f} h.", ""]
+                  f"(SmolLM2 on the same GPU: {H100_TOK_S['smollm2-135m']:.0f} tokens/s: too small to fill it, so "
+                  "scaling its time by FLOPs would overestimate 8B by ~11x). This library's `TrueObjective` with teal "
+                  "on Llama-3-8B's 64 attention / MLP blocks (random weights of the real shapes, bf16, "
+                  f"`--probe-8b`): applying and removing an allocation {H100_8B['apply_s'] * 1e3:.0f} ms,"
+                  f" one true evaluation on {H100_8B['tokens']} tokens {H100_8B['eval_s']:.2f} s "
+                  f"({eval_tok_s:.0f} tokens/s, everything included). Hence R-Sparse's search on Llama-3-8B: "
+                  f"{RSPARSE_SEARCH_TOKENS / eval_tok_s / 60:.1f} min on one H100 (they report ~1 GPU-hour for "
+                  f"7B); this study's searches ({a['budget']} evaluations of {tok} tokens): "
+                  f"{a['budget'] * (tok / eval_tok_s + H100_8B['apply_s']):.0f} s each; an EvoPress-size search "
+                  "(400 generations x 16 offspring, multi-step 2048 / 16384 / 65536 tokens with 8 / 2 / 1 survivors) "
+                  f"{400 * (16 * 2048 + 8 * 16384 + 2 * 65536) / eval_tok_s / 3600:.1f} h.", ""]
     return "\n".join(lines)
 
 
@@ -434,6 +438,37 @@ def merge_cli(argv):
     merge(args.merge, args.out, args.notes)
 
 
+def probe_llama3_8b(device: str = "cuda") -> dict:
+    """Seconds per true evaluation for Llama-3-8B (random weights of the real shapes, bf16) with teal on its 64
+    attention / MLP blocks: what the report's 8B estimate rests on. Needs a GPU with ~40 GB free."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=5e5)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    method = get_method("teal").calibrate(model, torch.randint(0, config.vocab_size, (4, 512), generator=gen))
+    objective = TrueObjective(model, torch.randint(0, config.vocab_size, (16, 1024), generator=gen), method, "kl",
+                              batch_size=4)
+    units = [f"layers.{i}.{block}" for i in range(32) for block in ("attn", "mlp")]
+    apply_s, eval_s = [], []
+    for _ in range(4):
+        allocation = {u: {"s": float(rng.choice([0.3, 0.4, 0.5, 0.6, 0.7]))} for u in units}
+        t0 = time.perf_counter()
+        apply_allocation_(model, allocation, method)
+        remove_compression_(model)
+        torch.cuda.synchronize()
+        apply_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        objective(allocation)
+        torch.cuda.synchronize()
+        eval_s.append(time.perf_counter() - t0)
+    return {"tokens": int(objective.windows.numel()), "eval_s": float(np.median(eval_s)),
+            "apply_s": float(np.median(apply_s)), "device": torch.cuda.get_device_name()}
+
+
 def hydra_main():
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -451,5 +486,7 @@ def hydra_main():
 if __name__ == "__main__":
     if "--merge" in sys.argv[1:]:
         merge_cli(sys.argv[1:])
+    elif "--probe-8b" in sys.argv[1:]:
+        print(json.dumps(probe_llama3_8b()))
     else:
         hydra_main()
