@@ -144,7 +144,8 @@ def analytic_tables(config, levels, unit: str = "layer", tokens: int = 2048, con
 
     ``unit="layer"`` makes one unit per decoder layer (all seven projections share its level);
     ``unit="projection"`` one unit per projection; ``unit="block"`` one unit for attention (q,k,v,o) and one
-    for the MLP (gate, up, down) per layer.
+    for the MLP (gate, up, down) per layer; ``unit="input"`` one unit per distinct input of a layer (q+k+v, o,
+    gate+up, down: the four sparse GEMVs of a decode step, each with one mask).
     """
     shape = model_shape(config)
     levels = normalize_levels(levels)
@@ -160,8 +161,11 @@ def analytic_tables(config, levels, unit: str = "layer", tokens: int = 2048, con
         groups = [(f".{name}", tuple(p for p in members if p in projections))
                   for name, members in (("attn", ("q", "k", "v", "o")), ("mlp", ("gate", "up", "down")))]
         groups = [g for g in groups if g[1]]
+    elif unit == "input":
+        groups = [("." + "+".join(m), m) for m in (tuple(p for p in members if p in projections)
+                  for members in (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))) if m]
     else:
-        raise TablesError(f"unknown unit granularity '{unit}'; use 'layer', 'block' or 'projection'")
+        raise TablesError(f"unknown unit granularity '{unit}'; use 'layer', 'block', 'input' or 'projection'")
 
     per_proj = {p: {kind: np.array([projection_costs(*pshapes[p], lv.s, lv.rho, int(lv.bits), tokens, group_size)[kind]
                                     for lv in levels.itertuples()])

@@ -77,11 +77,14 @@ def test_shipped_configs_and_parameter_counts():
     # projection parameters of SmolLM2-135M: 30 layers x (576*576*2 + 576*192*2 + 3*576*1536) = 106,168,320
     t = analytic_tables("smollm2-135m", make_levels(s=[0.0]))
     assert sum(u.params for u in t.units) == 106_168_320
-    # per-projection and per-block units partition the same costs
-    for unit in ("projection", "block"):
+    # per-projection, per-block and per-input units partition the same costs
+    for unit, per_layer in (("projection", 7), ("block", 2), ("input", 4)):
         tp = analytic_tables("smollm2-135m", make_levels(s=[0.0, 0.5]), unit=unit)
+        assert tp.n_units == 30 * per_layer
         np.testing.assert_allclose(tp.cost("bytes_decode").sum(axis=0), t.cost("bytes_decode").sum() * np.array([1, 0.5]),
                                    rtol=1e-3)
+    names = analytic_tables("smollm2-135m", make_levels(s=[0.0]), unit="input").unit_names[:4]
+    assert names == ["layers.0.q+k+v", "layers.0.o", "layers.0.gate+up", "layers.0.down"]
 
 
 def test_fixed_costs_decode():
