@@ -170,7 +170,8 @@ def for_allocations(model: nn.Module, method: Method, allocations: dict, calibra
         raise ValueError(f"unknown calibration '{calibration}'; use one of {CALIBRATIONS}")
     if calibration == "dense":
         return {name: method for name in allocations}
-    return {name: calibrate_sequential(model, method, alloc, batch_size=batch_size) for name, alloc in allocations.items()}
+    return {name: calibrate_sequential(model, method, alloc, batch_size=batch_size)
+            for name, alloc in allocations.items()}
 
 
 class SparsityMeter:
@@ -191,7 +192,8 @@ class SparsityMeter:
         for p in projections:
             wrapper = getattr(p.parent, p.attr)
             if isinstance(wrapper, ThresholdLinear):
-                self._hooks.append(wrapper.register_forward_hook(lambda mod, args, out, n=p.name: self._count(n, mod, args[0])))
+                self._hooks.append(wrapper.register_forward_hook(
+                    lambda mod, args, out, n=p.name: self._count(n, mod, args[0])))
         return self
 
     def _count(self, name: str, wrapper: ThresholdLinear, x: torch.Tensor):

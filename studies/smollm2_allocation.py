@@ -4,9 +4,12 @@ For model-level sparsity 0.4 / 0.5 / 0.6 and methods teal / rsparse: uniform, gr
 profiled in both modes (isolated: rest dense; operating_point: rest at the budget's uniform level). Measured
 on held-out text (Austen: Pride and Prejudice + Persuasion; the second half of the wiki articles): perplexity
 and KL to dense; and the additivity audit: the table's predicted KL against the KL measured on the profiling
-windows with the whole allocation applied.
+windows with the whole allocation applied. Every allocation is measured with dense-calibrated and with
+sequentially calibrated thresholds (``--calibrations``), with the sparsity it realizes on each text; rsparse
+may get a per-unit (s, rho) grid (``--rho 1 0.9 0.8``). Rows of earlier runs with other keys are kept.
 
     python studies/smollm2_allocation.py            # ~15 min per method and budget on 2 busy CPU cores, minutes with cached tables
+    python studies/smollm2_allocation.py --unit block --budgets 0.5 --rho 1 0.9 0.8 --solvers dp --op-budgets
     python studies/smollm2_allocation.py --quick    # 6 layers, tiny windows: a smoke run
 
 Writes studies/results/smollm2_allocation.{csv,md} (or --out).
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -55,6 +59,7 @@ def parse_args():
                     help="rsparse sparse ratios: a per-unit (s, rho) grid (R-Sparse: 1 0.9 0.8); teal uses rho = 1")
     ap.add_argument("--calibrations", nargs="+", default=["dense", "sequential"], choices=["dense", "sequential"],
                     help="threshold calibration(s) every allocation is measured with")
+    ap.add_argument("--eval-seed", type=int, default=0, help="draw of the held-out windows (noise checks)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quick", action="store_true", help="6 layers and tiny windows (smoke run)")
@@ -119,8 +124,8 @@ def main():
     model, tok = load_model("smollm2-135m", dtype=args.dtype, max_layers=6 if args.quick else None)
     calib = token_windows(tok, "calibration", *args.calib, seed=0)
     prof_windows = token_windows(tok, "calibration", *args.profile, seed=1)
-    evals = {"austen": token_windows(tok, "austen_eval", *args.eval, seed=0),
-             "wiki": token_windows(tok, "wiki_eval", *args.eval, seed=0)}
+    evals = {"austen": token_windows(tok, "austen_eval", *args.eval, seed=args.eval_seed),
+             "wiki": token_windows(tok, "wiki_eval", *args.eval, seed=args.eval_seed)}
     profile_tokens = f"{args.profile[0]}x{args.profile[1]}"
     units = analytic_tables(model.config.to_dict(), make_levels(s=GRID), unit=args.unit).unit_names
     methods = {name: get_method(name, seed=0).calibrate(model, calib, batch_size=4) for name in args.methods}
@@ -206,7 +211,27 @@ def with_gains(frame: pd.DataFrame) -> pd.DataFrame:
             u = uni.iloc[0][f"ppl_{src}"]
             gains.append((u - row[f"ppl_{src}"]) / (u - dense[f"ppl_{src}"]))
         frame[f"gain_{src}"] = gains
+        if f"realized_{src}" in frame:
+            frame[f"gain_eq_{src}"] = [equal_cost_gain(frame, row, src, dense[f"ppl_{src}"]) for _, row in frame.iterrows()]
     return frame
+
+
+def equal_cost_gain(frame: pd.DataFrame, row, src: str, dense_ppl: float) -> float:
+    """The gain against uniform at the sparsity the row *realizes* on ``src``: uniform's perplexity there is
+    interpolated (log-linear) between the sequentially calibrated uniform rows of the method (whose realized
+    sparsity matches their nominal level); NaN more than 0.01 outside their range."""
+    if row["solver"] in ("dense",) or pd.isna(row.get(f"realized_{src}")):
+        return float("nan")
+    curve = frame[(frame["method"] == row["method"]) & frame["solver"].isin(["uniform", "uniform@realized"])
+                  & (frame["calibration"] == "sequential") & frame[f"realized_{src}"].notna()]
+    curve = curve.drop_duplicates(f"realized_{src}").sort_values(f"realized_{src}")
+    r, x = float(row[f"realized_{src}"]), curve[f"realized_{src}"].to_numpy(float)
+    if len(curve) < 2 or not x[0] - 0.01 <= r <= x[-1] + 0.01:
+        return float("nan")
+    logp = np.log(curve[f"ppl_{src}"].to_numpy(float))
+    k = int(np.clip(np.searchsorted(x, r), 1, len(x) - 1))        # segment (k-1, k), extrapolated at the ends
+    u = math.exp(logp[k - 1] + (logp[k] - logp[k - 1]) * (r - x[k - 1]) / (x[k] - x[k - 1]))
+    return (u - row[f"ppl_{src}"]) / (u - dense_ppl)
 
 
 def write(rows: list[dict], out: Path, merge: bool = True) -> None:
@@ -236,7 +261,9 @@ def write(rows: list[dict], out: Path, merge: bool = True) -> None:
         "`measured_kl_calib`: the same quantity measured on the profiling windows with the whole allocation applied\n"
         "(the additivity audit). `realized_*`: share of the dense projection bytes not read on that held-out text\n"
         "(zeroed channels less the low-rank factors). `calibration`: thresholds from the dense model, or sequential\n"
-        "(per allocation, on the model whose earlier layers are already compressed).\n\n"
+        "(per allocation, on the model whose earlier layers are already compressed). `gain_eq_*`: the gain against\n"
+        "uniform at the sparsity the row realizes on that text (uniform interpolated between the sequentially\n"
+        "calibrated uniform rows of the method): the comparison at equal real cost.\n\n"
         + shown.to_markdown(index=False, floatfmt=".4g") + "\n" + ("\n" + notes if notes else ""))
 
 if __name__ == "__main__":
