@@ -292,7 +292,7 @@ def plot(curves, rows, dense, path):
         bottom.set_xlabel("true-objective evaluations")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-        top.legend(fontsize=6.5, loc="upper right")
+        top.legend(fontsize=6.5, loc="center right")
     fig.savefig(path, dpi=110)
 
 
