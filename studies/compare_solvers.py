@@ -56,8 +56,9 @@ class DenseRef:
     def __init__(self, model, windows, batch_size=4):
         self.windows, self.batch_size = windows, batch_size
         chunks, nll = [], 0.0
+        device = next(model.parameters()).device
         for i in range(0, len(windows), batch_size):
-            ids = windows[i:i + batch_size]
+            ids = windows[i:i + batch_size].to(device)
             lp = model(input_ids=ids, use_cache=False).logits.float()[:, :-1].log_softmax(-1)
             nll -= lp.gather(-1, ids[:, 1:, None]).sum().item()
             chunks.append(lp.to(torch.bfloat16))
@@ -70,8 +71,9 @@ class DenseRef:
         """Perplexity of the model as it is and its KL(dense || model), per token, on the first n windows."""
         n = len(self.windows) if n is None else min(n, len(self.windows))
         nll = kl_sum = 0.0
+        device = next(model.parameters()).device
         for i in range(0, n, self.batch_size):
-            ids = self.windows[i:min(i + self.batch_size, n)]
+            ids = self.windows[i:min(i + self.batch_size, n)].to(device)
             lp = model(input_ids=ids, use_cache=False).logits.float()[:, :-1].log_softmax(-1)
             nll -= lp.gather(-1, ids[:, 1:, None]).sum().item()
             if kl:
@@ -216,7 +218,7 @@ def run_job(cfg, out: Path, command: str) -> None:
     torch.set_num_threads(int(cfg.threads))
     out.mkdir(parents=True, exist_ok=True)
     started, t_start = time.strftime("%Y-%m-%d %H:%M", time.gmtime()), time.perf_counter()
-    model, tok = load_model(dtype=cfg.dtype)
+    model, tok = load_model(dtype=cfg.dtype, device=cfg.get("device", "cpu"))
     model.eval()
     # the pipeline's default data (conf/data/shipped.yaml): thresholds on 8 x 256, tables on 4 x 128 (seed + 1)
     calib = token_windows(tok, "calibration", cfg.calib_windows, cfg.calib_len, cfg.seed)
@@ -245,6 +247,8 @@ def run_job(cfg, out: Path, command: str) -> None:
     rows, curves = run_config(model, method, cfg, windows, held, profiles, out)
     from omegaconf import OmegaConf
     args = OmegaConf.to_container(cfg, resolve=True)
+    if args.get("device", "cpu") != "cpu":
+        args["device_name"] = torch.cuda.get_device_name()
     timing = {"command": command, "started": started, "hours": (time.perf_counter() - t_start) / 3600,
               "dense_tok_s": dense_tok_s, "dense": dense, "args": args}
     write_outputs(rows, curves, [timing], out)
@@ -320,12 +324,14 @@ def report(rows, runs) -> str:
            if a.get("validation_windows") else "No validation: each search answers its best fitness.")
     lines = ["# Solver comparison on SmolLM2-135M (issue 5)", "",
              *[f"- `{r['command']}` (started {r['started']} UTC, {r['hours']:.2f} h)" for r in runs],
-             "", "On the shared 2-core CPU machine (bf16, one thread per process, other engineers' jobs running "
-             "beside it), one Hydra job per configuration, merged with `--merge`.", "",
+             "", (f"On one {a['device_name']} (bf16)" if a.get("device", "cpu") != "cpu" and a.get("device_name") else
+                  "On the shared 2-core CPU machine (bf16, one thread per process, other engineers' jobs running "
+                  "beside it)") + ", one Hydra job per configuration, merged with `--merge`.", "",
              f"Dense held-out perplexity: Austen {dense['austen']:.2f}, wiki {dense['wiki']:.2f} "
              f"({a['eval_windows']} x {a['eval_len']} tokens each; Austen = Pride and Prejudice + Persuasion, wiki = "
              "the evaluation half of the shipped articles). Units: `layer` = one level per decoder layer, `block` = "
-             "one for the attention (q, k, v, o) and one for the MLP (gate, up, down) of each layer. Tables: KL to "
+             "one for the attention (q, k, v, o) and one for the MLP (gate, up, down) of each layer, `input` = q+k+v, o, "
+             "gate+up and down, `projection` = each of the seven. Tables: KL to "
              f"dense per unit x level, on {a['profile_windows']} x {a['profile_len']} calibration tokens, the rest "
              "dense (isolated). True objective (fitness): KL to dense of the whole allocation on the same windows. "
              f"Searches: {a['budget']} true evaluations each, warm-started from the dp answer; evo population "
