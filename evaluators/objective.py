@@ -7,7 +7,6 @@ windows to score, the first ones) lets a solver screen candidates cheaply (EvoPr
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import numpy as np
@@ -25,16 +24,17 @@ class TrueObjective:
 
     Accepts an ``Allocation``, a ``{unit: level}`` dict, or a vector of level indices when ``tables`` is given
     (``objective.batch(X)`` for a population, shape (P, n_units)). ``objective(x, fidelity=k)`` scores the first
-    ``k`` windows only (None: all); the memo keys include the fidelity.
+    ``k`` windows only (None: all); the memo keys include the fidelity. ``per_window=True`` returns one value per
+    window (an array: what the search solvers' validation step uses for its paired test).
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, method: Method | str, metric: str = "kl", *,
-                 tables=None, batch_size: int = 8, score_last: float = 1.0):
+                 tables=None, batch_size: int = 8, score_last: float = 1.0, per_window: bool = False):
         if metric not in ("kl", "ppl", "perplexity", "nll"):
             raise ValueError(f"unknown metric '{metric}'; use 'kl', 'ppl' or 'nll'")
         self.model, self.windows, self.metric, self.tables = model, windows, metric, tables
         self.method = get_method(method) if isinstance(method, str) else method
-        self.batch_size, self.score_last = batch_size, score_last
+        self.batch_size, self.score_last, self.per_window = batch_size, score_last, per_window
         self.memo: dict[tuple, float] = {}   # (allocation key, windows used) -> value
         self.evaluations = self.hits = 0
         self.evaluations_by_fidelity: dict[int, int] = {}
@@ -69,7 +69,7 @@ class TrueObjective:
             raise ValueError(f"fidelity must be between 1 and the {len(self.windows)} windows, got {fidelity}")
         return int(fidelity)
 
-    def __call__(self, candidate, fidelity: int | None = None) -> float:
+    def __call__(self, candidate, fidelity: int | None = None) -> float | np.ndarray:
         units = self._as_dict(candidate)
         n_windows = self._windows_used(fidelity)
         key = (self._key(units), n_windows)
@@ -78,16 +78,23 @@ class TrueObjective:
             return self.memo[key]
         t0 = time.perf_counter()
         apply_allocation_(self.model, units, self.method)
-        nll = kl = 0.0
-        count = 0
+        parts = []  # (nll, kl, tokens) per window, or per batch when one value is wanted
         try:
             for start, ids, ref in zip(range(0, n_windows, self.batch_size), self._batches, self._ref):
                 take = min(len(ids), n_windows - start)  # the last batch is cut at the fidelity
-                a, b, n = token_losses(logits_of(self.model, ids[:take]), ids[:take], ref[:take], self.score_last)
-                nll, kl, count = nll + a, kl + b, count + n
+                logits = logits_of(self.model, ids[:take])
+                if self.per_window:
+                    parts += [token_losses(logits[r:r + 1], ids[r:r + 1], ref[r:r + 1], self.score_last)
+                              for r in range(take)]
+                else:
+                    parts.append(token_losses(logits, ids[:take], ref[:take], self.score_last))
         finally:
             remove_compression_(self.model)
-        value = {"kl": kl / count, "nll": nll / count}.get(self.metric, math.exp(nll / count))
+        nll, kl, count = (np.array(col, dtype=float) for col in zip(*parts))
+        if not self.per_window:
+            nll, kl, count = nll.sum(), kl.sum(), count.sum()
+        value = {"kl": kl / count, "nll": nll / count}.get(self.metric, np.exp(nll / count))
+        value = value if self.per_window else float(value)
         self.memo[key] = value
         self.evaluations += 1
         self.evaluations_by_fidelity[n_windows] = self.evaluations_by_fidelity.get(n_windows, 0) + 1

@@ -109,8 +109,8 @@ def run_config(model, method, cfg, windows, held, profiles, out: Path) -> tuple[
     tables = analytic_tables("smollm2-135m", levels, unit=cfg.unit).with_degradation(
         profiles["isolated"].table("kl"), metric="kl", **profiles["isolated"].provenance)
     objective = TrueObjective(model, windows["fitness"], method, "kl", tables=tables, batch_size=8)
-    validation = (TrueObjective(model, windows["validation"], method, "kl", tables=tables, batch_size=8)
-                  if cfg.validation_windows else None)
+    validation = (TrueObjective(model, windows["validation"], method, "kl", tables=tables, batch_size=8,
+                                per_window=True) if cfg.validation_windows else None)
     problem = Problem(tables, "bytes_decode", sparsity=sparsity, objective=objective)
     table_problem = Problem(tables, "bytes_decode", sparsity=sparsity)
     profile_evals = int(tables.n_units * (tables.levels["s"] > 0).sum())  # rows of the isolated table
@@ -131,7 +131,7 @@ def run_config(model, method, cfg, windows, held, profiles, out: Path) -> tuple[
         row = {"method": cfg.method, "unit": cfg.unit, "sparsity": sparsity, "solver": label,
                "ppl_austen": m["austen"]["perplexity"], "ppl_wiki": m["wiki"]["perplexity"],
                "kl_austen": m["austen"]["kl"], "kl_wiki": m["wiki"]["kl"], "fit_kl": objective(result.x),
-               "val_kl": validation(result.x) if validation is not None else np.nan,
+               "val_kl": float(np.mean(validation(result.x))) if validation is not None else np.nan,
                "table_kl": float(result.degradation), "true_evals": true_evals,
                "profile_evals": profile_evals if table_based else 0, "n_evals": result.n_evals,
                "search_s": search_seconds, "profile_s": profiles["seconds"] if table_based else 0.0,
@@ -169,7 +169,8 @@ def run_config(model, method, cfg, windows, held, profiles, out: Path) -> tuple[
                profile_evals=int(tables.n_units * (tables.n_levels - 1)))
 
     start = results["dp (isolated)"].x
-    guard = {"validation": validation, "validation_top": cfg.validation_top} if validation is not None else {}
+    guard = ({"validation": validation, "validation_top": cfg.validation_top,
+              "validation_z": cfg.get("validation_z", 2.0)} if validation is not None else {})
     searches = {
         "evo": ("evo (true, warm dp)", "evo", {"pop_size": cfg.pop_size, "n_gen": 10_000}),
         "bayes": ("bayes (true, warm dp)", "bayes", {"n_trials": 10_000, "sampler": cfg.bayes_sampler,
@@ -319,7 +320,9 @@ def report(rows, runs) -> str:
         frame["unit"] = "layer"
     val = (f"Each search's answer is picked on {a['validation_windows']} x {a['profile_len']} other calibration "
            f"tokens (validation, disjoint from the fitness windows and from the held-out text) among its "
-           f"{a['validation_top']} best candidates and the dp start: the start unless a candidate beats it there; "
+           f"{a['validation_top']} best candidates and the dp start: the start unless a candidate beats it there"
+           + (f" (by more than {a['validation_z']} standard errors of the per-window differences)"
+              if a.get("validation_z") else "") + "; "
            "a row `(true, fitness best)` shows what the search alone would have answered, where that differs."
            if a.get("validation_windows") else "No validation: each search answers its best fitness.")
     lines = ["# Solver comparison on SmolLM2-135M (issue 5)", "",

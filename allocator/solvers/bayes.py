@@ -49,6 +49,7 @@ DEFAULTS = {
     "study_name": None,      # default: derived from the problem's tables hash and limit
     "load_if_exists": True,
     "validation": None,      # callable(unit_levels) -> float on held-aside windows: picks the answer
+    "validation_z": 2.0,     # per-window validation values: a candidate must win by this many standard errors
     "validation_top": 5,     # best trials scored on validation, beside the warm start
     "progress": True,
 }
@@ -183,7 +184,8 @@ class BayesSolver(Solver):
             candidates = [u for _, u in scorer.top(int(cfg["validation_top"]))]
             if shared is not None and shared[1] < scorer.best_value:
                 candidates.insert(0, np.asarray(shared[0], dtype=int))
-            best_units, validation = choose_by_validation(candidates, starts, cfg["validation"])
+            best_units, validation = choose_by_validation(candidates, starts, cfg["validation"],
+                                                                 float(cfg["validation_z"]))
         info = {**scorer.info(), "sampler": kind, "study_name": name, "storage": cfg["storage"],
                 "n_asked": n_asked, "n_penalised": n_penalised, "n_trials_in_study": len(study.trials),
                 "best_value": float(best_value), "fidelity": fid, "validation": validation}

@@ -59,6 +59,7 @@ DEFAULTS = {
     "eta": 3.0,              # SBX / PM distribution index: small = far-reaching moves
     "repair": True,
     "validation": None,      # callable(unit_levels) -> float on held-aside windows: picks the answer (see above)
+    "validation_z": 2.0,     # per-window validation values: a candidate must win by this many standard errors
     "validation_top": 5,     # best search candidates scored on validation, beside the warm start
     "progress": True,
 }
@@ -178,7 +179,8 @@ class EvoSolver(Solver):
         if cfg["validation"] is not None:
             starts = problem.expand(warm[problem.evaluate(warm).feasible]) if len(warm) else []
             candidates = [u for _, u in scorer.top(int(cfg["validation_top"]))]
-            answer, validation = choose_by_validation(candidates, list(starts), cfg["validation"])
+            answer, validation = choose_by_validation(candidates, list(starts), cfg["validation"],
+                                                      float(cfg["validation_z"]))
         info = {**scorer.info(), "generations": int(algorithm.n_gen - 1), "pop_size": pop_size,
                 "preset": cfg["preset"], "fidelity": final_fid, "multi_step": stages,
                 "warm_start": None if cfg["warm_start"] is None else (cfg["warm_start"] if isinstance(

@@ -230,3 +230,25 @@ def test_choose_by_validation_without_a_start_takes_the_best_on_validation():
     # ... and one that loses is not
     chosen, record = choose_by_validation(candidates, [np.array([3, 1])], validation)
     np.testing.assert_array_equal(chosen, [2, 0])
+
+
+def test_choose_by_validation_paired_test_needs_a_win_beyond_the_noise():
+    """Per-window validation values: a candidate replaces the start only if its mean gain exceeds z standard
+    errors of the per-window differences (brute-checked against the definition)."""
+    from allocator.solvers._search_common import choose_by_validation
+    rng = np.random.default_rng(0)
+    start, cand = np.array([0]), np.array([1])
+    base = rng.normal(1.0, 0.1, 16)
+    for gain, noise in ((0.05, 0.01), (0.005, 0.05), (0.02, 0.02), (-0.01, 0.01)):
+        diff = gain + rng.normal(0, noise, 16)
+        values = {0: base, 1: base - diff}
+        chosen, record = choose_by_validation([cand], [start], lambda x: values[int(x[0])], z=2.0)
+        wins = diff.mean() > 2.0 * diff.std(ddof=1) / 4.0
+        assert record["chosen"] == ("candidate 0" if wins else "start")
+        assert record["margin"] == pytest.approx(2.0 * diff.std(ddof=1) / 4.0)
+    # clear win: taken; a win within the noise: the start stays, though the candidate's mean is lower
+    assert choose_by_validation([cand], [start], lambda x: base - 0.05 * int(x[0]))[1]["chosen"] == "candidate 0"
+    noise = rng.normal(0, 0.2, 16)
+    noisy = base - 0.01 + noise - noise.mean()  # lower on average by exactly 0.01, per-window spread 0.2
+    chosen, record = choose_by_validation([cand], [start], lambda x: noisy if x[0] else base)
+    assert record["candidate_values"][0] < record["start_values"][0] and record["chosen"] == "start"

@@ -56,3 +56,12 @@ def test_evo_multi_step_uses_the_fidelity_keyword(setup):
     assert result.feasible
     assert set(objective.evaluations_by_fidelity) == {2, 5}
     assert result.info["best_value"] == pytest.approx(objective(result.x))
+
+
+def test_per_window_values_average_to_the_scalar(setup):
+    model, windows, method, tables = setup
+    x = np.array([2, 1, 2])
+    scalar = TrueObjective(model, windows, method, tables=tables, batch_size=2)(x)
+    per = TrueObjective(model, windows, method, tables=tables, batch_size=2, per_window=True)(x)
+    assert per.shape == (len(windows),) and np.all(per > 0)
+    assert per.mean() == pytest.approx(scalar, rel=1e-5)  # equal-length windows: the mean is the pooled value
