@@ -43,27 +43,41 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
 @triton.jit
 def _rope_cache_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, max_len,
-    NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr,
+    NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, FROM_ACC: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    """FROM_ACC: q|k|v is a GEMV's fp32 accumulator (pipelined.py): rounded to the model dtype like a GEMV output,
+    and cleared once read (each program clears only the slices it read)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)  # 0..NH-1: query heads; NH..NH+NKV-1: key/value heads
+    dt = q_out_ptr.dtype.element_ty
     half = tl.arange(0, HD // 2)
     pos = tl.load(pos_ptr)
     cos = tl.load(cos_ptr + pos * (HD // 2) + half)
     sin = tl.load(sin_ptr + pos * (HD // 2) + half)
-    x1 = tl.load(qkv_ptr + pid * HD + half).to(tl.float32)
-    x2 = tl.load(qkv_ptr + pid * HD + HD // 2 + half).to(tl.float32)
+    a1 = tl.load(qkv_ptr + pid * HD + half)
+    a2 = tl.load(qkv_ptr + pid * HD + HD // 2 + half)
+    if FROM_ACC:
+        tl.store(qkv_ptr + pid * HD + half, tl.zeros_like(a1))
+        tl.store(qkv_ptr + pid * HD + HD // 2 + half, tl.zeros_like(a2))
+    x1 = a1.to(dt).to(tl.float32)
+    x2 = a2.to(dt).to(tl.float32)
     r1 = x1 * cos - x2 * sin
     r2 = x1 * sin + x2 * cos
     if pid < NH:
-        tl.store(q_out_ptr + pid * HD + half, r1.to(q_out_ptr.dtype.element_ty))
-        tl.store(q_out_ptr + pid * HD + HD // 2 + half, r2.to(q_out_ptr.dtype.element_ty))
+        tl.store(q_out_ptr + pid * HD + half, r1.to(dt))
+        tl.store(q_out_ptr + pid * HD + HD // 2 + half, r2.to(dt))
     else:
         j = pid - NH
         row = (j * max_len + pos) * HD
         tl.store(k_cache_ptr + row + half, r1.to(k_cache_ptr.dtype.element_ty))
         tl.store(k_cache_ptr + row + HD // 2 + half, r2.to(k_cache_ptr.dtype.element_ty))
         full = tl.arange(0, HD)
-        tl.store(v_cache_ptr + row + full, tl.load(qkv_ptr + (NH + NKV + j) * HD + full))
+        v = tl.load(qkv_ptr + (NH + NKV + j) * HD + full)
+        if FROM_ACC:
+            tl.store(qkv_ptr + (NH + NKV + j) * HD + full, tl.zeros_like(v))
+        tl.store(v_cache_ptr + row + full, v.to(v_cache_ptr.dtype.element_ty))
 
 
 def rope_and_cache(

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .decode_ops import _rope_cache_kernel
 from .gemv import GemvConfig, _compact_kept, _gather_rows_product, _interpreting, default_config
 
 # Programmatic dependent launch (Hopper): each kernel of the fused step is launched while its predecessor
@@ -290,47 +291,13 @@ def silu_mul_compact(gate_up: SiteBuffers, dtype: torch.dtype, threshold: float,
     return out
 
 
-@triton.jit
-def _rope_cache_acc_kernel(acc_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, max_len,
-                           NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    pid = tl.program_id(0)  # 0..NH-1: query heads; NH..NH+NKV-1: key/value heads
-    dt = q_out_ptr.dtype.element_ty
-    half = tl.arange(0, HD // 2)
-    pos = tl.load(pos_ptr)
-    cos = tl.load(cos_ptr + pos * (HD // 2) + half)
-    sin = tl.load(sin_ptr + pos * (HD // 2) + half)
-    a1 = tl.load(acc_ptr + pid * HD + half)
-    a2 = tl.load(acc_ptr + pid * HD + HD // 2 + half)
-    tl.store(acc_ptr + pid * HD + half, tl.zeros_like(a1))
-    tl.store(acc_ptr + pid * HD + HD // 2 + half, tl.zeros_like(a2))
-    x1 = a1.to(dt).to(tl.float32)
-    x2 = a2.to(dt).to(tl.float32)
-    r1 = x1 * cos - x2 * sin
-    r2 = x1 * sin + x2 * cos
-    if pid < NH:
-        tl.store(q_out_ptr + pid * HD + half, r1.to(dt))
-        tl.store(q_out_ptr + pid * HD + HD // 2 + half, r2.to(dt))
-    else:
-        j = pid - NH
-        row = (j * max_len + pos) * HD
-        tl.store(k_cache_ptr + row + half, r1.to(k_cache_ptr.dtype.element_ty))
-        tl.store(k_cache_ptr + row + HD // 2 + half, r2.to(k_cache_ptr.dtype.element_ty))
-        full = tl.arange(0, HD)
-        v = tl.load(acc_ptr + (NH + NKV + j) * HD + full)
-        tl.store(acc_ptr + (NH + NKV + j) * HD + full, tl.zeros_like(v))
-        tl.store(v_cache_ptr + row + full, v.to(v_cache_ptr.dtype.element_ty))
-
-
 def rope_and_cache_from_acc(qkv: SiteBuffers, cos, sin, pos, k_cache, v_cache, n_heads: int,
                             n_kv_heads: int) -> torch.Tensor:
     """As decode_ops.rope_and_cache, reading q|k|v from the GEMV accumulator (then zeroed); returns q [nh, hd]."""
     hd = k_cache.shape[-1]
     q = torch.empty((n_heads, hd), dtype=k_cache.dtype, device=k_cache.device)
-    _rope_cache_acc_kernel[(n_heads + n_kv_heads,)](
+    _rope_cache_kernel[(n_heads + n_kv_heads,)](
         qkv.acc, cos, sin, pos, q, k_cache, v_cache, k_cache.shape[1], NH=n_heads, NKV=n_kv_heads, HD=hd,
-        **_pdl(), num_warps=1,
+        FROM_ACC=True, **_pdl(), num_warps=1,
     )
     return q
