@@ -16,12 +16,21 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
-def _add_rms_norm_kernel(h_ptr, delta_ptr, w_ptr, out_ptr, H, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(h_ptr, delta_ptr, w_ptr, out_ptr, H, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+                         FROM_ACC: tl.constexpr = False, PDL: tl.constexpr = False):
+    """FROM_ACC: delta is a GEMV's fp32 accumulator (pipelined.py): rounded to the model dtype like a GEMV
+    output, and cleared once read."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     offs = tl.arange(0, BLOCK)
     m = offs < H
     h = tl.load(h_ptr + offs, mask=m, other=0.0)
     if HAS_DELTA:
-        h = (h.to(tl.float32) + tl.load(delta_ptr + offs, mask=m, other=0.0).to(tl.float32)).to(h.dtype)
+        d = tl.load(delta_ptr + offs, mask=m, other=0.0)
+        if FROM_ACC:
+            tl.store(delta_ptr + offs, tl.zeros_like(d), mask=m)
+        h = (h.to(tl.float32) + d.to(h.dtype).to(tl.float32)).to(h.dtype)
         tl.store(h_ptr + offs, h, mask=m)  # the residual stream is updated in place
     hf = h.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / H + eps)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .decode_ops import add_rms_norm, decode_attention, rope_and_cache, silu_mul
 from . import pipelined
 from .gemv import sparse_gemv_reference
-from .pipelined import (SiteBuffers, add_rms_norm_compact, add_rms_norm_split, indexed_gemv, plan_site,
+from .pipelined import (SiteBuffers, add_rms_norm_from_acc, add_rms_norm_split, indexed_gemv, plan_site,
                         rope_and_cache_from_acc, silu_mul_compact)
 
 SITES = ("qkv", "o", "gate_up", "down")
@@ -187,7 +187,7 @@ class RandomLlamaDecoder:
             indexed_gemv(x, layer["gate_up"], sites["gate_up"], clear=sites["o"].acc)
             a = silu_mul_compact(sites["gate_up"], self.dtype, thr["down"], sites["down"])
             indexed_gemv(a, layer["down"], sites["down"], clear=sites["gate_up"].acc)
-        x = add_rms_norm_compact(h, sites["down"], self.final_norm, s.norm_eps)  # one program: reads, then clears
+        x = add_rms_norm_from_acc(h, sites["down"], self.final_norm, s.norm_eps)
         return F.linear(x, self.lm_head).float()
 
     def _step_reference(self, token: torch.Tensor, pos: torch.Tensor, mode: str) -> torch.Tensor:

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .decode_ops import _rope_cache_kernel
+from .decode_ops import _add_rms_norm_kernel, _rope_cache_kernel
 from .gemv import GemvConfig, _compact_kept, _gather_rows_product, _interpreting, default_config
 
 # Programmatic dependent launch (Hopper): each kernel of the fused step is launched while its predecessor
@@ -156,59 +156,13 @@ def _compact_segment(v, offs, valid, thr, idx_ptr, cnt_ptr, seg, k_split):
     tl.store(cnt_ptr + seg, tl.sum(keep_i, axis=0))
 
 
-@triton.jit
-def _add_rms_norm_compact_kernel(h_ptr, acc_ptr, w_ptr, out_ptr, idx_ptr, cnt_ptr, H, eps, thr, k_split,
-                                 HAS_DELTA: tl.constexpr, N_SEG: tl.constexpr, BLOCK: tl.constexpr,
-                                 SEG_BLOCK: tl.constexpr, SEG_2D: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    offs = tl.arange(0, BLOCK)
-    m = offs < H
-    h = tl.load(h_ptr + offs, mask=m, other=0.0)
-    if HAS_DELTA:  # delta = the previous GEMV's accumulator, rounded like its output would be; then zeroed
-        d = tl.load(acc_ptr + offs, mask=m, other=0.0)
-        tl.store(acc_ptr + offs, tl.zeros_like(d), mask=m)
-        h = (h.to(tl.float32) + d.to(h.dtype).to(tl.float32)).to(h.dtype)
-        tl.store(h_ptr + offs, h, mask=m)
-    hf = h.to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / H + eps)
-    normed = (hf * inv).to(h.dtype).to(tl.float32) * tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    x = normed.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs, x, mask=m)
-    if SEG_2D:  # K splits tile the block exactly: one segmented scan over [N_SEG, k_split], in registers
-        keep = tl.reshape((tl.abs(x.to(tl.float32)) > thr) & m, (N_SEG, SEG_BLOCK))
-        keep_i = keep.to(tl.int32)
-        pos = tl.cumsum(keep_i, axis=1) - 1
-        seg = tl.arange(0, N_SEG)
-        tl.store(idx_ptr + seg[:, None] * k_split + pos, tl.reshape(offs, (N_SEG, SEG_BLOCK)), mask=keep)
-        tl.store(cnt_ptr + seg, tl.sum(keep_i, axis=1))
-    elif N_SEG > 0:  # ragged splits: re-read x segment by segment
-        tl.debug_barrier()  # x stored by every thread before it is re-read
-        for seg in range(0, N_SEG):
-            k_lo = seg * k_split
-            so = k_lo + tl.arange(0, SEG_BLOCK)
-            valid = (so < k_lo + k_split) & (so < H)
-            v = tl.load(out_ptr + so, mask=valid, other=0.0)
-            _compact_segment(v, so, valid, thr, idx_ptr, cnt_ptr, seg, k_split)
-
-
-def add_rms_norm_compact(h: torch.Tensor, delta: SiteBuffers | None, weight: torch.Tensor, eps: float,
-                         threshold: float = 0.0, consumer: SiteBuffers | None = None,
-                         num_warps: int = 8) -> torch.Tensor:
-    """h += round(delta.acc) (delta.acc zeroed); returns x = rms_norm(h) * weight and, for `consumer`, its kept
-    channel lists (|x| > threshold per K split). h [1, H]."""
+def add_rms_norm_from_acc(h: torch.Tensor, delta: SiteBuffers, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """h += round(delta.acc) in place (delta.acc cleared: one program reads and clears it); returns
+    rms_norm(h) * weight. The last norm of the fused step, before the dense LM head."""
     H = h.shape[-1]
     out = torch.empty_like(h)
-    block = triton.next_power_of_2(H)
-    ks = consumer.plan.k_split if consumer is not None else H
-    n_seg = consumer.plan.n_splits if consumer is not None else 0
-    _add_rms_norm_compact_kernel[(1,)](
-        h, delta.acc if delta is not None else h, weight, out,
-        consumer.idx if consumer is not None else h, consumer.cnt if consumer is not None else h,
-        H, eps, float(threshold), ks, HAS_DELTA=delta is not None, N_SEG=n_seg, BLOCK=block,
-        SEG_BLOCK=triton.next_power_of_2(ks), SEG_2D=n_seg > 0 and n_seg * ks == block == H, **_pdl(), num_warps=num_warps,
-    )
+    _add_rms_norm_kernel[(1,)](h, delta.acc, weight, out, H, eps, HAS_DELTA=True, BLOCK=triton.next_power_of_2(H),
+                               FROM_ACC=True, **_pdl(), num_warps=4)
     return out
 
 

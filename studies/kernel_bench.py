@@ -217,7 +217,7 @@ def producers(out: pathlib.Path, rep_ms: int = 15) -> pd.DataFrame:
 
     from allocator.kernels.decode_ops import add_rms_norm, rope_and_cache, silu_mul
     from allocator.kernels.latency import graph_time_us
-    from allocator.kernels.pipelined import (SiteBuffers, add_rms_norm_compact, add_rms_norm_split, plan_site,
+    from allocator.kernels.pipelined import (SiteBuffers, add_rms_norm_split, plan_site,
                                              rope_and_cache_from_acc, silu_mul_compact)
 
     dev, dt, H, I, reps = torch.device("cuda"), torch.float16, 4096, 14336, 100
@@ -237,11 +237,6 @@ def producers(out: pathlib.Path, rep_ms: int = 15) -> pd.DataFrame:
         "add_rms_norm_split_qkv": lambda: add_rms_norm_split(h, d, down, w, 1e-5, 0.5, qkv),
         "add_rms_norm_split_gate_up": lambda: add_rms_norm_split(h, d, down, w, 1e-5, 0.5, gu),
     }
-    for warps in (4, 8, 16):
-        calls[f"add_rms_norm_compact_qkv_w{warps}"] = lambda w_=warps: add_rms_norm_compact(
-            h, down, w, 1e-5, 0.5, qkv, num_warps=w_)
-        calls[f"add_rms_norm_compact_gate_up_w{warps}"] = lambda w_=warps: add_rms_norm_compact(
-            h, down, w, 1e-5, 0.5, gu, num_warps=w_)
     rows = []
     for name, call in calls.items():
         t = graph_time_us([call] * reps, rep_ms)
@@ -453,7 +448,8 @@ def report(out: pathlib.Path, dest: pathlib.Path) -> None:
         df = pd.read_csv(pr)
         parts += ["## Producer kernels of a Llama-3-8B step (float16, one call, CUDA graph)", "",
                   "Plain kernels (decode_ops.py) against the versions that also write the next GEMV's kept lists "
-                  "(`_compact`: one program; `_split`: one program per K split, the one the fused step uses) or "
+                  "(`_compact`: one program, a variant since removed, kernels/NOTES.md 10; `_split`: one program per K "
+                  "split, the one the fused step uses) or "
                   "read its accumulator (`_from_acc`).", "",
                   _md_table(df, ["kernel", "us"], {"us": "{:.2f}"}), ""]
     e = out / "e2e_decode.csv"

@@ -149,15 +149,22 @@ def test_fused_step_equals_reference_and_leaves_accumulators_zero(splits):
 @interpreted
 @pytest.mark.parametrize("H,splits", [(64, 4), (64, 3), (48, 4)])
 def test_norm_producer_writes_the_kept_lists_of_each_split(H, splits):
-    """Both compaction paths (one segmented scan when the splits tile the block, a loop otherwise)."""
-    from allocator.kernels.pipelined import SiteBuffers, add_rms_norm_compact, plan_site
+    """One program per K split (ragged splits too); h_out = h_in + round(delta), h_in and delta left as they were."""
+    from allocator.kernels.pipelined import SiteBuffers, add_rms_norm_split, plan_site
 
+    cpu = torch.device("cpu")
     h, w = torch.randn(1, H), torch.rand(H) + 0.5
-    site = SiteBuffers(plan_site(H, 32, torch.device("cpu"), n_splits=splits), torch.device("cpu"))
+    delta = SiteBuffers(plan_site(32, H, cpu), cpu)
+    delta.acc.copy_(torch.randn(H))
+    h_in, acc_in = h.clone(), delta.acc.clone()
+    h_out = torch.full_like(h, float("nan"))
+    site = SiteBuffers(plan_site(H, 32, cpu, n_splits=splits), cpu)
     site.cnt.fill_(-1)
     site.idx.fill_(-1)
-    x = add_rms_norm_compact(h, None, w, 1e-5, 0.7, site)
-    torch.testing.assert_close(x, torch.nn.functional.rms_norm(h, (H,), eps=1e-5) * w, rtol=1e-5, atol=1e-5)
+    x = add_rms_norm_split(h, h_out, delta, w, 1e-5, 0.7, site)
+    torch.testing.assert_close(h_out, h_in + acc_in)
+    assert torch.equal(h, h_in) and torch.equal(delta.acc, acc_in)  # the next GEMV clears delta, not the norm
+    torch.testing.assert_close(x, torch.nn.functional.rms_norm(h_out, (H,), eps=1e-5) * w, rtol=1e-5, atol=1e-5)
     ks = site.plan.k_split
     for s in range(site.plan.n_splits):
         want = torch.nonzero(x[0, s * ks:(s + 1) * ks].abs() > 0.7).flatten() + s * ks
