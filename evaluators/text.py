@@ -11,6 +11,7 @@ import functools
 import gzip
 import hashlib
 import logging
+import numbers
 import re
 from pathlib import Path
 
@@ -73,9 +74,30 @@ def load_text(source: str) -> str:
         return "\n\n".join(rows)
     path = Path(source).expanduser()
     if path.is_file():
-        return path.read_text(encoding="utf-8", errors="replace")
+        return read_text_file(path)
     raise TextError(f"unknown text source '{source}'; use one of {sorted(SHIPPED) + sorted(MIXTURES)}, "
                     "'wikitext2[:split]', 'c4[:split]' or a path to a text file")
+
+
+#: control characters other than tab, newline, carriage return and form feed: a few in real text, many in binary
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+MAX_CONTROL_SHARE = 0.01
+
+
+def read_text_file(path: Path) -> str:
+    """A local text file as UTF-8; binary data (invalid UTF-8 or full of control characters) is refused, since
+    calibrating or profiling on it would silently measure noise."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TextError(f"text file {path} is not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 4]!r}); "
+                        "give a UTF-8 text file (convert it, e.g. iconv -t utf-8) or a shipped source") from None
+    controls = len(_CONTROL.findall(text))
+    if text and controls > MAX_CONTROL_SHARE * len(text):
+        raise TextError(f"text file {path} looks binary: {controls} of {len(text)} characters are control "
+                        "characters; give a plain UTF-8 text file or a shipped source")
+    return text
 
 
 def sources_of(source: str | list[str]) -> list[str]:
@@ -94,6 +116,7 @@ def _token_ids(tokenizer, source: str) -> np.ndarray:
 
 def token_windows(tokenizer, source: str | list[str], n: int, length: int, seed: int = 0) -> torch.Tensor:
     """``n x length`` token ids: non-overlapping windows drawn reproducibly (``seed``), spread evenly over sources."""
+    _check_window_shape(n, length)
     parts = sources_of(source)
     counts = [n // len(parts) + (i < n % len(parts)) for i in range(len(parts))]
     rows = []
@@ -103,11 +126,28 @@ def token_windows(tokenizer, source: str | list[str], n: int, length: int, seed:
         ids = _token_ids(tokenizer, part)
         slots = len(ids) // length
         if slots < count:
-            raise TextError(f"'{part}' has {len(ids)} tokens: not enough for {count} windows of {length}")
+            raise TextError(f"'{part}' has {len(ids)} tokens: not enough for {count} windows of {length} (n={n}, "
+                            f"length={length}); lower n (data.*_windows) or length (data.*_length) so that "
+                            f"windows x length <= {len(ids)} per source, or use a longer text")
         rng = np.random.default_rng([seed, int(hashlib.sha256(part.encode()).hexdigest()[:8], 16)])
         for slot in sorted(rng.choice(slots, size=count, replace=False)):
             rows.append(ids[slot * length:(slot + 1) * length])
     return torch.from_numpy(np.stack(rows))
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_window_shape(n, length) -> None:
+    """``n`` and ``length`` come straight from config options (``data.*_windows``, ``data.*_length``)."""
+    if not _is_count(n) or n < 1:
+        raise TextError(f"token_windows: n={n!r} windows asked for; the number of windows (data.calibration_windows, "
+                        "data.profile_windows, data.eval_windows) must be a positive integer")
+    if not _is_count(length) or length < 2:
+        raise TextError(f"token_windows: length={length!r} tokens per window; the window length "
+                        "(data.calibration_length, data.profile_length, data.eval_length) must be an integer >= 2 "
+                        "(each window scores its next-token predictions)")
 
 
 def windows_hash(windows: torch.Tensor) -> str:
