@@ -12,10 +12,16 @@ rows or is read from a measured ``group_degradation`` table) or a fixed list of 
 dimensions for the search solvers).
 
 Every solver evaluates candidates through ``Problem.evaluate``, vectorised over a population.
+
+Three things are called "objective" nearby, and have distinct names: ``measured_objective`` (an optional callable
+scoring an allocation on the real model, which the search solvers can minimize instead of the tables), the
+search option ``fitness`` ("auto" | "table" | "measured": which of the two a search minimizes) and
+``Evaluation.objective`` / ``Result.objective`` (the optimized value: cost for ``delta=``, degradation otherwise).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -46,14 +52,14 @@ class Evaluation:
 
 
 class Problem:
-    """Tables + direction + grouping (+ optional user callables and a true objective)."""
+    """Tables + direction + grouping (+ optional user callables and a measured objective)."""
 
     def __init__(self, tables: Tables, cost: str = "bytes_decode", *, delta: float | None = None,
                  budget: float | None = None, sparsity: float | None = None, grouping=None,
                  max_groups: int | None = None, group_degradation: Mapping | None = None,
                  cost_fn: Callable[[np.ndarray], np.ndarray] | None = None,
                  degradation_fn: Callable[[np.ndarray], np.ndarray] | None = None,
-                 objective: Callable | None = None, tolerance: float = 1e-9):
+                 measured_objective: Callable | None = None, tolerance: float = 1e-9):
         if not isinstance(tables, Tables):
             raise TypeError(f"tables must be an allocator.Tables, got {type(tables).__name__}")
         self.tables = tables
@@ -67,12 +73,16 @@ class Problem:
             raise TablesError("these tables have no degradation matrix: profile one "
                               "(tables.with_degradation(...)) or pass degradation_fn=")
         self.deg_matrix = tables.degradation
-        self.cost_fn, self.degradation_fn, self.objective = cost_fn, degradation_fn, objective
+        if measured_objective is not None and not callable(measured_objective):
+            raise TypeError(f"measured_objective must be a callable(unit_levels, fidelity=None) -> float, got "
+                            f"{type(measured_objective).__name__}")
+        self.cost_fn, self.degradation_fn = cost_fn, degradation_fn
+        self.measured_objective = measured_objective
         self.tolerance = tolerance
 
         for name, value in (("delta", delta), ("budget", budget), ("sparsity", sparsity)):
-            if value is not None and not np.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value}")
+            if value is not None and not (isinstance(value, Real) and not isinstance(value, bool) and np.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if sparsity is not None:
             if not 0 <= sparsity < 1:
                 raise ValueError(f"model-level sparsity must be in [0, 1), got {sparsity}")
@@ -98,8 +108,12 @@ class Problem:
             self.grouping, self.fixed_groups = "fixed", self._check_fixed_groups(grouping)
         else:
             raise ValueError(f"unknown grouping {grouping!r}; use None, 'consecutive' or a list of layer groups")
-        if max_groups is not None and (self.grouping != "consecutive" or max_groups < 1):
-            raise ValueError("max_groups needs grouping='consecutive' and must be >= 1")
+        if max_groups is not None and not (isinstance(max_groups, Integral) and not isinstance(max_groups, bool)
+                                           and max_groups >= 1):
+            raise ValueError(f"max_groups={max_groups!r} is invalid: expected an integer >= 1 (the most groups of "
+                             "consecutive layers) or None")
+        if max_groups is not None and self.grouping != "consecutive":
+            raise ValueError(f"max_groups={max_groups} needs grouping='consecutive' (got grouping={grouping!r})")
         if group_degradation is not None:
             if self.grouping == "unit":
                 raise ValueError("a measured group_degradation table needs grouping='consecutive' or fixed groups")

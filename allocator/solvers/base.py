@@ -1,4 +1,8 @@
-"""The abstract solver: public ``solve()`` (validation, seeding, timing, packaging) around a protected ``_solve()``."""
+"""The abstract solver: public ``solve()`` (validation, seeding, timing, packaging) around a protected ``_solve()``.
+
+Options are a frozen dataclass per solver (``Solver.Options``, see ``options.py``), built and checked here, once,
+from the constructor's keyword arguments.
+"""
 from __future__ import annotations
 
 import abc
@@ -10,6 +14,7 @@ import numpy as np
 
 from ..problem import Problem
 from ..result import Allocation, Result
+from .options import SolverOptions, check_seed
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +35,21 @@ class Solver(abc.ABC):
 
     Class attributes: ``exact`` (returns a certified optimum of the table problem), ``needs_additive`` (reads
     the table matrices directly; refuses problems defined through callables), ``groupings`` (the grouping modes
-    supported).
+    supported), ``Options`` (a ``SolverOptions`` dataclass: the accepted options, their defaults and ranges; a
+    solver without options keeps the empty base).
     """
 
     name: str = "abstract"
     exact: bool = False
     needs_additive: bool = True
     groupings: tuple[str, ...] = ("unit", "consecutive", "fixed")
+    Options: type[SolverOptions] = SolverOptions
 
     def __init__(self, **options):
-        self.options = options
+        self.options = self.Options.build(self.name, options)
 
     def solve(self, problem: Problem, *, seed: int | None = 0) -> Result:
+        check_seed(seed, self.name)
         if problem.grouping not in self.groupings:
             raise ValueError(f"solver '{self.name}' does not support grouping '{problem.grouping}' "
                              f"(supports {list(self.groupings)})")

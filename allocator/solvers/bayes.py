@@ -1,11 +1,11 @@
-"""``bayes``: model-based search with optuna (TPE, or a Gaussian process), on the tables or the true objective.
+"""``bayes``: model-based search with optuna (TPE, or a Gaussian process), on the tables or a measured objective.
 
 Algorithm. One integer parameter ``x{i}`` per search dimension (unit, layer or fixed group: grouping is how to
 give TPE few dimensions). optuna's ask / tell loop: the sampler proposes a level vector; its cost comes from
 the tables, so an over-budget proposal costs no model evaluation: it is told with its violation as an optuna
 constraint (``Trial.set_constraint`` / ``constraints_func``; > 0 = violated; optuna's constrained TPE / GP) and
 the worst value measured so far (no outlier penalty that would wreck a GP's scaling); with ``repair=True``
-(default) the budget repair of ``_search_common`` projects it onto the budget and the repaired vector is
+(default) the budget repair of ``_repair`` projects it onto the budget and the repaired vector is
 measured and added to the study as its own trial, so the sampler learns from feasible points. Warm starts (``dp`` / ``greedy`` answers, or vectors) are queued with ``enqueue_trial``.
 ``storage`` takes any optuna storage URL (``sqlite:///study.db``, ``postgresql://...``): several processes or
 machines running the same ``study_name`` share one study (optuna's distributed mode), each with its own budget.
@@ -17,7 +17,7 @@ fitness windows does not replace a good start (as in ``evo``; ``info["validation
 
 Samplers: TPE (Bergstra et al., NeurIPS 2011; optuna's multivariate TPE, Akiba et al., KDD 2019) and optuna's
 ``GPSampler`` (log expected improvement times the probability of feasibility; needs torch). ``sampler="auto"``
-uses the GP on the true objective when torch is importable (few, expensive evaluations) and TPE otherwise.
+uses the GP on a measured objective when torch is importable (few, expensive evaluations) and TPE otherwise.
 
 Complexity: ``n_trials`` proposals; TPE costs O(n_trials * n_vars) per proposal, the GP O(n_trials^3); each
 feasible proposal costs one objective evaluation (memoised).
@@ -26,34 +26,34 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..registry import register_solver
-from ._search_common import BudgetRepair, Scorer, choose_by_validation, resolve_true_objective, warm_start_vectors
+from ._repair import BudgetRepair
+from ._scoring import Scorer, resolve_fitness
+from ._search_options import SearchOptions
+from ._validation import choose_by_validation
+from ._warm_start import warm_start_vectors
 from .base import Solver, SolveOutput
+from .options import BOOL, NONE, TEXT, SolverOptionError, integer, one_of, option, storage_url
 
 logger = logging.getLogger(__name__)
 
-DEFAULTS = {
-    "n_trials": 250,         # proposals (a repaired proposal adds one more trial to the study)
-    "max_evals": None,       # budget: objective evaluations (memo hits are free)
-    "max_time": None,        # budget: wall-clock seconds
-    "objective": "auto",     # "auto" | "tables" | "true" | callable(unit_levels, fidelity=None) -> float
-    "fidelity": None,        # calibration windows per true-objective evaluation (None: all)
-    "sampler": "auto",       # "auto" | "tpe" | "gp"
-    "n_startup_trials": 20,  # random proposals before the model is fitted
-    "warm_start": None,      # None | "dp" | "greedy" | "uniform" | vectors
-    "repair": True,
-    "storage": None,         # optuna storage URL, e.g. "sqlite:///search.db"
-    "study_name": None,      # default: derived from the problem's tables hash and limit
-    "load_if_exists": True,
-    "validation": None,      # callable(unit_levels) -> float on held-aside windows: picks the answer
-    "validation_z": 2.0,     # per-window validation values: a candidate must win by this many standard errors
-    "validation_top": 5,     # best trials scored on validation, beside the warm start
-    "progress": True,
-}
 PENALTY = 1e12  # objective told for an over-budget proposal (plus its violation): never measured
+
+
+@dataclass(frozen=True)
+class BayesOptions(SearchOptions):
+    """Options of ``bayes`` (and the shared search options)."""
+
+    n_trials: int = option(250, integer(1), "proposals (a repaired proposal adds one more trial to the study)")
+    sampler: str = option("auto", one_of("auto", "tpe", "gp"), "'auto': GP on a measured objective with torch, else TPE")
+    n_startup_trials: int = option(20, integer(0), "random proposals before the model is fitted")
+    storage: object = option(None, NONE | storage_url(), "shared optuna storage, e.g. 'sqlite:///search.db'")
+    study_name: str | None = option(None, NONE | TEXT, "None: derived from the tables hash and the limit")
+    load_if_exists: bool = option(True, BOOL, "join an existing study of that name in the storage")
 
 
 def _optuna():
@@ -90,55 +90,48 @@ class BayesSolver(Solver):
     """optuna TPE / GP with table-known constraints, repair, warm start and shared storage."""
 
     needs_additive = False
+    Options = BayesOptions
 
-    def _config(self) -> dict:
-        unknown = set(self.options) - set(DEFAULTS)
-        if unknown:
-            raise TypeError(f"unknown bayes options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-        return {**DEFAULTS, **self.options}
-
-    def _sampler(self, optuna, cfg, true_fn, seed):
+    def _sampler(self, optuna, cfg, measured, seed):
         cons = {} if _native_constraints(optuna) else {"constraints_func": _constraints}
-        kind = cfg["sampler"]
+        kind = cfg.sampler
         if kind == "auto":
-            kind = "gp" if true_fn is not None and importlib.util.find_spec("torch") is not None else "tpe"
+            kind = "gp" if measured is not None and importlib.util.find_spec("torch") is not None else "tpe"
         if kind == "gp":
             if importlib.util.find_spec("torch") is None:
                 logger.warning("optuna's GPSampler needs torch; falling back to TPE")
             else:
-                return optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg["n_startup_trials"],
+                return optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials,
                                                  deterministic_objective=True, **cons), "gp"
-        elif kind != "tpe":
-            raise ValueError(f"unknown bayes sampler {kind!r}; use 'auto', 'tpe' or 'gp'")
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg["n_startup_trials"], multivariate=True,
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True,
                                           **cons), "tpe"
 
     def _solve(self, problem, rng) -> SolveOutput:
         optuna = _optuna()
-        cfg = self._config()
-        true_fn = resolve_true_objective(problem, cfg["objective"])
-        fid = cfg["fidelity"] if true_fn is not None else None
+        cfg = self.options
+        measured = resolve_fitness(problem, cfg.fitness, self.name)
+        fid = cfg.fidelity if measured is not None else None
         m, n = problem.n_levels, problem.n_vars
-        repair = BudgetRepair(problem) if cfg["repair"] and problem.cost_matrix is not None else None
-        sampler, kind = self._sampler(optuna, cfg, true_fn, int(rng.integers(2**31 - 1)))
-        name = cfg["study_name"] or (f"allocator-{problem.tables.content_hash()}-{problem.direction}-"
-                                     f"{problem.limit:.6g}-{'true' if true_fn else 'tables'}")
-        if cfg["storage"] is None:
+        repair = BudgetRepair(problem) if cfg.repair and problem.cost_matrix is not None else None
+        sampler, kind = self._sampler(optuna, cfg, measured, int(rng.integers(2**31 - 1)))
+        name = cfg.study_name or (f"allocator-{problem.tables.content_hash()}-{problem.direction}-"
+                                  f"{problem.limit:.6g}-{'measured' if measured else 'table'}")
+        if cfg.storage is None:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(direction="minimize", sampler=sampler, storage=cfg["storage"], study_name=name,
-                                    load_if_exists=cfg["load_if_exists"])
+        study = optuna.create_study(direction="minimize", sampler=sampler, storage=self._storage(optuna),
+                                    study_name=name, load_if_exists=cfg.load_if_exists)
         dists = {f"x{i}": optuna.distributions.IntDistribution(0, m - 1) for i in range(n)}
-        warm = warm_start_vectors(problem, cfg["warm_start"], rng, repair)
+        warm = warm_start_vectors(problem, cfg.warm_start, rng, repair, self.name)
         for x in warm:
             study.enqueue_trial({f"x{i}": int(v) for i, v in enumerate(x)}, skip_if_exists=True)
 
-        scorer = Scorer(problem, true_fn, max_evals=cfg["max_evals"], max_time=cfg["max_time"],
-                        progress=cfg["progress"], desc=f"bayes-{kind}", fidelity=fid)
+        scorer = Scorer(problem, measured, max_evals=cfg.max_evals, max_time=cfg.max_time,
+                        progress=cfg.progress, desc=f"bayes-{kind}", fidelity=fid)
         n_asked = n_penalised = 0
         native = _native_constraints(optuna)
         worst = None  # worst measured value: what an over-budget proposal is told (GP-friendly, no outliers)
         try:
-            while n_asked < cfg["n_trials"] and not scorer.exhausted:
+            while n_asked < cfg.n_trials and not scorer.exhausted:
                 trial = study.ask(dists)
                 n_asked += 1
                 x = np.array([trial.params[f"x{i}"] for i in range(n)], dtype=int)
@@ -179,17 +172,30 @@ class BayesSolver(Solver):
         if best_units is None:
             raise problem.infeasible(float("inf"), scope="the Bayesian search (no feasible proposal measured)")
         validation = None
-        if cfg["validation"] is not None:
+        if cfg.validation is not None:
             starts = list(problem.expand(warm[problem.evaluate(warm).feasible])) if len(warm) else []
-            candidates = [u for _, u in scorer.top(int(cfg["validation_top"]))]
+            candidates = [u for _, u in scorer.top(cfg.validation_top)]
             if shared is not None and shared[1] < scorer.best_value:
                 candidates.insert(0, np.asarray(shared[0], dtype=int))
-            best_units, validation = choose_by_validation(candidates, starts, cfg["validation"],
-                                                                 float(cfg["validation_z"]))
-        info = {**scorer.info(), "sampler": kind, "study_name": name, "storage": cfg["storage"],
+            best_units, validation = choose_by_validation(candidates, starts, cfg.validation, float(cfg.validation_z))
+        info = {**scorer.info(), "sampler": kind, "study_name": name, "storage": _storage_label(cfg.storage),
                 "n_asked": n_asked, "n_penalised": n_penalised, "n_trials_in_study": len(study.trials),
                 "best_value": float(best_value), "fidelity": fid, "validation": validation}
         return SolveOutput(best_units, n_evals=scorer.n_evals, history=scorer.history, info=info)
+
+    def _storage(self, optuna):
+        """The optuna storage to open: None (in memory), a storage object, or a URL opened here so that a bad one
+        is reported as this option (not as a database driver's error)."""
+        url = self.options.storage
+        if not isinstance(url, str):
+            return url
+        try:
+            return optuna.storages.RDBStorage(url)
+        except Exception as exc:  # sqlalchemy parse errors, missing drivers, unreachable servers
+            raise SolverOptionError(f"solver '{self.name}' option storage={url!r} could not be opened "
+                                    f"({type(exc).__name__}: {exc}); expected a database URL such as "
+                                    "'sqlite:///search.db' or 'postgresql://user:password@host/db'",
+                                    self.name, "storage", url) from exc
 
     @staticmethod
     def _best_in_study(study, optuna):
@@ -199,3 +205,7 @@ class BayesSolver(Solver):
                 if best is None or t.value < best[1]:
                     best = (t.user_attrs["x_units"], float(t.value))
         return best
+
+
+def _storage_label(storage):
+    return storage if storage is None or isinstance(storage, str) else type(storage).__name__

@@ -10,6 +10,7 @@ Source: none needed; it certifies the DP / MILP on the property tests.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from math import comb
 
 import numpy as np
@@ -17,8 +18,16 @@ import numpy as np
 from ..registry import register_solver
 from .base import Solver, SolveOutput
 from ._chain import span_tables
+from .options import SolverOptions, integer, option
 
 CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class BruteOptions(SolverOptions):
+    """Options of ``brute``."""
+
+    max_candidates: int = option(2_000_000, integer(1), "largest instance enumerated")
 
 
 def _digits(index: np.ndarray, width: int, base: int) -> np.ndarray:
@@ -30,9 +39,10 @@ def _digits(index: np.ndarray, width: int, base: int) -> np.ndarray:
 class BruteSolver(Solver):
     exact = True
     needs_additive = False
+    Options = BruteOptions
 
     def _solve(self, problem, rng) -> SolveOutput:
-        limit = self.options.get("max_candidates", 2_000_000)
+        limit = self.options.max_candidates
         partitions = problem.grouping == "consecutive" and problem.is_additive
         size = self.count(problem) if partitions else problem.n_levels ** problem.n_vars
         if size > limit:

@@ -36,30 +36,52 @@ tightened by n bucket widths (n = items in a solution: units, or groups <= min(L
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..registry import register_solver
 from ._chain import WORK_CELLS, ChainDP, _node_shift, chain_items, chain_solution, solve_chain
 from .base import Solver, SolveOutput
+from .options import BOOL, NONE, SolverOptions, integer, option
+
+
+@dataclass(frozen=True)
+class DPOptions(SolverOptions):
+    """Options of ``dp`` (None = chosen from the instance, as described)."""
+
+    buckets: int | None = option(None, NONE | integer(1), "fine DP buckets; None: adaptive")
+    two_phase: bool = option(True, BOOL, "ASAF's coarse-then-fine phases (grouped mode)")
+    coarse_step: int | None = option(None, NONE | integer(1), "level stride of phase 1; None: about 6 coarse levels")
+    coarse_buckets: int | None = option(None, NONE | integer(1), "phase-1 buckets; None: adaptive, 200..2000")
+    keep_groups: int = option(3, integer(1), "group counts kept after phase 1")
+    max_widen: int = option(2, integer(0), "interval widenings of phase 2")
+    max_exact_buckets: int | None = option(None, NONE | integer(1), "largest exact integer bucket count")
+    refine: int | None = option(None, NONE | integer(0), "bisection steps of the repair; None: 4, or 0 with max_groups")
+    relevel_candidates: int = option(16, integer(0), "next-best partitions re-levelled at the end")
 
 
 @register_solver("dp")
 class DPSolver(Solver):
-    """Options: ``buckets`` (fine buckets, default adaptive), ``two_phase`` (True), ``coarse_step`` (auto: about
-    6 coarse levels), ``coarse_buckets`` (adaptive, 200..2000), ``keep_groups`` (3), ``max_widen`` (2), ``max_exact_buckets``,
-    ``refine`` (bisection steps of the repair; 4, or 0 with max_groups)."""
+    """ASAF's two-phase DP (grouped) and the MCKP DP (per unit); options: ``DPSolver.Options``."""
 
-    def _opt(self, key, default):
-        return self.options.get(key, default)
+    Options = DPOptions
+
+    def _coarse_step(self, m: int) -> int:
+        return self.options.coarse_step or max(1, round((m - 1) / 5))
+
+    def _refine(self, max_groups) -> int:
+        if self.options.refine is not None:
+            return self.options.refine
+        return 4 if max_groups is None else 0
 
     def _solve(self, problem, rng) -> SolveOutput:
         start, end, level, cons, obj, n = chain_items(problem)
         if problem.grouping == "consecutive":
             return self._grouped(problem, start, end, level, cons, obj)
         t0 = time.perf_counter()
-        items, info = solve_chain(problem, start, end, cons, obj, n, None, self._opt("buckets", None),
-                                  self._opt("max_exact_buckets", None), self._opt("refine", 4))
+        items, info = solve_chain(problem, start, end, cons, obj, n, None, self.options.buckets,
+                                  self.options.max_exact_buckets, self._refine(None))
         if items is None:
             raise problem.infeasible(info["min_constrained"])
         history = [{"phase": "mckp", "objective": float(obj[items].sum()), **_brief(info),
@@ -70,12 +92,11 @@ class DPSolver(Solver):
     def _grouped(self, problem, start, end, level, cons, obj) -> SolveOutput:
         L, m = problem.n_layers, problem.n_levels
         K = problem.max_groups
-        fine = (self._opt("buckets", None), self._opt("max_exact_buckets", None),
-                self._opt("refine", 4 if K is None else 0))
+        fine = (self.options.buckets, self.options.max_exact_buckets, self._refine(K))
         history = []
         allowed = self._coarse_phase(problem, start, end, level, cons, obj, history) \
-            if self._opt("two_phase", True) else None
-        widen_left, attempt = self._opt("max_widen", 2), 0
+            if self.options.two_phase else None
+        widen_left, attempt = self.options.max_widen, 0
         while True:
             t0 = time.perf_counter()
             if allowed is None:
@@ -86,7 +107,7 @@ class DPSolver(Solver):
             idx = np.flatnonzero(keep)
             final = allowed is None or widen_left == 0        # widening decisions use the relaxed answer only
             items, info = solve_chain(problem, start[idx], end[idx], cons[idx], obj[idx], L, K, *fine, repair=final,
-                                      n_candidates=self._opt("relevel_candidates", 16) if final else 0)
+                                      n_candidates=self.options.relevel_candidates if final else 0)
             history.append({"phase": "fine", "attempt": attempt, "items": int(idx.size), "repaired": final,
                             "objective": None if items is None else float(obj[idx][items].sum()), **_brief(info),
                             "seconds": time.perf_counter() - t0})
@@ -144,14 +165,14 @@ class DPSolver(Solver):
     def _coarse_phase(self, problem, start, end, level, cons, obj, history):
         """Phase 1: per group count G, a coarse solve; returns allowed[layer, level] for Phase 2 (None = all)."""
         m, L, K = problem.n_levels, problem.n_layers, problem.max_groups
-        step = self._opt("coarse_step", max(1, round((m - 1) / 5)))
+        step = self._coarse_step(m)
         coarse = np.unique(np.append(np.arange(0, m, step), m - 1))
         if len(coarse) == m:
             return None
         t0 = time.perf_counter()
         idx = np.flatnonzero(np.isin(level, coarse))
         room = max(problem.limit - _node_shift(start[idx], end[idx], cons[idx], L).sum(), 1e-300)
-        B = self._opt("coarse_buckets", int(np.clip(2 * WORK_CELLS / (idx.size * (K or 1)), 200, 2000)))
+        B = self.options.coarse_buckets or int(np.clip(2 * WORK_CELLS / (idx.size * (K or 1)), 200, 2000))
         w = np.round(np.maximum(cons[idx], 0) / (room / B))          # nearest: errors cancel across groups
         keep = idx[w <= B]
         dp = ChainDP(start[keep], end[keep], w[w <= B].astype(np.int64), obj[keep], L, B, K)
@@ -160,7 +181,7 @@ class DPSolver(Solver):
         if not np.isfinite(per_g).any():
             history.append({"phase": "coarse", "feasible": False, "seconds": time.perf_counter() - t0})
             return None
-        kept = [g for g in np.argsort(per_g, kind="stable")[:self._opt("keep_groups", 3)] if np.isfinite(per_g[g])]
+        kept = [g for g in np.argsort(per_g, kind="stable")[:self.options.keep_groups] if np.isfinite(per_g[g])]
         allowed = np.zeros((L, m), dtype=bool)
         pos = {lv: k for k, lv in enumerate(coarse)}
         for g in kept:
@@ -176,7 +197,7 @@ class DPSolver(Solver):
     def _widen(self, allowed, spans, problem) -> bool:
         """Widen the interval of every chosen group whose level touches its edge; True when something changed."""
         m = problem.n_levels
-        step = self._opt("coarse_step", max(1, round((m - 1) / 5)))
+        step = self._coarse_step(m)
         changed = False
         for a, b, lv in spans:
             lo, hi = max(lv - step, 0), min(lv + step, m - 1)

@@ -19,18 +19,30 @@ Language Models", arXiv 2408.14690), and the classic marginal-analysis heuristic
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..registry import register_solver
 from .base import Solver, SolveOutput
+from .options import SolverOptions, integer, one_of, option
+
+
+@dataclass(frozen=True)
+class GreedyOptions(SolverOptions):
+    """Options of ``greedy``."""
+
+    moves: str = option("auto", one_of("auto", "next", "any"),
+                        "'auto': any level on multi-dimensional grids, else the next one")
+    max_history: int = option(100, integer(0), "history entries kept (evenly spaced)")
 
 
 @register_solver("greedy")
 class GreedySolver(Solver):
-    """Options: ``moves`` ("auto": any level on multi-dimensional grids, else the next one; "next"; "any"),
-    ``max_history`` (entries kept in the history, default 100)."""
+    """TEAL-style marginal greedy; options: ``GreedySolver.Options``."""
 
     needs_additive = False
+    Options = GreedyOptions
 
     def _split(self, problem, ev):
         cons = ev.degradation if problem.direction == "min_cost" else ev.cost
@@ -41,9 +53,7 @@ class GreedySolver(Solver):
         """Moves to any level (not only the next one) on multi-dimensional grids, e.g. (s, rho): there the index
         order is not the cost order, and a next-level walk crosses every rho of a sparsity (measured: greedy on
         an R-Sparse (s, rho) table landed at 1.29x uniform's perplexity increase on SmolLM2)."""
-        moves = self.options.get("moves", "auto")
-        if moves not in ("auto", "next", "any"):
-            raise ValueError(f"greedy moves must be 'auto', 'next' or 'any', got {moves!r}")
+        moves = self.options.moves
         if moves == "auto":
             levels = problem.tables.levels
             return levels["rho"].nunique() > 1 or levels["bits"].nunique() > 1
@@ -122,7 +132,7 @@ class GreedySolver(Solver):
                           "cost": cost, "degradation": float(cand.degradation[k])})
         if budget_mode and not problem.is_within_limit(cons):
             raise problem.infeasible(min(best_cons, cons), scope="the greedy search")
-        keep = self.options.get("max_history", 100)
+        keep = self.options.max_history
         history = steps if len(steps) <= keep else [steps[i] for i in
                                                     np.unique(np.linspace(0, len(steps) - 1, keep).astype(int))]
         return SolveOutput(problem.expand(x[None])[0], n_evals=evals, history=history, info={"steps": len(steps)})

@@ -16,6 +16,8 @@ other solver is measured against.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
@@ -25,6 +27,16 @@ from ..registry import register_solver
 from ..tables import Tables, Unit
 from .base import Solver, SolveOutput
 from ._chain import chain_items, chain_solution
+from .options import BOOL, NONE, SolverOptions, option, real
+
+
+@dataclass(frozen=True)
+class MILPOptions(SolverOptions):
+    """Options of ``milp``: HiGHS settings."""
+
+    time_limit: float | None = option(None, NONE | real(0, low_open=True), "seconds; None: no limit")
+    mip_rel_gap: float = option(1e-9, real(0), "relative optimality gap at which HiGHS stops")
+    presolve: bool = option(True, BOOL, "HiGHS presolve")
 
 
 def _scale(values: np.ndarray) -> float:
@@ -35,9 +47,10 @@ def _scale(values: np.ndarray) -> float:
 
 @register_solver("milp")
 class MILPSolver(Solver):
-    """Options: ``time_limit`` (seconds, default none), ``mip_rel_gap`` (1e-9), ``presolve`` (True)."""
+    """The certificate: HiGHS on the chain ILP; options: ``MILPSolver.Options``."""
 
     exact = True
+    Options = MILPOptions
 
     def _solve(self, problem, rng) -> SolveOutput:
         runs = problem.grouping == "consecutive" and problem.group_degradation is None
@@ -67,7 +80,7 @@ class MILPSolver(Solver):
             raise problem.infeasible(float(cons[best.x[:len(cons)] > 0.5].sum()), scope="any allocation (MILP)")
         if res.x is None:
             raise TimeoutError(f"milp found no feasible allocation (HiGHS: {res.message}; time_limit="
-                               f"{self.options.get('time_limit')} s); raise the limit or use 'dp'")
+                               f"{self.options.time_limit} s); raise the limit or use 'dp'")
         if runs:
             layer_level = level[chosen]
             unit_levels, groups = layer_level[problem.unit_layer_pos], problem.runs(layer_level)
@@ -104,10 +117,9 @@ class MILPSolver(Solver):
             constraints.append(LinearConstraint(change, 0, np.inf))
             constraints.append(LinearConstraint(np.append(np.zeros(k), np.ones(extra))[None, :], 0, max_groups - 1))
         self._obj_scale = _scale(objective)
-        options = {"mip_rel_gap": self.options.get("mip_rel_gap", 1e-9),
-                   "presolve": self.options.get("presolve", True)}
-        if self.options.get("time_limit") is not None:
-            options["time_limit"] = float(self.options["time_limit"])
+        options = {"mip_rel_gap": self.options.mip_rel_gap, "presolve": self.options.presolve}
+        if self.options.time_limit is not None:
+            options["time_limit"] = float(self.options.time_limit)
         return milp(np.append(objective / self._obj_scale, np.zeros(extra)), integrality=np.ones(k + extra),
                     bounds=Bounds(0, 1), constraints=constraints, options=options)
 
