@@ -3,16 +3,20 @@
 The core (this package minus ``allocator.evaluators`` / ``allocator.kernels``) imports without torch.
 """
 from .api import minimize
-from .costs import analytic_tables, load_model_config, model_shape, shipped_model_configs
+from .cost_providers import CostProviderError, available_cost_kinds, cost_provider, register_cost_provider, with_costs
+from .costs import ModelShape, analytic_tables, load_model_config, model_shape, rsparse_split, shipped_model_configs
+from .levels import Level, LevelError, make_levels, normalize_levels
 from .problem import Evaluation, Infeasible, Problem
 from .registry import available_solvers, get_solver, register_solver
-from .result import Allocation, Result
+from .result import Allocation, AllocationError, Result
 from .solvers.base import Solver, SolveOutput
-from .tables import Tables, TablesError, Unit, make_levels
+from .tables import Tables, TablesError, Unit
 
 __all__ = [
-    "Allocation", "Evaluation", "Infeasible", "Problem", "Result", "Solver", "SolveOutput", "Tables",
-    "TablesError", "Unit", "analytic_tables", "available_solvers", "get_solver", "load_model_config",
-    "make_levels", "minimize", "model_shape", "register_solver", "shipped_model_configs",
+    "Allocation", "AllocationError", "CostProviderError", "Evaluation", "Infeasible", "Level", "LevelError",
+    "ModelShape", "Problem", "Result", "Solver", "SolveOutput", "Tables", "TablesError", "Unit", "analytic_tables",
+    "available_cost_kinds", "available_solvers", "cost_provider", "get_solver", "load_model_config", "make_levels",
+    "minimize", "model_shape", "normalize_levels", "register_cost_provider", "register_solver", "rsparse_split",
+    "shipped_model_configs", "with_costs",
 ]
 __version__ = "0.1.0"

@@ -24,7 +24,8 @@ from typing import Mapping
 
 import numpy as np
 
-from .tables import Tables, TablesError, Unit, normalize_levels
+from .levels import normalize_levels
+from .tables import Tables, TablesError, Unit
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 ACTIVATION_BYTES = 2  # fp16 / bf16 activations
@@ -65,31 +66,68 @@ def load_model_config(config) -> dict:
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return _read_config_json(path.read_bytes(), str(path))
     shipped = resources.files("allocator.configs") / f"{str(config).lower()}.json"
     if shipped.is_file():
-        return json.loads(shipped.read_text())
+        return _read_config_json(shipped.read_bytes(), str(shipped))
     raise FileNotFoundError(f"no model config '{config}': give a dict, a config.json path, or one of the shipped "
                             f"configs {shipped_model_configs()}")
 
 
+def _read_config_json(raw: bytes, where: str) -> dict:
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TablesError(f"the model config {where} is not valid UTF-8 JSON ({exc}); give the model's "
+                          "config.json as saved by transformers (config.save_pretrained)") from exc
+    if not isinstance(cfg, dict):
+        raise TablesError(f"the model config {where} holds a JSON {type(cfg).__name__}, not an object; "
+                          "give the model's config.json")
+    return cfg
+
+
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _config_int(cfg: Mapping, key: str, name: str, default=None, minimum: int = 1) -> int:
+    value = cfg.get(key) if cfg.get(key) is not None else default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < minimum:
+        raise TablesError(f"model config '{name}': {key}={value!r} must be an integer >= {minimum}; "
+                          "fix the config (a decoder-only HF config, LlamaConfig-like)")
+    return int(value)
+
+
 def model_shape(config) -> ModelShape:
+    """The linear-layer shape of a decoder-only HF config; every size is checked to be a positive integer."""
     cfg = load_model_config(config)
     cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in cfg]
+    name = str(cfg.get("_name_or_path", cfg.get("model_type", "model")))
+    missing = [k for k in SIZE_KEYS if k not in cfg]
     if missing:
-        raise TablesError(f"the model config lacks {missing}; a decoder-only HF config (LlamaConfig-like) is needed")
-    heads = int(cfg["num_attention_heads"])
-    return ModelShape(
-        name=str(cfg.get("_name_or_path", cfg.get("model_type", "model"))),
-        hidden=int(cfg["hidden_size"]), intermediate=int(cfg["intermediate_size"]), layers=int(cfg["num_hidden_layers"]),
-        heads=heads, kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads), vocab=int(cfg.get("vocab_size", 0)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+        raise TablesError(f"the model config '{name}' lacks {missing}; a decoder-only HF config (LlamaConfig-like) "
+                          "is needed")
+    hidden, intermediate, layers, heads = (_config_int(cfg, k, name) for k in SIZE_KEYS)
+    kv_heads = _config_int(cfg, "num_key_value_heads", name, default=heads)
+    if heads % kv_heads:
+        raise TablesError(f"model config '{name}': num_attention_heads={heads} is not a multiple of "
+                          f"num_key_value_heads={kv_heads}; fix the config")
+    if cfg.get("head_dim") is None and hidden % heads:
+        raise TablesError(f"model config '{name}': hidden_size={hidden} is not divisible by num_attention_heads="
+                          f"{heads} and head_dim is absent; give head_dim in the config")
+    head_dim = _config_int(cfg, "head_dim", name, default=hidden // heads)
+    vocab = _config_int(cfg, "vocab_size", name, default=0, minimum=0)
+    return ModelShape(name=name, hidden=hidden, intermediate=intermediate, layers=layers, heads=heads,
+                      kv_heads=kv_heads, head_dim=head_dim, vocab=vocab,
+                      tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
 
 
-def rsparse_split(d_out: int, d_in: int, s: float, rho: float) -> tuple[int, int]:
-    """(kept channels k, rank r) of an R-Sparse layer at sparsity budget s and sparse ratio rho (R-Sparse setup.py)."""
+def rsparse_split(*, d_out: int, d_in: int, s: float, rho: float) -> tuple[int, int]:
+    """(kept channels k, rank r) of an R-Sparse layer W [d_out, d_in] at sparsity budget s and sparse ratio rho.
+
+    The one (s, rho) -> (k, r) mapping of the package (R-Sparse's utils/setup.py), read by the cost model, the
+    compression method and the kernels. Keyword-only: (d_out, d_in) and (d_in, d_out) orders were both in use.
+    ``s <= 0`` or ``rho >= 1`` means no low-rank part; the rank never exceeds min(d_in, d_out).
+    """
     if s <= 0:
         return d_in, 0
     budget = d_in * d_out * (1.0 - s)
@@ -97,12 +135,12 @@ def rsparse_split(d_out: int, d_in: int, s: float, rho: float) -> tuple[int, int
     if rho >= 1.0:
         return kept, 0
     rank = max(int((budget - kept * d_out) / (d_in + d_out)), 0)
-    return kept, rank
+    return kept, min(rank, d_in, d_out)
 
 
 def touched_weights(d_out: int, d_in: int, s: float, rho: float) -> float:
     """Weight elements read (= multiply-adds) per token at level (s, rho)."""
-    kept, rank = rsparse_split(d_out, d_in, s, rho)
+    kept, rank = rsparse_split(d_out=d_out, d_in=d_in, s=s, rho=rho)
     return kept * d_out + rank * (d_in + d_out)
 
 

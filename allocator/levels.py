@@ -4,6 +4,9 @@ A level is a point of the grid ``(s, rho, bits)``: activation sparsity ``s`` (sh
 read), R-Sparse's ratio ``rho`` (share of the kept budget spent on exact channels; 1 = pure sparsity) and the
 weight bit width. Levels serialize as plain dicts (``allocation.json``, tables) and come back through
 ``Level.from_mapping``, which is the one place a missing field gets its default and a bad value an error.
+
+A *level grid* (the options of a table) is a small DataFrame with columns ``s, rho, bits``, one row per level:
+``make_levels`` builds the product grid, ``normalize_levels`` checks any accepted form and returns that frame.
 """
 from __future__ import annotations
 
@@ -11,8 +14,15 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+import numpy as np
+import pandas as pd
+
 LEVEL_FIELDS = ("s", "rho", "bits")
+LEVEL_COLUMNS = LEVEL_FIELDS
 DENSE_BITS = 16
+LEVEL_DEFAULTS = {"s": 0.0, "rho": 1.0, "bits": DENSE_BITS}
+ACCEPTED_GRIDS = ("a DataFrame with columns s [, rho, bits]", "a list of Level objects or {'s', 'rho', 'bits'} dicts",
+                  "a 1-D sequence of sparsities", "make_levels(s=[...], rho=[...], bits=[...])")
 
 
 class LevelError(ValueError):
@@ -60,3 +70,73 @@ class Level:
     def key(self) -> tuple:
         """A hashable, rounding-stable key (memo tables, cache rows)."""
         return (round(self.s, 6), round(self.rho, 6), self.bits)
+
+    # read like the dict a level serializes to, so that code written for dict levels keeps working
+    def keys(self) -> tuple[str, ...]:
+        return LEVEL_FIELDS
+
+    def __getitem__(self, name: str):
+        if name not in LEVEL_FIELDS:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def get(self, name: str, default=None):
+        return getattr(self, name) if name in LEVEL_FIELDS else default
+
+
+def make_levels(s=(0.0,), rho=(1.0,), bits=(DENSE_BITS,)) -> pd.DataFrame:
+    """The product grid of level options, least compressed first (s ascending, rho descending, bits descending)."""
+    rows = [{"s": float(a), "rho": float(r), "bits": int(b)}
+            for b in sorted(bits, reverse=True) for a in sorted(s) for r in sorted(rho, reverse=True)]
+    return normalize_levels(pd.DataFrame(rows))
+
+
+def normalize_levels(levels) -> pd.DataFrame:
+    """The clean level frame (columns s, rho, bits) of any accepted grid form; every row a valid, distinct Level."""
+    frame = _level_frame(levels)
+    if len(frame) == 0:
+        raise LevelError("the level grid is empty: give at least one level, e.g. levels=make_levels(s=[0, 0.25, 0.5])")
+    unknown = [c for c in frame.columns if c not in LEVEL_COLUMNS]
+    if unknown:
+        raise LevelError(f"unknown level columns {unknown}; levels may only have columns {list(LEVEL_COLUMNS)}")
+    frame = frame.assign(**{c: d for c, d in LEVEL_DEFAULTS.items() if c not in frame.columns})
+    frame = frame[list(LEVEL_COLUMNS)].reset_index(drop=True)
+    if frame.isna().any().any():
+        raise LevelError("the level grid has missing values; every level needs s, rho and bits")
+    objects = [_row_level(j, row) for j, row in enumerate(frame.to_dict(orient="records"))]
+    _check_distinct(objects)
+    return pd.DataFrame({"s": [lv.s for lv in objects], "rho": [lv.rho for lv in objects],
+                         "bits": np.array([lv.bits for lv in objects], dtype=int)})
+
+
+def _level_frame(levels) -> pd.DataFrame:
+    if isinstance(levels, pd.DataFrame):
+        return levels.copy()
+    if isinstance(levels, (list, tuple)) and levels and all(isinstance(v, (Level, Mapping)) for v in levels):
+        return pd.DataFrame([Level.from_mapping(v).to_dict() for v in levels])
+    try:
+        arr = np.asarray(levels, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise LevelError(f"cannot read the level grid {levels!r} ({exc}); give {'; or '.join(ACCEPTED_GRIDS)}") from exc
+    if arr.ndim > 1:
+        raise LevelError(f"the level grid is a {arr.ndim}-D array of shape {arr.shape}; a bare array may only list "
+                         f"sparsities (1-D). For (s, rho) pairs give {ACCEPTED_GRIDS[0]} or {ACCEPTED_GRIDS[3]}")
+    return pd.DataFrame({"s": arr.reshape(-1)})
+
+
+def _row_level(j: int, row: Mapping) -> Level:
+    try:
+        return Level(**row)
+    except LevelError as exc:
+        raise LevelError(f"level {j} of the grid: {exc}") from exc
+
+
+def _check_distinct(objects: list[Level]) -> None:
+    """Two rows with one key would make a solver pick between conflicting cost / degradation columns."""
+    first: dict[tuple, int] = {}
+    for j, lv in enumerate(objects):
+        i = first.setdefault(lv.key(), j)
+        if i != j:
+            same = "duplicates" if objects[i] == lv else "is within 1e-6 of (a near-duplicate of)"
+            raise LevelError(f"level {j} {lv.to_dict()} {same} level {i} {objects[i].to_dict()}; "
+                             "every level of a grid must be distinct: drop one of them")

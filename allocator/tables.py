@@ -18,10 +18,10 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from .levels import LEVEL_COLUMNS, Level, LevelError, make_levels, normalize_levels  # noqa: F401 (re-exported)
+
 logger = logging.getLogger(__name__)
 
-LEVEL_COLUMNS = ("s", "rho", "bits")
-LEVEL_DEFAULTS = {"s": 0.0, "rho": 1.0, "bits": 16}
 TABLES_FORMAT_VERSION = 1
 
 
@@ -48,49 +48,24 @@ class Unit:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Unit":
-        return cls(name=str(d["name"]), layer=int(d["layer"]), kinds=tuple(d.get("kinds", ())),
-                   params=int(d.get("params", 0)), shapes=tuple(tuple(int(v) for v in s) for s in d.get("shapes", ())))
-
-
-def make_levels(s=(0.0,), rho=(1.0,), bits=(16,)) -> pd.DataFrame:
-    """The product grid of level options, least compressed first (s ascending, rho descending, bits descending)."""
-    rows = [{"s": float(a), "rho": float(r), "bits": int(b)}
-            for b in sorted(bits, reverse=True) for a in sorted(s) for r in sorted(rho, reverse=True)]
-    return normalize_levels(pd.DataFrame(rows))
-
-
-def normalize_levels(levels) -> pd.DataFrame:
-    """Accept a DataFrame / list of dicts / 1-D array of sparsities and return a clean level frame."""
-    if isinstance(levels, pd.DataFrame):
-        frame = levels.copy()
-    elif isinstance(levels, (list, tuple)) and levels and isinstance(levels[0], Mapping):
-        frame = pd.DataFrame(list(levels))
-    else:
-        arr = np.asarray(levels, dtype=float).ravel()
-        frame = pd.DataFrame({"s": arr})
-    if len(frame) == 0:
-        raise TablesError("the level grid is empty: give at least one level, e.g. levels=make_levels(s=[0, 0.25, 0.5])")
-    unknown = [c for c in frame.columns if c not in LEVEL_COLUMNS]
-    if unknown:
-        raise TablesError(f"unknown level columns {unknown}; levels may only have columns {list(LEVEL_COLUMNS)}")
-    for col, default in LEVEL_DEFAULTS.items():
-        if col not in frame.columns:
-            frame[col] = default
-    frame = frame[list(LEVEL_COLUMNS)].reset_index(drop=True)
-    frame["s"] = frame["s"].astype(float)
-    frame["rho"] = frame["rho"].astype(float)
-    frame["bits"] = frame["bits"].astype(int)
-    if frame.isna().any().any():
-        raise TablesError("the level grid has missing values; every level needs s, rho and bits")
-    if ((frame["s"] < 0) | (frame["s"] > 1)).any() or ((frame["rho"] < 0) | (frame["rho"] > 1)).any():
-        raise TablesError("level sparsity s and ratio rho must lie in [0, 1]")
-    if (frame["bits"] <= 0).any():
-        raise TablesError("level bits must be positive")
-    return frame
+        if not isinstance(d, Mapping) or "name" not in d or "layer" not in d:
+            raise TablesError(f"a unit must be a mapping with at least 'name' and 'layer', got {d!r}; "
+                              "write units as {'name': 'layers.0', 'layer': 0, ...} (Unit.to_dict)")
+        try:
+            return cls(name=str(d["name"]), layer=int(d["layer"]), kinds=tuple(d.get("kinds", ())),
+                       params=int(d.get("params", 0)),
+                       shapes=tuple(tuple(int(v) for v in s) for s in d.get("shapes", ())))
+        except (TypeError, ValueError) as exc:
+            raise TablesError(f"unit {d.get('name')!r} has a malformed field ({exc}); layer and params are "
+                              "integers, shapes a list of [d_out, d_in]") from exc
 
 
 def _check_matrix(name: str, matrix, shape: tuple[int, int], nonnegative: bool) -> np.ndarray:
-    arr = np.asarray(matrix, dtype=float)
+    try:
+        arr = np.asarray(matrix, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise TablesError(f"{name} is not numeric ({exc}); give a float matrix of shape (n_units, n_levels) = "
+                          f"{shape}") from exc
     if arr.shape != shape:
         raise TablesError(f"{name} has shape {arr.shape}, expected (n_units, n_levels) = {shape}")
     if not np.isfinite(arr).all():
@@ -122,7 +97,10 @@ class Tables:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise TablesError(f"duplicate unit names {dup[:5]}; every unit needs a unique name")
-        self.levels = normalize_levels(self.levels)
+        try:
+            self.levels = normalize_levels(self.levels)
+        except LevelError as exc:
+            raise TablesError(f"the tables' levels: {exc}") from exc
         shape = (self.n_units, self.n_levels)
         self.costs = {str(k): _check_matrix(f"cost '{k}'", v, shape, nonnegative=True) for k, v in self.costs.items()}
         if self.degradation is not None:
@@ -145,6 +123,20 @@ class Tables:
     @property
     def layers(self) -> np.ndarray:
         return np.array([u.layer for u in self.units], dtype=int)
+
+    def level(self, j: int) -> Level:
+        """Level ``j`` of the grid as a Level object."""
+        return Level(**self.levels.iloc[int(j)].to_dict())
+
+    def level_objects(self) -> list[Level]:
+        return [Level(**row) for row in self.levels.to_dict(orient="records")]
+
+    def __repr__(self) -> str:
+        metric = self.provenance.get("metric")
+        degradation = "no degradation" if self.degradation is None else f"degradation ({metric or 'unnamed metric'})"
+        model = self.provenance.get("model")
+        return (f"Tables({self.n_units} units x {self.n_levels} levels, costs {sorted(self.costs)}, {degradation}"
+                f"{f', model {model}' if model else ''})")
 
     def cost(self, kind: str) -> np.ndarray:
         if kind not in self.costs:
@@ -221,40 +213,31 @@ class Tables:
 
     @classmethod
     def load(cls, directory) -> "Tables":
+        """Tables saved by ``save``; parquet rows are matched to ``tables.json``'s units by name, not by order."""
         directory = Path(directory)
-        try:
-            meta = json.loads((directory / "tables.json").read_text())
-            frame = pd.read_parquet(directory / "tables.parquet")
-        except FileNotFoundError as exc:
-            raise TablesError(f"no saved tables in {directory} ({exc.filename} missing); save them with Tables.save") from exc
-        except (json.JSONDecodeError, OSError, ValueError) as exc:
-            raise TablesError(f"the saved tables in {directory} are corrupt ({exc}); delete the folder and re-profile") from exc
-        if meta.get("_type") != "allocator.Tables" or meta.get("_version", 0) > TABLES_FORMAT_VERSION:
-            raise TablesError(f"{directory}/tables.json is not an allocator.Tables file of a version this package reads")
-        units = [Unit.from_dict(u) for u in meta["units"]]
-        levels = pd.DataFrame(meta["levels"])
-        n, m = len(units), len(levels)
-        if len(frame) != n * m:
-            raise TablesError(f"{directory}/tables.parquet has {len(frame)} rows, expected {n} units x {m} levels")
-        frame = frame.sort_values(["unit", "level"], key=lambda c: c.map({u.name: i for i, u in enumerate(units)})
-                                  if c.name == "unit" else c, kind="stable")
-        costs = {k: frame[k].to_numpy().reshape(n, m) for k in meta["cost_kinds"]}
-        deg = frame["degradation"].to_numpy().reshape(n, m) if meta["has_degradation"] else None
-        return cls(units, levels, costs, deg, meta.get("provenance", {}))
+        meta, frame = _read_saved(directory)
+        where = f"{directory}/tables.json"
+        units = [Unit.from_dict(u) for u in _meta_field(meta, "units", list, where)]
+        levels = pd.DataFrame(_meta_field(meta, "levels", list, where))
+        kinds = list(_meta_field(meta, "cost_kinds", list, where))
+        columns = kinds + (["degradation"] if meta.get("has_degradation") else [])
+        source = f"{directory}/tables.parquet"
+        _require_columns(frame, ["unit", "level", *columns], source, "re-save the tables with Tables.save")
+        ui, li = _pair_positions(frame["unit"].astype(str), _integer_column(frame, "level", source),
+                                 [u.name for u in units], len(levels), source, f"the units of {where}")
+        grids = {c: _fill_grid(frame, c, ui, li, (len(units), len(levels)), source) for c in columns}
+        deg = grids.pop("degradation", None)
+        return cls(units, levels, grids, deg, meta.get("provenance", {}))
 
     @classmethod
     def from_csv(cls, path, cost_columns=None) -> "Tables":
         """Tables from a long CSV a user wrote: columns ``unit, level`` (or ``s``/``rho``/``bits``), costs, ``degradation``.
 
-        Optional columns ``layer`` and ``params``. Every (unit, level) pair must appear exactly once.
+        Optional columns ``layer`` and ``params``. Every (unit, level) pair must appear exactly once. Unit names
+        are read as text (``01`` and ``1`` are two units).
         """
         path = Path(path)
-        try:
-            frame = pd.read_csv(path)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise TablesError(f"{path} is not a readable CSV ({exc})") from exc
-        if "unit" not in frame.columns:
-            raise TablesError(f"{path} has no 'unit' column; expected columns: unit, s [, rho, bits], <cost columns>, degradation")
+        frame = _read_csv(path)
         level_cols = [c for c in LEVEL_COLUMNS if c in frame.columns]
         if not level_cols:
             raise TablesError(f"{path} has no level columns; give at least 's' (and optionally 'rho', 'bits')")
@@ -262,34 +245,116 @@ class Tables:
         cost_columns = list(cost_columns) if cost_columns else [c for c in frame.columns if c not in reserved]
         if not cost_columns:
             raise TablesError(f"{path} has no cost columns (e.g. flops_decode, bytes_decode)")
-        for c in cost_columns + (["degradation"] if "degradation" in frame.columns else []):
-            if not pd.api.types.is_numeric_dtype(frame[c]):
-                raise TablesError(f"column '{c}' of {path} is not numeric")
-        unit_names = list(dict.fromkeys(frame["unit"].astype(str)))
-        levels = frame[level_cols].drop_duplicates().reset_index(drop=True)
-        levels = normalize_levels(levels)
-        frame = frame.assign(unit=frame["unit"].astype(str))
-        merged = frame.merge(levels[level_cols].reset_index().rename(columns={"index": "_level"}), on=level_cols)
-        counts = merged.groupby(["unit", "_level"]).size()
+        _require_columns(frame, cost_columns, str(path), "name existing columns in cost_columns")
+        for c in level_cols + [c for c in ("layer", "params") if c in frame.columns]:
+            _numeric_column(frame, c, path)
+        try:
+            levels = normalize_levels(frame[level_cols].drop_duplicates().reset_index(drop=True))
+        except LevelError as exc:
+            raise TablesError(f"the levels of {path}: {exc}") from exc
+        level_pos = frame[level_cols].merge(levels[level_cols].reset_index(), on=level_cols, how="left")["index"]
+        unit_names = list(dict.fromkeys(frame["unit"]))
         n, m = len(unit_names), len(levels)
-        if len(counts) != n * m or (counts != 1).any():
-            raise TablesError(f"{path} must list every (unit, level) pair exactly once: {n} units x {m} levels "
-                              f"= {n * m} rows expected, found {len(frame)} rows covering {len(counts)} pairs")
-        pos = {u: i for i, u in enumerate(unit_names)}
-        ui = merged["unit"].map(pos).to_numpy()
-        li = merged["_level"].to_numpy()
-
-        def grid(col):
-            out = np.full((n, m), np.nan)
-            out[ui, li] = merged[col].to_numpy(dtype=float)
-            return out
-
+        ui, li = _pair_positions(frame["unit"], level_pos.to_numpy(dtype=int), unit_names, m, str(path), None)
+        columns = cost_columns + (["degradation"] if "degradation" in frame.columns else [])
+        grids = {c: _fill_grid(frame, c, ui, li, (n, m), str(path)) for c in columns}
         first = frame.drop_duplicates("unit").set_index("unit")
         units = [Unit(name=u, layer=int(first.loc[u, "layer"]) if "layer" in first else i,
                       params=int(first.loc[u, "params"]) if "params" in first else 0)
                  for i, u in enumerate(unit_names)]
-        deg = grid("degradation") if "degradation" in frame.columns else None
-        return cls(units, levels, {c: grid(c) for c in cost_columns}, deg, {"source": str(path)})
+        deg = grids.pop("degradation", None)
+        return cls(units, levels, grids, deg, {"source": str(path)})
+
+
+# ---------------------------------------------------------------------------------------------- reading helpers
+def _read_saved(directory: Path) -> tuple[dict, pd.DataFrame]:
+    try:
+        meta = json.loads((directory / "tables.json").read_text(encoding="utf-8"))
+        frame = pd.read_parquet(directory / "tables.parquet")
+    except FileNotFoundError as exc:
+        raise TablesError(f"no saved tables in {directory} ({exc.filename} missing); save them with Tables.save") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, ValueError) as exc:
+        raise TablesError(f"the saved tables in {directory} are corrupt ({exc}); delete the folder and re-profile") from exc
+    if not isinstance(meta, dict) or meta.get("_type") != "allocator.Tables":
+        raise TablesError(f"{directory}/tables.json is not an allocator.Tables file (no \"_type\": "
+                          "\"allocator.Tables\" object); write it with Tables.save")
+    version = meta.get("_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version > TABLES_FORMAT_VERSION:
+        raise TablesError(f"{directory}/tables.json has _version {version!r}; this package reads integer versions "
+                          f"<= {TABLES_FORMAT_VERSION}: upgrade layer-allocator or re-save the tables")
+    return meta, frame
+
+
+def _meta_field(meta: dict, key: str, kind: type, where: str):
+    if not isinstance(meta.get(key), kind):
+        raise TablesError(f"{where} has no '{key}' {kind.__name__}; it is written by Tables.save "
+                          "(re-save the tables, or add the field)")
+    return meta[key]
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype={"unit": str})
+    except FileNotFoundError as exc:
+        raise TablesError(f"no CSV file {path}; give the path of a long table (unit, s, <costs>, degradation)") from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise TablesError(f"{path} is not a readable CSV ({exc})") from exc
+    if "unit" not in frame.columns:
+        raise TablesError(f"{path} has no 'unit' column; expected columns: unit, s [, rho, bits], <cost columns>, degradation")
+    empty = np.flatnonzero(frame["unit"].isna().to_numpy())
+    if empty.size:
+        raise TablesError(f"{path}: the 'unit' column is empty in data rows {empty[:5].tolist()}; name every row's unit")
+    return frame
+
+
+def _require_columns(frame: pd.DataFrame, columns, source: str, fix: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise TablesError(f"{source} lacks the columns {missing} (has {list(frame.columns)}); {fix}")
+
+
+def _numeric_column(frame: pd.DataFrame, column: str, source) -> np.ndarray:
+    values = frame[column]
+    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        bad = values[pd.to_numeric(values, errors="coerce").isna()].head(3).tolist()
+        raise TablesError(f"column '{column}' of {source} is not numeric (values such as {bad}); "
+                          "write plain numbers in it")
+    return values.to_numpy(dtype=float)
+
+
+def _integer_column(frame: pd.DataFrame, column: str, source) -> np.ndarray:
+    values = _numeric_column(frame, column, source)
+    if not np.all(np.isfinite(values) & (values == np.round(values))):
+        raise TablesError(f"column '{column}' of {source} must hold whole numbers; re-save the tables")
+    return values.astype(int)
+
+
+def _pair_positions(unit_col: pd.Series, level_pos: np.ndarray, names: list[str], m: int, source: str,
+                    names_source: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(unit, level) position of every row; every pair must appear exactly once and the unit names must agree."""
+    index = {u: i for i, u in enumerate(names)}
+    unknown, missing = sorted(set(unit_col) - set(index)), sorted(set(index) - set(unit_col))
+    if names_source and (unknown or missing):
+        raise TablesError(f"the unit names of {source} disagree with {names_source}: only in the parquet "
+                          f"{unknown[:5]}, only in the JSON {missing[:5]}; the two files come from different runs: "
+                          "re-save the tables with Tables.save")
+    ui, li = unit_col.map(index).to_numpy(dtype=int), np.asarray(level_pos, dtype=int)
+    if ((li < 0) | (li >= m)).any():
+        raise TablesError(f"{source} holds level positions outside 0..{m - 1}; re-save the tables")
+    counts = np.zeros((len(names), m), dtype=int)
+    np.add.at(counts, (ui, li), 1)
+    if (counts != 1).any():
+        raise TablesError(f"{source} must list every (unit, level) pair exactly once: {len(names)} units x {m} levels "
+                          f"= {len(names) * m} rows expected, found {len(unit_col)} rows covering "
+                          f"{int((counts > 0).sum())} pairs")
+    return ui, li
+
+
+def _fill_grid(frame: pd.DataFrame, column: str, ui: np.ndarray, li: np.ndarray, shape: tuple[int, int],
+               source: str) -> np.ndarray:
+    out = np.full(shape, np.nan)
+    out[ui, li] = _numeric_column(frame, column, source)
+    return out
 
 
 def _jsonable(obj):
@@ -303,4 +368,6 @@ def _jsonable(obj):
         return int(obj)
     if isinstance(obj, (np.floating,)):
         return float(obj)
+    if isinstance(obj, Level):
+        return obj.to_dict()
     return obj

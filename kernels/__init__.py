@@ -15,7 +15,6 @@ from .rsparse import (
     rsparse_gemv_reference,
     rsparse_gemv_triton,
     rsparse_gemv_two_launch_triton,
-    rsparse_rank,
 )
 from .gemv import GemvConfig, keep_mask, sparse_gemv_reference, sparse_gemv_triton
 
@@ -28,7 +27,6 @@ __all__ = [
     "rsparse_gemv_reference",
     "rsparse_gemv_triton",
     "rsparse_gemv_two_launch_triton",
-    "rsparse_rank",
     "sparse_gemv",
     "sparse_gemv_reference",
     "sparse_gemv_triton",

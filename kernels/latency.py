@@ -9,7 +9,10 @@ enough weight copies (>= 300 MB) that the 50 MB L2 cannot hold them; the graph i
 `triton.testing.do_bench` and the median per call is kept. Masks are random and unstructured at exactly s,
 shared by the batch rows (s is the sparsity of the union of the masks: with independent per-token masks the
 union keeps 1 - s**B of the channels). rho < 1 rows time the R-Sparse layer (sparse + low-rank) with
-R-Sparse's own (s, rho) -> (kept, rank) mapping.
+the core's (s, rho) -> (kept, rank) mapping (`allocator.costs.rsparse_split`).
+
+The table format (`COLUMNS`) and `latency_cost_matrix` live in the torch-free core
+(`allocator.cost_providers`), so a saved table prices a problem without torch; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 
+from allocator.cost_providers import LATENCY_COLUMNS as COLUMNS
+from allocator.cost_providers import latency_cost_matrix  # noqa: F401  (re-exported)
+from allocator.costs import rsparse_split
+
 logger = logging.getLogger(__name__)
 
-COLUMNS = ["gpu", "d_out", "d_in", "s", "rho", "dtype", "batch", "latency_us", "dense_us", "path"]
 PATHS = ("standalone", "fused")  # sparse_gemv per call | inside the fused decode step (pipelined.py)
 ROTATE_BYTES = 300 * 2**20
 THRESHOLD = 0.05  # kept activations have |x| > 0.1, dropped ones |x| < 0.04
@@ -83,8 +88,6 @@ def measure_latency_table(
 ) -> pd.DataFrame:
     """One row per (shape, s, rho, dtype, batch, path): median latency of our op and of the cuBLAS dense GEMV.
     path "fused" (rho = 1, batch 1): the GEMV of the fused decode step, kept lists given by the producer."""
-    from .rsparse import rsparse_gemv_triton, rsparse_rank
-    from .gemv import sparse_gemv_triton
     from .pipelined import SiteBuffers, indexed_gemv, plan_site
 
     unknown = set(paths) - set(PATHS)
@@ -105,23 +108,10 @@ def measure_latency_table(
                 xd = sparse_input(batch, d_in, 0.0, dtype, device, g)
                 dense_us = graph_time_us([lambda m=m: torch.nn.functional.linear(xd, m) for m in w], rep_ms)
                 for rho in rhos:
-                    lr = None
                     for s in sparsities:
-                        x = sparse_input(batch, d_in, s if rho >= 1 else 1 - (1 - s) * rho, dtype, device, g)
-                        if rho >= 1:
-                            calls = [lambda m=m: sparse_gemv_triton(x, m, THRESHOLD) for m in wt]
-                        else:
-                            _, rank = rsparse_rank(d_in, d_out, s, rho)
-                            lr = [
-                                (torch.randn(d_in, rank, device=device, dtype=dtype) * 0.05,
-                                 torch.randn(rank, d_out, device=device, dtype=dtype) * 0.05)
-                                for _ in range(len(wt))
-                            ]
-                            calls = [
-                                lambda m=m, f=f: rsparse_gemv_triton(x, m, f[0], f[1], THRESHOLD)
-                                for m, f in zip(wt, lr)
-                            ]
-                        us = graph_time_us(calls, rep_ms)
+                        _, rank = rsparse_split(d_out=d_out, d_in=d_in, s=s, rho=rho)
+                        x = sparse_input(batch, d_in, s if rank == 0 else 1 - (1 - s) * rho, dtype, device, g)
+                        us = graph_time_us(_layer_calls(x, wt, rank, THRESHOLD), rep_ms)
                         rows.append([gpu, d_out, d_in, s, rho, str(dtype).removeprefix("torch."), batch, us, dense_us,
                                      "standalone"])
                         logger.info("%s %dx%d s=%.2f rho=%.2f b=%d: %.2f us (dense %.2f)", dtype, d_out, d_in, s,
@@ -132,10 +122,24 @@ def measure_latency_table(
                             us = graph_time_us([lambda m=m: indexed_gemv(x, m, site) for m in wt], rep_ms)
                             rows.append([gpu, d_out, d_in, s, rho, str(dtype).removeprefix("torch."), batch, us,
                                          dense_us, "fused"])
-                    del lr
             del w, wt
             torch.cuda.empty_cache()
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _layer_calls(x: torch.Tensor, wt: list[torch.Tensor], rank: int, threshold: float) -> list[Callable[[], object]]:
+    """One call per weight copy: the sparse GEMV, or the R-Sparse layer with random rank-`rank` factors.
+
+    rank 0 (s = 0 or rho = 1 in the core's mapping) is the plain sparse GEMV, as the cost model prices it."""
+    from .gemv import sparse_gemv_triton
+    from .rsparse import rsparse_gemv_triton
+
+    if rank == 0:
+        return [lambda m=m: sparse_gemv_triton(x, m, threshold) for m in wt]
+    d_in, d_out = wt[0].shape
+    factors = [(torch.randn(d_in, rank, device=x.device, dtype=x.dtype) * 0.05,
+                torch.randn(rank, d_out, device=x.device, dtype=x.dtype) * 0.05) for _ in wt]
+    return [lambda m=m, f=f: rsparse_gemv_triton(x, m, f[0], f[1], threshold) for m, f in zip(wt, factors)]
 
 
 def producer_lists(x: torch.Tensor, site) -> None:
@@ -146,55 +150,3 @@ def producer_lists(x: torch.Tensor, site) -> None:
         kept = torch.nonzero(keep[s * ks:(s + 1) * ks]).flatten().to(torch.int32) + s * ks
         site.idx[s * ks:s * ks + kept.numel()] = kept
         site.cnt[s] = kept.numel()
-
-
-def _levels_frame(levels) -> pd.DataFrame:
-    if isinstance(levels, pd.DataFrame):
-        df = levels.copy()
-    else:
-        items = [lv if isinstance(lv, (tuple, list)) else (lv, 1.0) for lv in levels]
-        df = pd.DataFrame(items, columns=["s", "rho"])
-    if "rho" not in df:
-        df["rho"] = 1.0
-    return df.fillna({"rho": 1.0})
-
-
-def latency_cost_matrix(
-    df: pd.DataFrame,
-    units_shapes: Sequence[Sequence[tuple[int, int]]],
-    levels,
-    dtype: str = "float16",
-    batch: int = 1,
-    gpu: str | None = None,
-    with_fallback: bool = True,
-    path: str = "standalone",
-) -> np.ndarray:
-    """Decode latency in microseconds, shape (n_units, n_levels).
-
-    units_shapes[u] lists the (d_out, d_in) projections of unit u; levels is a sequence of s values, of
-    (s, rho) pairs, or a DataFrame with columns s (and rho). Each projection takes the row of its shape with
-    the nearest measured s (and nearest rho); `with_fallback` takes min(kernel, dense) as the op does.
-    `path` picks the kernel path ("fused": the decode step of pipelined.py; tables without a path column are
-    standalone). A shape that was not measured raises KeyError.
-    """
-    table = df[(df["dtype"] == dtype) & (df["batch"] == batch)]
-    if "path" in table:
-        table = table[table["path"].fillna("standalone") == path]
-    if gpu is None:
-        gpu = table["gpu"].iloc[0]
-    table = table[table["gpu"] == gpu]
-    lv = _levels_frame(levels)
-    out = np.zeros((len(units_shapes), len(lv)))
-    for u, shapes in enumerate(units_shapes):
-        for d_out, d_in in shapes:
-            rows = table[(table["d_out"] == d_out) & (table["d_in"] == d_in)]
-            if rows.empty:
-                raise KeyError(f"no latency measured for shape {d_out}x{d_in} ({dtype}, batch {batch}, {gpu})")
-            for j, (s, rho) in enumerate(zip(lv["s"], lv["rho"])):
-                near_rho = rows[(rows["rho"] - rho).abs() == (rows["rho"] - rho).abs().min()]
-                row = near_rho.iloc[int(np.argmin((near_rho["s"] - s).abs().to_numpy()))]
-                us = row["latency_us"]
-                if with_fallback:
-                    us = min(us, row["dense_us"])
-                out[u, j] += us
-    return out

@@ -24,6 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from allocator.costs import ModelShape, load_model_config, model_shape
+
 from .decode_ops import add_rms_norm, decode_attention, rope_and_cache, silu_mul
 from . import pipelined
 from .gemv import sparse_gemv_reference
@@ -35,6 +37,12 @@ SITES = ("qkv", "o", "gate_up", "down")
 
 @dataclasses.dataclass(frozen=True)
 class DecoderShape:
+    """The core's `ModelShape` (sizes, in the kernels' names) plus what only a decode step needs (RoPE, norm eps).
+
+    Build it from a HF config with `DecoderShape.from_config` (one shape model: `allocator.costs.model_shape`
+    validates the sizes); the positional constructor stays for small test shapes.
+    """
+
     hidden: int
     intermediate: int
     n_heads: int
@@ -43,15 +51,30 @@ class DecoderShape:
     vocab: int
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    head_dim: int | None = None  # None: hidden // n_heads
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.n_heads
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden // self.n_heads)
+
+    @classmethod
+    def from_model_shape(cls, shape: ModelShape, rope_theta: float = 10000.0, norm_eps: float = 1e-5) -> "DecoderShape":
+        return cls(hidden=shape.hidden, intermediate=shape.intermediate, n_heads=shape.heads,
+                   n_kv_heads=shape.kv_heads, n_layers=shape.layers, vocab=shape.vocab, rope_theta=rope_theta,
+                   norm_eps=norm_eps, head_dim=shape.head_dim)
+
+    @classmethod
+    def from_config(cls, config) -> "DecoderShape":
+        """From a HF config (dict, config.json path, or a shipped name such as "llama-3-8b")."""
+        cfg = load_model_config(config)
+        cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
+        return cls.from_model_shape(model_shape(cfg), rope_theta=float(cfg.get("rope_theta") or 10000.0),
+                                    norm_eps=float(cfg.get("rms_norm_eps") or 1e-5))
 
 
-LLAMA3_8B = DecoderShape(4096, 14336, 32, 8, 32, 128256, rope_theta=500000.0)
-LLAMA2_7B = DecoderShape(4096, 11008, 32, 32, 32, 32000)
-SMOLLM2_135M = DecoderShape(576, 1536, 9, 3, 30, 49152, rope_theta=100000.0)
+LLAMA3_8B = DecoderShape.from_config("llama-3-8b")
+LLAMA2_7B = DecoderShape.from_config("llama-2-7b")
+SMOLLM2_135M = DecoderShape.from_config("smollm2-135m")
 
 
 class RandomLlamaDecoder:

@@ -19,6 +19,7 @@ does in program-id order; they never wait on anything, so no deadlock can arise 
 `rsparse_gemv_two_launch_triton` is the plain two-launch version (z kernel, then the sparse GEMV with the
 Bt rows appended), kept as a fallback and for comparison.
 Bytes: kept K N + r K (1 - kept) + r N, against K N dense.
+The (s, rho) -> (kept, rank) mapping is the core's `allocator.costs.rsparse_split`.
 """
 
 from __future__ import annotations
@@ -117,15 +118,6 @@ def _rsparse_fused_kernel(
                                       BLOCK_K, USE_DOT)
         _write_out(acc, y_ptr, partial_ptr, counter_ptr, pid_n, pid_s, n_splits, N, n_offs, n_mask, b_offs, b_mask,
                    BATCH, BATCH_PAD, BLOCK_N, REDUCE)
-
-
-
-def rsparse_rank(d_in: int, d_out: int, s: float, rho: float) -> tuple[int, int]:
-    """R-Sparse's mapping (utils/setup.py): kept channels k and rank r for budget s and sparse ratio rho."""
-    kept = max(int(d_in * (1 - s) * rho), 1)
-    budget = d_in * d_out * (1 - s)
-    rank = max(int((budget - kept * d_out) / (d_in + d_out)), 1)
-    return kept, rank
 
 
 def low_rank_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

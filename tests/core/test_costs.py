@@ -47,15 +47,15 @@ def test_rsparse_split_by_hand():
     # gate_proj of Llama-2-7B (d_out 11008, d_in 4096) at s = 0.5, rho = 0.9:
     # k = floor(4096 * 0.5 * 0.9) = 1843; B = 4096 * 11008 * 0.5 = 22,544,384;
     # r = floor((22,544,384 - 1843 * 11008) / (4096 + 11008)) = floor(2,256,640 / 15104) = 149
-    assert rsparse_split(11008, 4096, 0.5, 0.9) == (1843, 149)
+    assert rsparse_split(d_out=11008, d_in=4096, s=0.5, rho=0.9) == (1843, 149)
     c = projection_costs(11008, 4096, 0.5, 0.9, 16, tokens=1)
     assert c["flops_decode"] == 2 * (1843 * 11008 + 149 * 15104)
     # the R-Sparse examples: gate 4096->14336 at s=.5, a=.8 gives k=1638, r=318; q 4096^2 at s=.5, a=.5 k=1024, r=512
-    assert rsparse_split(14336, 4096, 0.5, 0.8) == (1638, 318)
-    assert rsparse_split(4096, 4096, 0.5, 0.5) == (1024, 512)
+    assert rsparse_split(d_out=14336, d_in=4096, s=0.5, rho=0.8) == (1638, 318)
+    assert rsparse_split(d_out=4096, d_in=4096, s=0.5, rho=0.5) == (1024, 512)
     # rho = 1 is pure sparsity (no rank), s = 0 is dense
-    assert rsparse_split(4096, 4096, 0.5, 1.0) == (2048, 0)
-    assert rsparse_split(4096, 4096, 0.0, 0.3) == (4096, 0)
+    assert rsparse_split(d_out=4096, d_in=4096, s=0.5, rho=1.0) == (2048, 0)
+    assert rsparse_split(d_out=4096, d_in=4096, s=0.0, rho=0.3) == (4096, 0)
 
 
 def test_gqa_shapes_are_real():
@@ -98,3 +98,46 @@ def test_fixed_costs_decode():
 def test_unknown_model_config_lists_shipped():
     with pytest.raises(FileNotFoundError, match="llama-2-7b"):
         analytic_tables("no-such-model", make_levels(s=[0.0]))
+
+
+def test_rsparse_split_is_keyword_only():
+    with pytest.raises(TypeError):
+        rsparse_split(4096, 4096, 0.5, 0.5)
+
+
+def test_rank_clamp_never_binds_on_shipped_configs():
+    """r = d_in d_out (1-s)(1-rho) / (d_in + d_out) <= min(d_in, d_out): the clamp leaves every cost table as it was."""
+    grid = np.linspace(0.0, 1.0, 41)
+    for name in shipped_model_configs():
+        for d_out, d_in in set(model_shape(name).projection_shapes().values()):
+            for s in grid[1:]:
+                for rho in grid[:-1]:
+                    kept = int(d_in * (1 - s) * rho)
+                    unclamped = max(int((d_in * d_out * (1 - s) - kept * d_out) / (d_in + d_out)), 0)
+                    assert rsparse_split(d_out=d_out, d_in=d_in, s=s, rho=rho) == (kept, unclamped)
+
+
+@pytest.mark.parametrize("patch, match", [
+    ({"hidden_size": 0}, "hidden_size=0 must be an integer >= 1"),
+    ({"num_attention_heads": 0}, "num_attention_heads=0"),
+    ({"hidden_size": 576.5}, "hidden_size=576.5"),
+    ({"intermediate_size": -1536}, "intermediate_size=-1536"),
+    ({"num_hidden_layers": "30"}, "num_hidden_layers='30'"),
+    ({"hidden_size": 577, "head_dim": None}, "not divisible by num_attention_heads=9"),
+    ({"num_key_value_heads": 2}, "not a multiple of num_key_value_heads=2"),
+])
+def test_model_shape_rejects_bad_sizes(patch, match):
+    from allocator import TablesError, load_model_config
+    cfg = {**load_model_config("smollm2-135m"), **patch}
+    with pytest.raises(TablesError, match=match):
+        model_shape(cfg)
+
+
+def test_malformed_config_json_names_the_file(tmp_path):
+    from allocator import TablesError
+    (tmp_path / "config.json").write_text('{"hidden_size": 576,')
+    with pytest.raises(TablesError, match=r"config\.json is not valid UTF-8 JSON"):
+        model_shape(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(TablesError, match="not an object"):
+        model_shape(tmp_path / "config.json")

@@ -1,0 +1,225 @@
+"""Cost providers: where the matrix of one cost kind comes from (the analytic model, measured kernel latency).
+
+Callers ask for a cost kind and get tables that hold it: ``with_costs(tables, "latency_decode",
+latency_table="lat.csv")``. A provider is a function ``(tables, kind, **context) -> (n_units, n_levels)``
+registered for the kinds it computes. Torch-free at import: the latency provider imports the kernels only when
+it has to measure.
+
+Latency tables (``LATENCY_COLUMNS``, one row per measured GEMV shape x level, written by
+``allocator.kernels.latency.measure_latency_table`` and ``studies/kernel_bench.py``) are read here, without
+torch, so that a saved table prices a problem on any machine.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .costs import projection_costs
+from .tables import Tables, Unit
+
+ANALYTIC_KINDS = ("flops_prefill", "flops_decode", "bytes_decode")
+LATENCY_COLUMNS = ["gpu", "d_out", "d_in", "s", "rho", "dtype", "batch", "latency_us", "dense_us", "path"]
+# projections that read one input run as one fused GEMV in a decode step (q|k|v, gate|up): time them as one
+FUSED_INPUTS = (("q", "k", "v"), ("gate", "up"))
+NEEDS_GPU = ("problem.cost=latency_decode needs a CUDA GPU with triton, or problem.latency_table=<csv written by "
+             "studies/kernel_bench.py or the latency evaluator>")
+
+_PROVIDERS: dict[str, Callable[..., np.ndarray]] = {}
+_KIND_PROVIDER: dict[str, str] = {}
+
+
+class CostProviderError(ValueError):
+    """A cost kind cannot be provided here; the message says what is missing and how to supply it."""
+
+
+def register_cost_provider(name: str, kinds: Sequence[str] | None = None):
+    """Decorator: register ``fn(tables, kind, **context) -> matrix`` under ``name`` for ``kinds`` (default: name)."""
+    def decorator(fn):
+        _PROVIDERS[name] = fn
+        for kind in kinds or (name,):
+            _KIND_PROVIDER[kind] = name
+        return fn
+    return decorator
+
+
+def cost_provider(name: str) -> Callable[..., np.ndarray]:
+    """The provider registered as ``name``, or the one that computes cost kind ``name``."""
+    name = _KIND_PROVIDER.get(name, name)
+    if name not in _PROVIDERS:
+        raise CostProviderError(f"no cost provider '{name}'; registered providers {sorted(_PROVIDERS)} "
+                                f"provide the cost kinds {available_cost_kinds()}")
+    return _PROVIDERS[name]
+
+
+def available_cost_kinds() -> list[str]:
+    return sorted(_KIND_PROVIDER)
+
+
+def with_costs(tables: Tables, kind: str, **context) -> Tables:
+    """``tables`` holding cost kind ``kind``: unchanged when they already do, else priced by its provider.
+
+    ``context`` holds the provider's options (None values are ignored), e.g. ``latency_table=`` for
+    ``latency_decode`` or ``tokens=`` for the analytic kinds.
+    """
+    if kind in tables.costs:
+        return tables
+    if kind not in _KIND_PROVIDER:
+        raise CostProviderError(f"unknown cost kind '{kind}'; the tables hold {sorted(tables.costs)} and the "
+                                f"registered providers compute {available_cost_kinds()}")
+    provider = cost_provider(kind)
+    options = {k: v for k, v in context.items() if v is not None}
+    accepted = [p for p in inspect.signature(provider).parameters if p not in ("tables", "kind")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise CostProviderError(f"cost kind '{kind}' takes the options {accepted}, not {unknown}")
+    matrix = provider(tables, kind, **options)
+    sources = {**tables.provenance.get("cost_sources", {}), kind: _KIND_PROVIDER[kind]}
+    return Tables(tables.units, tables.levels, {**tables.costs, kind: matrix}, tables.degradation,
+                  {**tables.provenance, "cost_sources": sources})
+
+
+# ---------------------------------------------------------------------------------------------- analytic
+@register_cost_provider("analytic", kinds=ANALYTIC_KINDS)
+def analytic_costs(tables: Tables, kind: str, *, tokens: int | None = None, group_size: int = 128) -> np.ndarray:
+    """The analytic cost model (``costs.projection_costs``) summed over each unit's projection shapes."""
+    tokens = int(tokens or tables.provenance.get("tokens", 2048))
+    _require_shapes(tables, kind, "build the tables with analytic_tables(config, levels) or give the cost column")
+    levels = tables.level_objects()
+    return np.array([[sum(projection_costs(d_out, d_in, lv.s, lv.rho, lv.bits, tokens, group_size)[kind]
+                          for d_out, d_in in unit.shapes) for lv in levels] for unit in tables.units])
+
+
+def _require_shapes(tables: Tables, kind: str, fix: str) -> None:
+    shapeless = [u.name for u in tables.units if not u.shapes]
+    if shapeless:
+        raise CostProviderError(f"cost kind '{kind}' needs the projection shapes of every unit; units "
+                                f"{shapeless[:5]} have none: {fix}")
+
+
+# ---------------------------------------------------------------------------------------------- latency
+@register_cost_provider("latency_decode")
+def latency_decode_costs(tables: Tables, kind: str, *, latency_table=None, dtype: str = "float16", batch: int = 1,
+                         gpu: str | None = None, path: str = "standalone", with_fallback: bool = True,
+                         device: str = "cuda", rep_ms: int = 40, seed: int = 0) -> np.ndarray:
+    """Measured decode latency (us) per unit and level: from a saved latency table, else measured on this GPU."""
+    compressed_bits = sorted({lv.bits for lv in tables.level_objects() if lv.bits != 16})
+    if compressed_bits:
+        raise CostProviderError(f"latency_decode times 16-bit kernels only; the grid has bits {compressed_bits}: "
+                                "drop them from the levels or use problem.cost=bytes_decode")
+    _require_shapes(tables, kind, "build the tables with analytic_tables(config, levels)")
+    shapes = [decode_gemv_shapes(u) for u in tables.units]
+    if latency_table is None:
+        frame, source = _measure(shapes, tables, dtype, batch, path, device=device, rep_ms=rep_ms, seed=seed), "this GPU"
+    else:
+        frame, source = read_latency_table(latency_table), str(latency_table)
+    try:
+        return latency_cost_matrix(frame, shapes, tables.levels, dtype=dtype, batch=batch, gpu=gpu,
+                                   with_fallback=with_fallback, path=path)
+    except KeyError as exc:
+        raise CostProviderError(f"latency table {source}: {exc.args[0]}; measure these shapes with "
+                                "allocator.kernels.latency.measure_latency_table (studies/kernel_bench.py)") from exc
+
+
+def decode_gemv_shapes(unit: Unit) -> list[tuple[int, int]]:
+    """(d_out, d_in) of the GEMVs a decode step runs for ``unit``: q|k|v and gate|up fused, as the kernels run them."""
+    fused = {kind: group for group in FUSED_INPUTS for kind in group}
+    out: dict[object, list[int]] = {}
+    for i, (kind, (d_out, d_in)) in enumerate(zip(unit.kinds or [None] * len(unit.shapes), unit.shapes)):
+        key = (fused.get(kind, i), d_in)
+        out.setdefault(key, [0, d_in])[0] += d_out
+    return [tuple(v) for v in out.values()]
+
+
+def read_latency_table(table) -> pd.DataFrame:
+    """A latency table from a DataFrame or the CSV path ``measure_latency_table`` output was saved to."""
+    if isinstance(table, pd.DataFrame):
+        frame, where = table, "the latency table"
+    else:
+        where = str(table)
+        try:
+            frame = pd.read_csv(Path(table))
+        except FileNotFoundError as exc:
+            raise CostProviderError(f"no latency table {where}; {NEEDS_GPU}") from exc
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise CostProviderError(f"{where} is not a readable CSV ({exc}); give the CSV measure_latency_table "
+                                    "wrote (studies/kernel_bench.py --latency)") from exc
+    missing = [c for c in LATENCY_COLUMNS if c not in frame.columns and c != "path"]
+    if missing:
+        raise CostProviderError(f"{where} lacks the latency columns {missing}; a latency table has the columns "
+                                f"{LATENCY_COLUMNS} (written by measure_latency_table)")
+    return frame
+
+
+def _measure(shapes, tables: Tables, dtype: str, batch: int, path: str, **options) -> pd.DataFrame:
+    try:
+        import torch
+        import triton  # noqa: F401  (the kernels need it)
+        from allocator.kernels.latency import measure_latency_table
+    except ImportError as exc:
+        raise CostProviderError(f"{NEEDS_GPU} ({exc})") from exc
+    if not torch.cuda.is_available():
+        raise CostProviderError(f"{NEEDS_GPU} (no CUDA device is visible)")
+    levels = tables.level_objects()
+    return measure_latency_table(sorted({s for unit in shapes for s in unit}),
+                                 sparsities=sorted({lv.s for lv in levels}), dtypes=(getattr(torch, dtype),),
+                                 batches=(batch,), rhos=sorted({lv.rho for lv in levels}, reverse=True),
+                                 paths=tuple(dict.fromkeys(("standalone", path))), **options)
+
+
+def _levels_frame(levels) -> pd.DataFrame:
+    if isinstance(levels, pd.DataFrame):
+        df = levels.copy()
+    else:
+        items = [lv if isinstance(lv, (tuple, list)) else (lv, 1.0) for lv in levels]
+        df = pd.DataFrame(items, columns=["s", "rho"])
+    if "rho" not in df:
+        df["rho"] = 1.0
+    return df.fillna({"rho": 1.0})
+
+
+def latency_cost_matrix(
+    df: pd.DataFrame,
+    units_shapes: Sequence[Sequence[tuple[int, int]]],
+    levels,
+    dtype: str = "float16",
+    batch: int = 1,
+    gpu: str | None = None,
+    with_fallback: bool = True,
+    path: str = "standalone",
+) -> np.ndarray:
+    """Decode latency in microseconds, shape (n_units, n_levels).
+
+    units_shapes[u] lists the (d_out, d_in) GEMVs of unit u; levels is a sequence of s values, of (s, rho)
+    pairs, or a DataFrame with columns s (and rho). Each GEMV takes the row of its shape with the nearest
+    measured rho, then the nearest s; `with_fallback` takes min(kernel, dense) as the op does. `path` picks the
+    kernel path ("fused": the decode step of pipelined.py; tables without a path column are standalone).
+    A shape (or dtype / batch / path / gpu) that was not measured raises KeyError.
+    """
+    table = df[(df["dtype"] == dtype) & (df["batch"] == batch)]
+    if "path" in table:
+        table = table[table["path"].fillna("standalone") == path]
+    if table.empty:
+        raise KeyError(f"no latency rows for dtype {dtype}, batch {batch}, path {path}")
+    gpu = table["gpu"].iloc[0] if gpu is None else gpu
+    table = table[table["gpu"] == gpu]
+    if table.empty:
+        raise KeyError(f"no latency rows for gpu {gpu!r} (dtype {dtype}, batch {batch}, path {path})")
+    lv = _levels_frame(levels)
+    out = np.zeros((len(units_shapes), len(lv)))
+    for u, shapes in enumerate(units_shapes):
+        for d_out, d_in in shapes:
+            rows = table[(table["d_out"] == d_out) & (table["d_in"] == d_in)]
+            if rows.empty:
+                raise KeyError(f"no latency measured for shape {d_out}x{d_in} ({dtype}, batch {batch}, {gpu})")
+            for j, (s, rho) in enumerate(zip(lv["s"], lv["rho"])):
+                near_rho = rows[(rows["rho"] - rho).abs() == (rows["rho"] - rho).abs().min()]
+                row = near_rho.iloc[int(np.argmin((near_rho["s"] - s).abs().to_numpy()))]
+                us = row["latency_us"]
+                if with_fallback:
+                    us = min(us, row["dense_us"])
+                out[u, j] += us
+    return out
