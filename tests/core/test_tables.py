@@ -90,3 +90,65 @@ def test_corrupt_saved_tables(tmp_path):
         Tables.load(tmp_path / "t")
     with pytest.raises(TablesError, match="missing"):
         Tables.load(tmp_path / "nothing")
+
+
+def test_repr_summarizes():
+    t = analytic_tables("smollm2-135m", make_levels(s=[0, 0.5]))
+    assert repr(t) == ("Tables(30 units x 2 levels, costs ['bytes_decode', 'flops_decode', 'flops_prefill'], "
+                       "no degradation, model HuggingFaceTB/SmolLM2-135M-Instruct)")
+    assert "degradation (ppl)" in repr(t.with_degradation(np.zeros((30, 2)), metric="ppl"))
+
+
+def test_load_aligns_rows_by_unit_name(tmp_path):
+    t = small_tables()
+    t.save(tmp_path / "t")
+    frame = pd.read_parquet(tmp_path / "t" / "tables.parquet")
+    frame.iloc[::-1].to_parquet(tmp_path / "t" / "tables.parquet", index=False)  # rows in another order
+    back = Tables.load(tmp_path / "t")
+    np.testing.assert_array_equal(back.costs["flops_decode"], t.costs["flops_decode"])
+    np.testing.assert_array_equal(back.degradation, t.degradation)
+
+
+def test_load_rejects_unit_names_that_disagree(tmp_path):
+    small_tables().save(tmp_path / "t")
+    frame = pd.read_parquet(tmp_path / "t" / "tables.parquet")
+    frame.assign(unit=frame["unit"].replace({"u0": "layers.0"})).to_parquet(tmp_path / "t" / "tables.parquet")
+    with pytest.raises(TablesError, match=r"disagree with .*tables.json: only in the parquet \['layers.0'\], "
+                                          r"only in the JSON \['u0'\]"):
+        Tables.load(tmp_path / "t")
+
+
+def test_load_rejects_incomplete_json(tmp_path):
+    import json
+    small_tables().save(tmp_path / "t")
+    meta = json.loads((tmp_path / "t" / "tables.json").read_text())
+    (tmp_path / "t" / "tables.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "units"}))
+    with pytest.raises(TablesError, match="tables.json has no 'units' list"):
+        Tables.load(tmp_path / "t")
+    meta["units"][1] = {"layer": 1}
+    (tmp_path / "t" / "tables.json").write_text(json.dumps(meta))
+    with pytest.raises(TablesError, match="at least 'name' and 'layer'"):
+        Tables.load(tmp_path / "t")
+
+
+def test_string_costs_are_a_tables_error():
+    t = small_tables()
+    with pytest.raises(TablesError, match="cost 'flops_decode' is not numeric"):
+        Tables(t.units, t.levels, {"flops_decode": [["a", "b", "c"]] * 4})
+
+
+@pytest.mark.parametrize("text, match", [
+    ("unit,s,flops\nu0,low,1\nu0,0.5,2\n", r"column 's' of .* is not numeric \(values such as \['low'\]\)"),
+    ("unit,s,layer,flops\nu0,0.0,first,1\nu0,0.5,first,2\n", "column 'layer' .* not numeric"),
+])
+def test_csv_non_numeric_level_and_layer_columns(tmp_path, text, match):
+    (tmp_path / "a.csv").write_text(text)
+    with pytest.raises(TablesError, match=match):
+        Tables.from_csv(tmp_path / "a.csv")
+
+
+def test_csv_unit_names_are_text(tmp_path):
+    (tmp_path / "a.csv").write_text("unit,s,flops\n1,0.0,1\n1,0.5,2\n01,0.0,3\n01,0.5,4\n")
+    t = Tables.from_csv(tmp_path / "a.csv")
+    assert t.unit_names == ["1", "01"]
+    np.testing.assert_array_equal(t.costs["flops"], [[1, 2], [3, 4]])

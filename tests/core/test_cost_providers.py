@@ -1,0 +1,85 @@
+"""Cost providers: analytic kinds, measured latency from a saved table (the CPU path), the no-GPU error."""
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from allocator import (CostProviderError, Tables, analytic_tables, available_cost_kinds, cost_provider, make_levels,
+                       register_cost_provider, with_costs)
+from allocator.cost_providers import LATENCY_COLUMNS, decode_gemv_shapes
+
+TINY = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "vocab_size": 32, "_name_or_path": "tiny"}
+LEVELS = make_levels(s=[0.0, 0.5], rho=[1.0, 0.9])
+# the GEMVs of one decode step of TINY: q|k|v fused (8 + 4 + 4 = 16 outputs), o, gate|up fused, down
+GEMVS = {(16, 8): 3.0, (8, 8): 2.0, (32, 8): 5.0, (8, 16): 4.0}
+
+
+def without(tables, kind):
+    return Tables(tables.units, tables.levels, {k: v for k, v in tables.costs.items() if k != kind},
+                  tables.degradation, tables.provenance)
+
+
+def test_analytic_provider_reproduces_analytic_tables():
+    t = analytic_tables("smollm2-135m", LEVELS, unit="input", tokens=512)
+    assert with_costs(t, "bytes_decode") is t  # already held: unchanged
+    for kind in ("flops_prefill", "flops_decode", "bytes_decode"):
+        back = with_costs(without(t, kind), kind)
+        np.testing.assert_array_equal(back.cost(kind), t.cost(kind))
+        assert back.provenance["cost_sources"][kind] == "analytic"
+
+
+def test_unknown_kind_and_option_are_clear():
+    t = analytic_tables(TINY, LEVELS)
+    with pytest.raises(CostProviderError, match=r"unknown cost kind 'wallclock'.*'latency_decode'"):
+        with_costs(t, "wallclock")
+    with pytest.raises(CostProviderError, match=r"takes the options \['tokens', 'group_size'\], not \['latency'\]"):
+        with_costs(without(t, "flops_decode"), "flops_decode", latency=1)
+    with pytest.raises(CostProviderError, match="no cost provider 'nope'"):
+        cost_provider("nope")
+
+
+def test_registered_provider_is_used(monkeypatch):
+    from allocator import cost_providers
+    for registry in ("_PROVIDERS", "_KIND_PROVIDER"):  # register into copies: other tests see the shipped registry
+        monkeypatch.setattr(cost_providers, registry, dict(getattr(cost_providers, registry)))
+
+    @register_cost_provider("unit_count")
+    def unit_count(tables, kind, *, per_unit=1.0):
+        return np.full((tables.n_units, tables.n_levels), per_unit)
+
+    assert "unit_count" in available_cost_kinds()
+    t = with_costs(analytic_tables(TINY, LEVELS), "unit_count", per_unit=2.0, latency_table=None)
+    assert (t.cost("unit_count") == 2.0).all()
+
+
+def latency_csv(path, gemvs=GEMVS):
+    """A table in the format measure_latency_table returns and studies/kernel_bench.py saves (to_csv, no index)."""
+    rows = [["CPU test", d_out, d_in, s, rho, "float16", 1, dense * (1 - s * (1.2 - rho)), dense, "standalone"]
+            for (d_out, d_in), dense in gemvs.items() for rho in (1.0, 0.9) for s in (0.0, 0.5)]
+    pd.DataFrame(rows, columns=LATENCY_COLUMNS).to_csv(path, index=False)
+    return path
+
+
+def test_latency_decode_from_a_saved_table(tmp_path):
+    t = analytic_tables(TINY, LEVELS, unit="input")
+    assert [decode_gemv_shapes(u) for u in t.units[:4]] == [[(16, 8)], [(8, 8)], [(32, 8)], [(8, 16)]]
+    priced = with_costs(t, "latency_decode", latency_table=str(latency_csv(tmp_path / "lat.csv")))
+    lat = priced.cost("latency_decode")
+    assert lat.shape == (8, 4) and priced.provenance["cost_sources"]["latency_decode"] == "latency_decode"
+    np.testing.assert_allclose(lat[0], [3.0, 3.0, 3.0 * 0.9, 3.0 * 0.85])  # levels (0,1), (0,.9), (.5,1), (.5,.9)
+    per_layer = with_costs(analytic_tables(TINY, LEVELS), "latency_decode", latency_table=tmp_path / "lat.csv")
+    np.testing.assert_allclose(per_layer.cost("latency_decode"), lat.reshape(2, 4, 4).sum(axis=1))
+
+
+def test_latency_decode_errors(tmp_path, monkeypatch):
+    t = analytic_tables(TINY, LEVELS, unit="input")
+    small = latency_csv(tmp_path / "small.csv", {(16, 8): 3.0})
+    with pytest.raises(CostProviderError, match=r"small.csv: no latency measured for shape 8x8.*measure_latency_table"):
+        with_costs(t, "latency_decode", latency_table=small)
+    with pytest.raises(CostProviderError, match="no latency table .*missing.csv"):
+        with_costs(t, "latency_decode", latency_table=tmp_path / "missing.csv")
+    monkeypatch.setitem(sys.modules, "torch", None)  # no torch at all
+    with pytest.raises(CostProviderError, match=r"needs a CUDA GPU with triton, or problem.latency_table=<csv"):
+        with_costs(t, "latency_decode")
