@@ -22,8 +22,10 @@ import math
 import torch
 from torch import nn
 
-from .methods import Method, ThresholdLinear, _Sampler, SAMPLES_PER_TENSOR, apply_allocation_, remove_compression_
-from .models import decoder_layers, find_projections, unit_projections
+from .methods import SAMPLES_PER_TENSOR, Method, _Sampler
+from .models import decoder_layers, find_projections
+from .plan import CompressionPlan, Target, allocation_targets, apply_levels, compressed, restore_, temporarily_dense
+from .wrappers import ThresholdLinear
 
 logger = logging.getLogger(__name__)
 CALIBRATIONS = ("dense", "sequential")
@@ -33,16 +35,15 @@ class _StageSampled(Exception):
     """Raised from a hook once the current stage is sampled: the rest of the layer need not run."""
 
 
-def _levels_by_projection(model: nn.Module, allocation) -> dict[str, dict]:
-    units = dict(zip(allocation.units, allocation.levels)) if hasattr(allocation, "units") else dict(allocation)
-    projections = find_projections(model)
-    return {p.name: dict(level) for unit, level in units.items() for p in unit_projections(projections, unit)}
+def _levels_by_projection(model: nn.Module, allocation) -> dict[str, object]:
+    rows = find_projections(model)
+    return {p.name: level for target, level in allocation_targets(allocation) for p in target.projections(rows)}
 
 
 def allocation_key(allocation) -> str:
-    """Content hash of an allocation (``Allocation`` or ``{unit: level}``)."""
-    units = dict(zip(allocation.units, allocation.levels)) if hasattr(allocation, "units") else dict(allocation)
-    return hashlib.sha256(json.dumps(units, sort_keys=True, default=float).encode()).hexdigest()[:16]
+    """Content hash of an allocation (``Allocation`` or ``(Target, Level)`` pairs)."""
+    pairs = [(t.members, lv.key()) for t, lv in allocation_targets(allocation)]
+    return hashlib.sha256(json.dumps(pairs, default=list).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -91,7 +92,7 @@ def calibrate_sequential(model: nn.Module, method: Method, allocation, windows: 
     tuned.calibration_hash = f"{getattr(method, 'calibration_hash', None)}+seq:{allocation_key(allocation)}"
     gen = torch.Generator().manual_seed(method.seed)
     per_call = SAMPLES_PER_TENSOR // math.ceil(len(windows) / batch_size) + 1
-    remove_compression_(model)
+    restore_(model)
     batches = _first_layer_inputs(model, windows, batch_size)
     layers = decoder_layers(model)
     try:
@@ -119,20 +120,20 @@ def calibrate_sequential(model: nn.Module, method: Method, allocation, windows: 
                         h.remove()
                 for key, s in samplers.items():
                     tuned.stats[key] = s.sorted()
-                for *_, proj in stage:      # the next stage reads this stage's compressed outputs
-                    if proj.name in level_of:
-                        apply_allocation_(model, {_projection_unit(proj): level_of[proj.name]}, tuned)
-            apply_allocation_(model, {_projection_unit(p): level_of[p.name] for p in row if p.name in level_of}, tuned)
+                # the next stage reads this stage's compressed outputs
+                apply_levels(model, tuned, _own_levels([proj for *_, proj in stage], level_of))
+            apply_levels(model, tuned, _own_levels(row, level_of))
             batches = [(_run_layer(layers[i], hidden, kwargs), kwargs) for hidden, kwargs in batches]
     finally:
-        remove_compression_(model)
+        restore_(model)
     logger.info("%s: sequential calibration of %d tensors on %d x %d tokens", method.name, len(tuned.stats),
                 *windows.shape)
     return tuned
 
 
-def _projection_unit(proj) -> str:
-    return f"layers.{proj.layer}.{proj.kind}"
+def _own_levels(projections, level_of: dict) -> list:
+    """(Target, Level) for each projection that the allocation compresses, one projection per target."""
+    return [(Target.of(p.layer, (p.kind,)), level_of[p.name]) for p in projections if p.name in level_of]
 
 
 def _stages(layer: nn.Module, targets: list, batch: tuple) -> list[list]:
@@ -175,25 +176,36 @@ def for_allocations(model: nn.Module, method: Method, allocations: dict, calibra
 
 
 class SparsityMeter:
-    """Counts, while active, the input channels every applied threshold wrapper zeroes; ``share()`` turns the counts
-    into the share of dense projection bytes not read (zeroed channels minus the low-rank factors read, R-Sparse),
-    weighted by weight size. Use it around forwards of a model that already has an allocation applied."""
+    """Counts, while active, the input channels the threshold wrappers zero; ``share()`` turns the counts into the
+    share of dense projection bytes not read (zeroed channels minus the low-rank factors read, R-Sparse), weighted
+    by weight size. Around forwards of a compressed model it counts the wrappers in place; given ``plan=`` it
+    hooks the model's own modules and applies the plan's thresholds to what they see (the dense activations)."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, plan: CompressionPlan | None = None):
+        self.model, self.plan = model, plan
         self.zeroed: dict[str, int] = {}
         self.seen: dict[str, int] = {}
         self._hooks = []
 
+    def _wrappers(self) -> dict[str, tuple[nn.Module, ThresholdLinear]]:
+        """projection name -> (module to hook, wrapper whose threshold counts)."""
+        if self.plan is None:
+            return {p.name: (w, w) for row in find_projections(self.model) for p in row
+                    if isinstance(w := getattr(p.parent, p.attr), ThresholdLinear)}
+        out = {}
+        for entry in self.plan.entries:
+            if isinstance(entry.module, ThresholdLinear):
+                out[entry.path] = (self.model.get_submodule(entry.path), entry.module)
+        return out
+
     def __enter__(self):
         projections = [p for row in find_projections(self.model) for p in row]
-        self.ranks = {p.name: getattr(getattr(p.parent, p.attr), "rank", 0) for p in projections}
         self.sizes = {p.name: (p.d_in, p.d_out) for p in projections}
-        for p in projections:
-            wrapper = getattr(p.parent, p.attr)
-            if isinstance(wrapper, ThresholdLinear):
-                self._hooks.append(wrapper.register_forward_hook(
-                    lambda mod, args, out, n=p.name: self._count(n, mod, args[0])))
+        wrappers = self._wrappers()
+        self.ranks = {name: w.rank for name, (_, w) in wrappers.items()}
+        for name, (module, wrapper) in wrappers.items():
+            self._hooks.append(module.register_forward_hook(
+                lambda mod, args, out, n=name, w=wrapper: self._count(n, w, args[0])))
         return self
 
     def _count(self, name: str, wrapper: ThresholdLinear, x: torch.Tensor):
@@ -207,12 +219,14 @@ class SparsityMeter:
             h.remove()
         self._hooks = []
 
+    def zeroed_share(self) -> dict[str, float]:
+        """Per projection, the share of input channels zeroed (0 for projections without a threshold wrapper)."""
+        return {name: self.zeroed[name] / self.seen[name] if self.seen.get(name) else 0.0 for name in self.sizes}
+
     def per_projection(self) -> dict[str, float]:
-        out = {}
-        for name, (d_in, d_out) in self.sizes.items():
-            share = self.zeroed[name] / self.seen[name] if self.seen.get(name) else 0.0
-            out[name] = share - self.ranks[name] * (d_in + d_out) / (d_in * d_out)
-        return out
+        """Per projection, the share of its weight bytes not read (zeroed channels minus low-rank factor bytes)."""
+        return {name: share - self.ranks.get(name, 0) * sum(self.sizes[name]) / (self.sizes[name][0] * self.sizes[name][1])
+                for name, share in self.zeroed_share().items()}
 
     def share(self) -> float:
         per = self.per_projection()
@@ -224,14 +238,10 @@ class SparsityMeter:
 def realized_sparsity(model: nn.Module, windows: torch.Tensor, method: Method, allocation,
                       batch_size: int = 4) -> dict:
     """``{"model": share, "per_projection": {name: share}}`` of ``allocation`` applied with ``method`` on ``windows``
-    (see ``SparsityMeter``); the model is left uncompressed."""
-    remove_compression_(model)
-    apply_allocation_(model, allocation, method)
+    (see ``SparsityMeter``); the model is left as it was."""
+    plan = CompressionPlan.build(model, method, allocation)
     device = next(model.parameters()).device
-    try:
-        with SparsityMeter(model) as meter:
-            for start in range(0, len(windows), batch_size):
-                model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        remove_compression_(model)
+    with temporarily_dense(model), compressed(model, plan), SparsityMeter(model) as meter:
+        for start in range(0, len(windows), batch_size):
+            model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
     return {"model": meter.share(), "per_projection": meter.per_projection()}

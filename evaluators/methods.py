@@ -1,42 +1,48 @@
-"""Compression methods applied in place through removable wrapper modules.
+"""Compression methods: a config (what changes the numbers) and a handler (calibrate, then wrap per level).
 
-A method is calibrated once on calibration windows (activation statistics per projection), then
-``apply_allocation_(model, allocation, method)`` swaps each projection named by the allocation for a wrapper
-module that holds the original ``nn.Linear`` (``wrapper.linear``); ``remove_compression_(model)`` puts the
-originals back, so outputs return bit-identical. No ``forward`` is monkey-patched.
+A method is calibrated once on calibration windows (activation statistics per projection); ``wrap(proj, level)``
+then returns the wrapper modules (``evaluators.wrappers``) for one projection at one ``Level``. Methods do not
+touch the model: a ``CompressionPlan`` (``evaluators.plan``) collects their wrappers and applies them.
 
-Methods (``get_method(name)``):
+Methods (``get_method(name, sparse_fraction=..., seed=..., **options)``):
 
 - ``teal``: zero input channels with ``|x_j| <= thr``; ``thr`` is the calibrated ``s`` quantile of ``|x|`` per tensor.
 - ``rsparse``: R-Sparse. Score ``|x_j| * ||W[:, j]||``; keep channels above the ``1 - (1-s) rho`` score quantile
-  exactly, approximate the dropped ones by a rank-``r`` SVD of W, with ``k = d_in (1-s) rho``,
-  ``B = d_in d_out (1-s)``, ``r = (B - k d_out) / (d_in + d_out)`` on the real (GQA) shapes.
+  exactly, approximate the dropped ones by a rank-``r`` SVD of W, ``(k, r)`` from ``allocator.costs.rsparse_split``
+  (the cost model's own split, so costs and the applied method agree).
 - ``cats``: zero MLP neurons with ``|act(gate x)|`` below the calibrated quantile (the MLP only).
 - ``griffin``: per sequence, keep the top ``(1-s)`` MLP neurons by their prompt statistic (the MLP only).
 - ``oracle_topk``: per token exact top-k input channels by ``|x|`` (the Deja Vu oracle upper bound).
 
-The evaluation protocol (``Protocol.sparse_fraction``) compresses every token (1.0, the default: what sparse
-decoding of the text does) or only the last fraction of each sequence (R-Sparse used 0.1, TEAL 0.5).
+A new method is one registered handler: subclass ``Method``, give it an ``Options`` dataclass for its own
+options, implement ``stat_targets`` (what calibration samples) and ``wrap``; ``@register_method("name")``.
 """
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
 from torch import nn
 
 from allocator.costs import rsparse_split
+from allocator.levels import Level
 
-from .models import ModelError, Projection, find_projections, unit_projections
+from .models import ModelError, Projection, find_projections
+from .wrappers import PromptSelectedLinear, Protocol, ThresholdActivation, ThresholdLinear, TopKLinear
 
 logger = logging.getLogger(__name__)
 
 METHODS: dict[str, type["Method"]] = {}
 SAMPLES_PER_TENSOR = 1 << 16
+
+
+class MethodError(ValueError):
+    """An unknown method or method option; the message lists the valid ones."""
 
 
 def register_method(name: str) -> Callable:
@@ -47,124 +53,23 @@ def register_method(name: str) -> Callable:
     return deco
 
 
-def get_method(name: str, **options) -> "Method":
-    if name not in METHODS:
-        raise KeyError(f"unknown compression method '{name}'; registered: {sorted(METHODS)}")
-    return METHODS[name](**options)
-
-
 @dataclass(frozen=True)
-class Protocol:
-    """Which tokens of a multi-token forward run compressed: the last ``sparse_fraction`` of each sequence."""
-
-    sparse_fraction: float = 1.0
-
-    def split(self, seq_len: int) -> int:
-        """Index of the first compressed token."""
-        if self.sparse_fraction >= 1.0 or seq_len == 1:
-            return 0
-        return seq_len - max(1, math.ceil(self.sparse_fraction * seq_len))
+class NoOptions:
+    """A method without options of its own."""
 
 
-# ---------------------------------------------------------------------------------------------- wrappers
-class _ProtocolWrapper(nn.Module):
-    """Runs ``self.inner`` (the original module) densely on the prefix and ``self.compressed`` on the rest."""
-
-    def __init__(self, inner: nn.Module, protocol: Protocol):
-        super().__init__()
-        self.inner = inner
-        self.protocol = protocol
-
-    @property
-    def linear(self) -> nn.Module:    # projection discovery sees through wrappers
-        return self.inner
-
-    def forward(self, x):
-        cut = self.protocol.split(x.shape[-2]) if x.dim() > 1 else 0
-        if cut == 0:
-            return self.compressed(x)
-        return torch.cat([self.inner(x[..., :cut, :]), self.compressed(x[..., cut:, :])], dim=-2)
-
-    def compressed(self, x):
-        raise NotImplementedError
-
-
-class ThresholdLinear(_ProtocolWrapper):
-    """``W (x * [|x| * scale > thr])``: TEAL when ``scale`` is None, the R-Sparse score otherwise; plus an optional
-    low-rank term ``((x * dropped) @ V_r S_r) @ U_r^T`` for the dropped channels (R-Sparse)."""
-
-    def __init__(self, linear: nn.Linear, threshold: float, protocol: Protocol, scale: torch.Tensor | None = None,
-                 down: torch.Tensor | None = None, up: torch.Tensor | None = None):
-        super().__init__(linear, protocol)
-        self.threshold = float(threshold)
-        self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("lr_down", down, persistent=False)   # (d_in, r) = V_r S_r
-        self.register_buffer("lr_up", up, persistent=False)       # (r, d_out) = U_r^T
-
-    @property
-    def rank(self) -> int:
-        return 0 if self.lr_down is None else self.lr_down.shape[1]
-
-    def compressed(self, x):
-        score = x.abs() if self.scale is None else x.abs() * self.scale
-        keep = score > self.threshold
-        y = self.inner(x * keep)
-        if self.lr_down is not None:
-            y = y + (x * ~keep) @ self.lr_down @ self.lr_up
-        return y
-
-
-class TopKLinear(_ProtocolWrapper):
-    """Per token, keep exactly the ``k`` input channels with the largest ``|x|``."""
-
-    def __init__(self, linear: nn.Linear, k: int, protocol: Protocol):
-        super().__init__(linear, protocol)
-        self.k = int(k)
-
-    def compressed(self, x):
-        if self.k >= x.shape[-1]:
-            return self.inner(x)
-        idx = x.abs().topk(self.k, dim=-1).indices
-        mask = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
-        return self.inner(x * mask)
-
-
-class ThresholdActivation(_ProtocolWrapper):
-    """CATS: ``act(g) * [|act(g)| > thr]`` around the MLP's activation module."""
-
-    def __init__(self, act: nn.Module, threshold: float, protocol: Protocol):
-        super().__init__(act, protocol)
-        self.threshold = float(threshold)
-
-    def compressed(self, g):
-        a = self.inner(g)
-        return a * (a.abs() > self.threshold)
-
-
-class PromptSelectedLinear(nn.Module):
-    """GRIFFIN around ``down_proj``: neurons ranked on the prompt by ``||Z / ||Z_t|| ||`` over tokens; the prompt
-    runs dense, every later token uses only the top ``k`` neurons of its sequence."""
-
-    def __init__(self, linear: nn.Linear, k: int, prompt_fraction: float):
-        super().__init__()
-        self.inner = linear
-        self.k = int(k)
-        self.prompt_fraction = prompt_fraction
-
-    @property
-    def linear(self) -> nn.Module:
-        return self.inner
-
-    def forward(self, z):                                      # z: (batch, T, d_ff)
-        t = z.shape[-2]
-        cut = min(t - 1, max(1, int(round(self.prompt_fraction * t))))
-        if t == 1 or self.k >= z.shape[-1]:
-            return self.inner(z)
-        prompt = z[..., :cut, :].float()
-        stat = (prompt / prompt.norm(dim=-1, keepdim=True).clamp_min(1e-12)).norm(dim=-2)   # (batch, d_ff)
-        idx = stat.topk(self.k, dim=-1).indices
-        mask = torch.zeros_like(stat, dtype=torch.bool).scatter_(-1, idx, True).unsqueeze(-2)
-        return torch.cat([self.inner(z[..., :cut, :]), self.inner(z[..., cut:, :] * mask)], dim=-2)
+def get_method(name: str, *, sparse_fraction: float = 1.0, seed: int = 0, **options) -> "Method":
+    """The handler of method ``name``; ``options`` are checked against its ``Options`` dataclass."""
+    if name not in METHODS:
+        raise MethodError(f"unknown compression method '{name}'; registered: {sorted(METHODS)}")
+    cls = METHODS[name]
+    valid = [f.name for f in fields(cls.Options)]
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], valid, n=1)
+        raise MethodError(f"method '{name}' has no option '{unknown[0]}'" + (f" (did you mean '{close[0]}'?)" if close
+                          else "") + f"; its options: {valid or 'none'}")
+    return cls(protocol=Protocol(float(sparse_fraction)), seed=int(seed), config=cls.Options(**options))
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -196,17 +101,21 @@ def quantile(sorted_values: torch.Tensor, q: float) -> float:
 
 @dataclass
 class Method:
-    """Base: per-projection calibrated statistics and a ``wrap`` that builds the wrapper for one level."""
+    """Base handler: per-projection calibrated statistics and a ``wrap`` that builds the wrappers for one level."""
 
     protocol: Protocol = field(default_factory=Protocol)
     seed: int = 0
+    config: object = field(default_factory=NoOptions)
     stats: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     name = "base"
     needs_calibration = True
+    bits_supported = (16,)
+    Options = NoOptions
 
     def options(self) -> dict:
         """What changes the method's numbers (cache keys, provenance)."""
-        return {"name": self.name, "sparse_fraction": self.protocol.sparse_fraction, "seed": self.seed}
+        return {"name": self.name, "sparse_fraction": self.protocol.sparse_fraction, "seed": self.seed,
+                **{f.name: getattr(self.config, f.name) for f in fields(self.config)}}
 
     # --- calibration: one pass over calibration windows with forward hooks
     def stat_targets(self, proj: Projection) -> list[tuple[str, nn.Module, bool, Callable]]:
@@ -215,28 +124,29 @@ class Method:
 
     @torch.no_grad()
     def calibrate(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> "Method":
+        from .plan import temporarily_dense
         from .text import windows_hash
         self.calibration_hash = windows_hash(windows)
         self.calibration_windows = windows          # for sequential calibration (evaluators.calibration)
         if not self.needs_calibration:
             return self
         gen = torch.Generator().manual_seed(self.seed)
-        remove_compression_(model)
         n_calls = math.ceil(len(windows) / batch_size)
         samplers, hooks = {}, []
-        for row in find_projections(model):
-            for proj in row:
-                for key, module, on_output, value in self.stat_targets(proj):
-                    sampler = samplers.setdefault(key, _Sampler(SAMPLES_PER_TENSOR // n_calls + 1, gen, value))
-                    hooks.append(module.register_forward_hook(
-                        lambda mod, args, out, s=sampler, o=on_output: s.add(out if o else args[0])))
-        try:
-            device = next(model.parameters()).device
-            for start in range(0, len(windows), batch_size):
-                model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
+        with temporarily_dense(model):
+            for row in find_projections(model):
+                for proj in row:
+                    for key, module, on_output, value in self.stat_targets(proj):
+                        sampler = samplers.setdefault(key, _Sampler(SAMPLES_PER_TENSOR // n_calls + 1, gen, value))
+                        hooks.append(module.register_forward_hook(
+                            lambda mod, args, out, s=sampler, o=on_output: s.add(out if o else args[0])))
+            try:
+                device = next(model.parameters()).device
+                for start in range(0, len(windows), batch_size):
+                    model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
+            finally:
+                for h in hooks:
+                    h.remove()
         self.stats = {k: s.sorted() for k, s in samplers.items()}
         logger.info("%s: calibrated %d tensors on %d x %d tokens", self.name, len(self.stats), *windows.shape)
         return self
@@ -247,13 +157,19 @@ class Method:
                                "windows) first")
         return self.stats[key]
 
-    def wrap(self, proj: Projection, level: dict) -> list[tuple[nn.Module, str, nn.Module]]:
+    def check_level(self, level: Level) -> None:
+        """A level this method cannot apply is an error (not a silently dense or mispriced unit)."""
+        if level.bits not in self.bits_supported:
+            raise MethodError(f"method '{self.name}' cannot apply bits={level.bits} (it applies {self.bits_supported});"
+                              " remove the bits from method.levels.bits or choose a method that quantizes")
+
+    def wrap(self, proj: Projection, level: Level) -> list[tuple[nn.Module, str, nn.Module]]:
         """(parent, attribute, new module) replacements for one projection at one level."""
         raise NotImplementedError
 
 
-def _level_s(level: dict) -> float:
-    return float(level.get("s", 0.0))
+def _kept(d_in: int, s: float) -> int:
+    return d_in if s <= 0 else max(1, int(round(d_in * (1 - s))))
 
 
 @register_method("teal")
@@ -264,17 +180,10 @@ class Teal(Method):
         return [(proj.name, linear, False, lambda x, channel: x.abs())]
 
     def wrap(self, proj, level):
-        s = _level_s(level)
-        thr = -math.inf if s <= 0 else quantile(self._stat(proj.name), s)
+        self.check_level(level)
+        thr = -math.inf if level.s <= 0 else quantile(self._stat(proj.name), level.s)
         linear = getattr(proj.parent, proj.attr)
         return [(proj.parent, proj.attr, ThresholdLinear(linear, thr, self.protocol))]
-
-
-def rsparse_rank(d_out: int, d_in: int, s: float, rho: float) -> tuple[int, int]:
-    """(kept channels k, rank r) of R-Sparse for one projection at (s, rho), on its real shape (the core's cost
-    model, so that costs and the applied method agree)."""
-    k, r = rsparse_split(d_out, d_in, s, rho)
-    return k, min(r, min(d_in, d_out))
 
 
 @register_method("rsparse")
@@ -296,13 +205,13 @@ class RSparse(Method):
         return self.svd[name]
 
     def wrap(self, proj, level):
-        s, rho = _level_s(level), float(level.get("rho", 1.0))
+        self.check_level(level)
         linear = getattr(proj.parent, proj.attr)
-        if s <= 0:
+        if level.s <= 0:
             return [(proj.parent, proj.attr, ThresholdLinear(linear, -math.inf, self.protocol))]
         scale = linear.weight.float().norm(dim=0).to(linear.weight.dtype)
-        thr = quantile(self._stat(proj.name), 1 - (1 - s) * rho)
-        _, rank = rsparse_rank(proj.d_out, proj.d_in, s, rho)
+        thr = quantile(self._stat(proj.name), 1 - (1 - level.s) * level.rho)
+        _, rank = rsparse_split(d_out=proj.d_out, d_in=proj.d_in, s=level.s, rho=level.rho)
         down = up = None
         if rank > 0:
             u, sv, vh = self.factors(proj.name, linear.weight)
@@ -330,12 +239,21 @@ class Cats(Method):
         return [(proj.name, getattr(parent, attr), True, lambda a, channel: a.abs())]
 
     def wrap(self, proj, level):
+        self.check_level(level)
         if proj.kind != "gate":
             return []
-        s = _level_s(level)
         parent, attr = _mlp_act(proj)
-        thr = -math.inf if s <= 0 else quantile(self._stat(proj.name), s)
+        thr = -math.inf if level.s <= 0 else quantile(self._stat(proj.name), level.s)
         return [(parent, attr, ThresholdActivation(getattr(parent, attr), thr, self.protocol))]
+
+
+@dataclass(frozen=True)
+class GriffinOptions:
+    prompt_fraction: float = 0.5   # with every token sparse, the first half of each window is the prompt
+
+    def __post_init__(self):
+        if not 0.0 < float(self.prompt_fraction) < 1.0:
+            raise MethodError(f"griffin prompt_fraction={self.prompt_fraction} must lie in (0, 1)")
 
 
 @register_method("griffin")
@@ -344,19 +262,16 @@ class Griffin(Method):
     """Acts on the MLP only (at its ``down`` projection's level); needs no calibration. With every token sparse
     (``sparse_fraction=1``) the first ``prompt_fraction`` of each sequence is the prompt."""
 
-    prompt_fraction: float = 0.5
     needs_calibration = False
-
-    def options(self):
-        return {**super().options(), "prompt_fraction": self.prompt_fraction}
+    Options = GriffinOptions
 
     def wrap(self, proj, level):
+        self.check_level(level)
         if proj.kind != "down":
             return []
-        s = _level_s(level)
-        frac = self.prompt_fraction if self.protocol.sparse_fraction >= 1 else 1 - self.protocol.sparse_fraction
-        k = proj.d_in if s <= 0 else max(1, int(round(proj.d_in * (1 - s))))
-        return [(proj.parent, proj.attr, PromptSelectedLinear(getattr(proj.parent, proj.attr), k, frac))]
+        frac = self.config.prompt_fraction if self.protocol.sparse_fraction >= 1 else 1 - self.protocol.sparse_fraction
+        linear = getattr(proj.parent, proj.attr)
+        return [(proj.parent, proj.attr, PromptSelectedLinear(linear, _kept(proj.d_in, level.s), frac))]
 
 
 @register_method("oracle_topk")
@@ -365,98 +280,26 @@ class OracleTopK(Method):
     needs_calibration = False
 
     def wrap(self, proj, level):
-        s = _level_s(level)
-        k = proj.d_in if s <= 0 else max(1, int(round(proj.d_in * (1 - s))))
-        return [(proj.parent, proj.attr, TopKLinear(getattr(proj.parent, proj.attr), k, self.protocol))]
+        self.check_level(level)
+        linear = getattr(proj.parent, proj.attr)
+        return [(proj.parent, proj.attr, TopKLinear(linear, _kept(proj.d_in, level.s), self.protocol))]
 
 
-# ---------------------------------------------------------------------------------------------- apply / remove
-def _as_unit_levels(allocation) -> dict[str, dict]:
-    if isinstance(allocation, dict):
-        return dict(allocation)
-    return dict(zip(allocation.units, allocation.levels))
-
-
-def apply_allocation_(model: nn.Module, allocation, method: Method | str) -> nn.Module:
-    """Compress ``model`` in place: each unit of ``allocation`` (an ``Allocation`` or ``{unit: level}``) at its level.
-
-    Units already compressed are first restored, so re-applying a unit moves it to the new level.
-    """
-    if isinstance(method, str):
-        method = get_method(method)
-    projections = find_projections(model)
-    registry = model.__dict__.setdefault("_allocator_originals", {})
-    for unit, level in _as_unit_levels(allocation).items():
-        for proj in unit_projections(projections, unit):
-            remove_compression_(model, [proj.name])
-            for parent, attr, module in method.wrap(proj, level):
-                registry.setdefault(proj.name, []).append((parent, attr, getattr(parent, attr)))
-                setattr(parent, attr, module)
-    return model
-
-
-def remove_compression_(model: nn.Module, names: list[str] | None = None) -> nn.Module:
-    """Restore the original modules (all, or those of the given projection names)."""
-    registry = model.__dict__.get("_allocator_originals", {})
-    for name in list(registry) if names is None else names:
-        for parent, attr, original in reversed(registry.pop(name, [])):
-            setattr(parent, attr, original)
-    return model
-
-
-@contextlib.contextmanager
-def temporarily_dense(model: nn.Module):
-    """Within the block the original modules are back in place; the wrappers return afterwards."""
-    registry = model.__dict__.get("_allocator_originals", {})
-    swapped = []
-    for entries in registry.values():
-        for parent, attr, original in reversed(entries):
-            swapped.append((parent, attr, getattr(parent, attr)))
-            setattr(parent, attr, original)
-    try:
-        yield model
-    finally:
-        for parent, attr, wrapper in reversed(swapped):
-            setattr(parent, attr, wrapper)
-
-
-def is_compressed(model: nn.Module) -> bool:
-    return bool(model.__dict__.get("_allocator_originals"))
-
-
-def uniform_allocation(units: list[str], level: dict) -> dict[str, dict]:
-    return {u: dict(level) for u in units}
-
-
-def measured_sparsity(model: nn.Module, windows: torch.Tensor, method: Method, level: dict, batch_size: int = 4,
+# ---------------------------------------------------------------------------------------------- measured share
+def measured_sparsity(model: nn.Module, windows: torch.Tensor, method: Method, level, batch_size: int = 4,
                       compounding: bool = True) -> dict[str, float]:
     """Share of input channels zeroed per projection (teal / rsparse thresholds) at ``level`` everywhere.
 
     ``compounding=True`` measures with every layer compressed (what inference sees); ``False`` measures the
     thresholds on the dense model's activations (what calibration promises)."""
-    projections = [p for row in find_projections(model) for p in row]
-    zero, total, hooks = {}, {}, []
-    wrappers = {p.name: method.wrap(p, level) for p in projections}
-    if compounding:
-        apply_allocation_(model, {f"layers.{i}": level for i in range(len(find_projections(model)))}, method)
-    try:
-        for p in projections:
-            wrapper = next((m for _, _, m in wrappers[p.name] if isinstance(m, ThresholdLinear)), None)
-            if wrapper is None:
-                continue
+    from .calibration import SparsityMeter
+    from .plan import CompressionPlan, compressed, uniform_targets
 
-            def hook(mod, args, out, name=p.name, w=wrapper):
-                x = args[0]
-                score = x.abs() if w.scale is None else x.abs() * w.scale
-                zero[name] = zero.get(name, 0) + int((score <= w.threshold).sum())
-                total[name] = total.get(name, 0) + x.numel()
-            hooks.append(getattr(p.parent, p.attr).register_forward_hook(hook))
+    plan = CompressionPlan.build(model, method, uniform_targets(len(find_projections(model)), level))
+    meter = SparsityMeter(model, plan=None if compounding else plan)
+    with compressed(model, plan) if compounding else contextlib.nullcontext(model), meter, torch.no_grad():
         device = next(model.parameters()).device
-        with torch.no_grad():
-            for start in range(0, len(windows), batch_size):
-                model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-        remove_compression_(model)
-    return {k: zero[k] / total[k] for k in zero}
+        for start in range(0, len(windows), batch_size):
+            model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
+    return {k: v for k, v in meter.zeroed_share().items() if k in meter.seen}
+

@@ -16,8 +16,9 @@ from torch import nn
 
 from allocator.costs import projection_costs
 
-from .methods import ThresholdLinear, is_compressed, temporarily_dense
-from .models import find_projections, model_id, unit_projections
+from .models import find_projections, model_id
+from .plan import allocation_targets, is_compressed, temporarily_dense
+from .wrappers import ThresholdLinear
 from .text import windows_hash
 
 logger = logging.getLogger(__name__)
@@ -106,20 +107,15 @@ def kl(model, *, windows, batch_size: int = 4, score_last: float = 1.0, **_) -> 
 
 # ---------------------------------------------------------------------------------------------- costs / memory
 def allocation_cost(model: nn.Module, allocation, kind: str = "bytes_decode", tokens: int = 2048) -> dict:
-    """Cost of the projections under ``allocation`` (unlisted projections dense) and its ratio to dense."""
-    projections = find_projections(model)
-    level_of = {}
-    units = dict(zip(allocation.units, allocation.levels)) if hasattr(allocation, "units") else dict(allocation or {})
-    for unit, level in units.items():
-        for p in unit_projections(projections, unit):
-            level_of[p.name] = level
+    """Cost of the projections under ``allocation`` (unlisted projections dense) and its ratio to dense, priced by
+    the core's analytic model on the loaded model's projection shapes (reports read the solver's Tables instead)."""
+    rows = find_projections(model)
+    level_of = {p.name: level for target, level in allocation_targets(allocation or []) for p in target.projections(rows)}
     total = dense = 0.0
-    for row in projections:
-        for p in row:
-            lv = level_of.get(p.name, {})
-            total += projection_costs(p.d_out, p.d_in, float(lv.get("s", 0.0)), float(lv.get("rho", 1.0)),
-                                      int(lv.get("bits", 16)), tokens)[kind]
-            dense += projection_costs(p.d_out, p.d_in, 0.0, 1.0, 16, tokens)[kind]
+    for p in (p for row in rows for p in row):
+        lv = level_of.get(p.name)
+        total += projection_costs(p.d_out, p.d_in, *((lv.s, lv.rho, lv.bits) if lv else (0.0, 1.0, 16)), tokens)[kind]
+        dense += projection_costs(p.d_out, p.d_in, 0.0, 1.0, 16, tokens)[kind]
     return {kind: total, f"dense_{kind}": dense, "ratio": total / dense, "model_sparsity": 1 - total / dense}
 
 

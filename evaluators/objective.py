@@ -1,4 +1,4 @@
-"""The true objective: apply a candidate allocation to the real model and measure it on calibration windows.
+"""The measured objective: apply a candidate allocation to the real model and measure it on calibration windows.
 
 Search solvers (evolutionary, Bayesian) call it instead of, or beside, the additive table. The dense model's
 log-probabilities are computed once; repeated candidates are answered from a memo. ``fidelity`` (the number of
@@ -13,16 +13,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from .methods import Method, apply_allocation_, get_method, remove_compression_
+from allocator.levels import Level
+
+from .methods import Method, get_method
 from .metrics import logits_of, token_losses
+from .plan import CompressionPlan, Target, allocation_targets, compressed, temporarily_dense
 
 logger = logging.getLogger(__name__)
 
 
-class TrueObjective:
+class MeasuredObjective:
     """``objective(allocation) -> float``: KL(dense || compressed) per token (``metric="kl"``) or perplexity.
 
-    Accepts an ``Allocation``, a ``{unit: level}`` dict, or a vector of level indices when ``tables`` is given
+    Accepts an ``Allocation``, ``(Target, Level)`` pairs, or a vector of level indices when ``tables`` is given
     (``objective.batch(X)`` for a population, shape (P, n_units)). ``objective(x, fidelity=k)`` scores the first
     ``k`` windows only (None: all); the memo keys include the fidelity. ``per_window=True`` returns one value per
     window (an array: what the search solvers' validation step uses for its paired test).
@@ -39,28 +42,26 @@ class TrueObjective:
         self.evaluations = self.hits = 0
         self.evaluations_by_fidelity: dict[int, int] = {}
         self.seconds = 0.0
-        remove_compression_(model)
         self._batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
-        self._ref = [logits_of(model, ids)[:, :-1].log_softmax(-1) for ids in self._batches]
+        with temporarily_dense(model):
+            self._ref = [logits_of(model, ids)[:, :-1].log_softmax(-1) for ids in self._batches]
 
-    def _as_dict(self, candidate) -> dict[str, dict]:
-        if isinstance(candidate, dict):
-            return candidate
-        if hasattr(candidate, "units") and hasattr(candidate, "levels"):
-            return dict(zip(candidate.units, candidate.levels))
+    def _pairs(self, candidate) -> list[tuple[Target, Level]]:
+        if hasattr(candidate, "units") and hasattr(candidate, "levels") or isinstance(candidate, list) and \
+                candidate and isinstance(candidate[0], tuple):
+            return allocation_targets(candidate)
         if self.tables is None:
-            raise TypeError("a level-index vector needs TrueObjective(..., tables=tables)")
+            raise TypeError("a level-index vector needs MeasuredObjective(..., tables=tables)")
         idx = np.asarray(candidate, dtype=int).ravel()
         if idx.shape != (self.tables.n_units,):
             raise ValueError(f"expected {self.tables.n_units} level indices, got shape {idx.shape}")
         rows = self.tables.levels.iloc[idx]
-        return {u: {"s": float(r.s), "rho": float(r.rho), "bits": int(r.bits)}
-                for u, r in zip(self.tables.unit_names, rows.itertuples())}
+        return [(Target.from_unit(u), Level(float(r.s), float(r.rho), int(r.bits)))
+                for u, r in zip(self.tables.units, rows.itertuples())]
 
     @staticmethod
-    def _key(units: dict[str, dict]) -> tuple:
-        return tuple(sorted((u, round(lv.get("s", 0.0), 6), round(lv.get("rho", 1.0), 6), int(lv.get("bits", 16)))
-                            for u, lv in units.items()))
+    def _key(pairs: list[tuple[Target, Level]]) -> tuple:
+        return tuple(sorted((target.members, level.key()) for target, level in pairs))
 
     def _windows_used(self, fidelity: int | None) -> int:
         if fidelity is None:
@@ -70,16 +71,15 @@ class TrueObjective:
         return int(fidelity)
 
     def __call__(self, candidate, fidelity: int | None = None) -> float | np.ndarray:
-        units = self._as_dict(candidate)
+        pairs = self._pairs(candidate)
         n_windows = self._windows_used(fidelity)
-        key = (self._key(units), n_windows)
+        key = (self._key(pairs), n_windows)
         if key in self.memo:
             self.hits += 1
             return self.memo[key]
         t0 = time.perf_counter()
-        apply_allocation_(self.model, units, self.method)
         parts = []  # (nll, kl, tokens) per window, or per batch when one value is wanted
-        try:
+        with compressed(self.model, CompressionPlan.build(self.model, self.method, pairs)):
             for start, ids, ref in zip(range(0, n_windows, self.batch_size), self._batches, self._ref):
                 take = min(len(ids), n_windows - start)  # the last batch is cut at the fidelity
                 logits = logits_of(self.model, ids[:take])
@@ -88,8 +88,6 @@ class TrueObjective:
                               for r in range(take)]
                 else:
                     parts.append(token_losses(logits, ids[:take], ref[:take], self.score_last))
-        finally:
-            remove_compression_(self.model)
         nll, kl, count = (np.array(col, dtype=float) for col in zip(*parts))
         if not self.per_window:
             nll, kl, count = nll.sum(), kl.sum(), count.sum()

@@ -1,0 +1,97 @@
+"""The measure stage: held-out perplexity, KL to dense and realized sparsity of each plan, the additivity audit
+on the profiling windows, memory, and optional lm-eval tasks.
+
+``compare(model, windows, plans)`` streams the windows once: per batch the dense logits are computed once and
+every plan is scored against them (``metrics.token_losses``); a ``SparsityMeter`` counts what each plan zeroes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .calibration import SparsityMeter
+from .metrics import logits_of, memory, token_losses
+from .plan import CompressionPlan, compressed, temporarily_dense
+
+
+@dataclass
+class Measurements:
+    frame: pd.DataFrame                      # one row per allocation (dense, uniform, the solver's)
+    memory: dict = field(default_factory=dict)
+    zeroshot: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def compare(model, windows: torch.Tensor, plans: dict[str, CompressionPlan], batch_size: int = 4,
+            score_last: float = 1.0) -> dict[str, dict]:
+    """``{name: {perplexity, kl, tokens, realized_sparsity}}`` for "dense" and every plan, on the same windows."""
+    sums = {name: np.zeros(3) for name in ["dense", *plans]}
+    meters = {name: None for name in plans}
+    with temporarily_dense(model):
+        for start in range(0, len(windows), batch_size):
+            ids = windows[start:start + batch_size]
+            dense = logits_of(model, ids)
+            ref = dense[:, :-1].log_softmax(-1)
+            nll, _, n = token_losses(dense, ids, None, score_last)
+            sums["dense"] += (nll, 0.0, n)
+            del dense
+            for name, plan in plans.items():
+                meters[name] = meters[name] or SparsityMeter(model)
+                with compressed(model, plan), meters[name]:
+                    sums[name] += token_losses(logits_of(model, ids), ids, ref, score_last)
+    out = {name: {"perplexity": math.exp(s[0] / s[2]), "kl": s[1] / s[2], "tokens": int(s[2])}
+           for name, s in sums.items()}
+    out["dense"]["realized_sparsity"] = 0.0
+    for name, meter in meters.items():
+        out[name]["realized_sparsity"] = meter.share() if meter is not None else float("nan")
+    return out
+
+
+def model_sparsity(tables, allocation) -> float:
+    """Share of the dense projection bytes the allocation does not read, priced by the solver's own Tables."""
+    cost = tables.cost("bytes_decode")
+    return 1.0 - float(cost[np.arange(tables.n_units), allocation.level_index].sum()
+                       / tables.dense_cost("bytes_decode").sum())
+
+
+def measure(config, model, tokenizer, plans: dict[str, CompressionPlan], windows, tables, solution) -> Measurements:
+    e, metric = config.evaluator, config.profile.metric
+    audit = compare(model, windows.profile, plans, e.batch_size, e.score_last)
+    held_out = {src: compare(model, w, plans, e.batch_size, e.score_last) for src, w in windows.evaluation.items()}
+    rows = []
+    for name in ["dense", *plans]:
+        alloc = solution.allocations.get(name)
+        row = {"allocation": name, "model_sparsity": model_sparsity(tables, alloc) if alloc else 0.0,
+               "predicted": solution.predicted.get(name, 0.0),
+               f"measured_{metric}_calib": audit[name]["kl"] if metric == "kl"
+               else audit[name]["perplexity"] - audit["dense"]["perplexity"]}
+        for src, res in held_out.items():
+            row.update({f"ppl_{src}": res[name]["perplexity"], f"kl_{src}": res[name]["kl"],
+                        f"realized_{src}": res[name]["realized_sparsity"]})
+        rows.append(row)
+    out = Measurements(pd.DataFrame(rows))
+    if e.memory:
+        with compressed(model, plans[config.solver.name]):
+            out.memory = memory(model)
+    if e.zeroshot.tasks:
+        out.zeroshot = zeroshot_all(model, tokenizer, plans, e.zeroshot)
+    return out
+
+
+def zeroshot_all(model, tokenizer, plans: dict[str, CompressionPlan], zs) -> dict:
+    """lm-eval tasks for the dense model and each plan (tasks need the hub unless they are custom)."""
+    from .zeroshot import run_zeroshot
+
+    def run():
+        return run_zeroshot(model, tokenizer, list(zs.tasks), limit=zs.limit, include_path=zs.include_path)
+
+    with temporarily_dense(model):
+        out = {"dense": run()}
+        for name, plan in plans.items():
+            with compressed(model, plan):
+                out[name] = run()
+    return out

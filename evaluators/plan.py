@@ -1,0 +1,254 @@
+"""The compression plan: an allocation resolved to the model's modules, with the calibrated state to apply it.
+
+``CompressionPlan.build(model, method, allocation)`` resolves every allocation unit to projections through its
+structure (layer and kinds, ``Allocation.layers`` / ``Allocation.kinds`` or a table's ``Unit``; names are never
+parsed) and asks the method for one wrapper per projection at its ``Level``. The plan's entries hold each
+wrapper's state (thresholds, low-rank factors), so ``plan.save(dir)`` / ``CompressionPlan.load(dir)`` carry a
+calibrated plan to another process. Two verbs use a plan:
+
+- ``compress_(model, plan)`` puts the wrappers in place, all or nothing (every target is checked first);
+- ``with compressed(model, plan): ...`` applies it and puts back exactly what was there before.
+
+``restore_(model)`` removes every wrapper; the wrappers carry their originals, so no state lives on the model.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from allocator.levels import Level
+
+from .models import ModelError, Projection, find_projections
+from .wrappers import WRAPPERS, CompressionWrapper
+
+PLAN_FORMAT_VERSION = 1
+FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one allocation entry compresses: per member layer, the projection kinds (empty: the whole layer)."""
+
+    name: str
+    members: tuple[tuple[int, tuple[str, ...]], ...]
+
+    @classmethod
+    def of(cls, layer: int, kinds: Sequence[str] = (), name: str | None = None) -> "Target":
+        kinds = tuple(kinds)
+        return cls(name or f"layers.{layer}" + (f".{'+'.join(kinds)}" if kinds else ""), ((int(layer), kinds),))
+
+    @classmethod
+    def from_unit(cls, unit) -> "Target":
+        """A table's ``Unit`` (its ``layer`` and ``kinds``)."""
+        return cls.of(unit.layer, unit.kinds, unit.name)
+
+    @classmethod
+    def span(cls, first: int, last: int) -> "Target":
+        """Whole layers ``first..last`` sharing one level (a consecutive group)."""
+        name = f"layers.{first}" if first == last else f"layers.{first}-{last}"
+        return cls(name, tuple((i, ()) for i in range(first, last + 1)))
+
+    @property
+    def first_layer(self) -> int:
+        return min(layer for layer, _ in self.members)
+
+    def projections(self, rows: list[list[Projection]]) -> list[Projection]:
+        out = []
+        for layer, kinds in self.members:
+            if not 0 <= layer < len(rows):
+                raise ModelError(f"unit '{self.name}' names layer {layer}; the model has {len(rows)} layers "
+                                 "(was the allocation made for another model?)")
+            hit = [p for p in rows[layer] if not kinds or p.kind in kinds or set(FUSED.get(p.kind, ())) & set(kinds)]
+            if not hit:
+                raise ModelError(f"unit '{self.name}' names kinds {list(kinds)}; layer {layer} has "
+                                 f"{[p.kind for p in rows[layer]]}")
+            out += hit
+        return out
+
+
+def allocation_targets(allocation) -> list[tuple[Target, Level]]:
+    """(Target, Level) per unit of an ``Allocation`` (or an iterable of such pairs, passed through)."""
+    if hasattr(allocation, "layers") and hasattr(allocation, "kinds"):
+        kinds = allocation.kinds or [()] * len(allocation.units)
+        return [(Target.of(layer, k, name), Level.from_mapping(level)) for name, layer, k, level
+                in zip(allocation.units, allocation.layers, kinds, allocation.levels, strict=True)]
+    return [(target, Level.from_mapping(level)) for target, level in allocation]
+
+
+def uniform_targets(n_layers: int, level) -> list[tuple[Target, Level]]:
+    """Every whole layer at one level."""
+    return [(Target.of(i), Level.from_mapping(level)) for i in range(n_layers)]
+
+
+@dataclass
+class PlanEntry:
+    """One module replacement: where (``path`` of the replaced module), which wrapper and its state."""
+
+    path: str
+    unit: str
+    level: Level
+    wrapper: str
+    params: dict
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    module: CompressionWrapper | None = field(default=None, repr=False, compare=False)   # built, not saved
+
+    def build(self, original: nn.Module) -> CompressionWrapper:
+        if self.module is not None and self.module.inner is original:
+            return self.module
+        return WRAPPERS[self.wrapper].from_state(original, self.params, self.tensors)
+
+
+@dataclass
+class CompressionPlan:
+    entries: list[PlanEntry]
+    method: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, model: nn.Module, method, allocation) -> "CompressionPlan":
+        """Resolve ``allocation`` (an ``Allocation`` or ``(Target, Level)`` pairs) and wrap each projection."""
+        pairs = allocation_targets(allocation)
+        names = {id(m): n for n, m in model.named_modules()}
+        entries = []
+        with temporarily_dense(model):
+            rows = find_projections(model)
+            for target, level in pairs:
+                for proj in target.projections(rows):
+                    for parent, attr, module in method.wrap(proj, level):
+                        params, tensors = module.state()
+                        path = f"{names[id(parent)]}.{attr}" if names[id(parent)] else attr
+                        entries.append(PlanEntry(path, target.name, level, type(module).__name__, params, tensors,
+                                                 module))
+        return cls(entries, method.options())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __repr__(self) -> str:
+        kinds = sorted({e.wrapper for e in self.entries})
+        return f"CompressionPlan({len(self.entries)} modules, {len({e.unit for e in self.entries})} units, {kinds}, " \
+               f"method={self.method.get('name')})"
+
+    # ------------------------------------------------------------------ io
+    def save(self, directory) -> Path:
+        """``plan.json`` (entries, levels, method) and ``plan.safetensors`` (thresholds' tensors, factors)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{i}/{k}": t.detach().cpu().contiguous() for i, e in enumerate(self.entries)
+                   for k, t in e.tensors.items()}
+        save_file(tensors, str(directory / "plan.safetensors"))
+        meta = {"_type": "allocator.CompressionPlan", "_version": PLAN_FORMAT_VERSION, "method": self.method,
+                "entries": [{"path": e.path, "unit": e.unit, "level": e.level.to_dict(), "wrapper": e.wrapper,
+                             "params": e.params, "tensors": sorted(e.tensors)} for e in self.entries]}
+        (directory / "plan.json").write_text(json.dumps(meta, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory) -> "CompressionPlan":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / "plan.json").read_text())
+            tensors = load_file(str(directory / "plan.safetensors"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"no readable compression plan in {directory} ({exc}); write one with plan.save(dir) "
+                             "(the main job saves it as plan/ beside allocation.json)") from exc
+        if meta.get("_type") != "allocator.CompressionPlan" or meta.get("_version") != PLAN_FORMAT_VERSION:
+            raise ValueError(f"{directory}/plan.json is not a version-{PLAN_FORMAT_VERSION} allocator.CompressionPlan")
+        entries = []
+        for i, e in enumerate(meta["entries"]):
+            if e["wrapper"] not in WRAPPERS:
+                raise ValueError(f"{directory}/plan.json entry {i} uses unknown wrapper '{e['wrapper']}'; "
+                                 f"known: {sorted(WRAPPERS)}")
+            entries.append(PlanEntry(e["path"], e["unit"], Level.from_mapping(e["level"]), e["wrapper"], e["params"],
+                                     {k: tensors[f"{i}/{k}"] for k in e["tensors"]}))
+        return cls(entries, meta.get("method", {}))
+
+
+# ---------------------------------------------------------------------------------------------- verbs
+def _slot(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_path) if parent_path else model
+        getattr(parent, attr)
+    except AttributeError:
+        raise ModelError(f"the plan targets module '{path}', which this model does not have (was the plan built "
+                         "for another model?)") from None
+    return parent, attr
+
+
+def _original(module: nn.Module) -> nn.Module:
+    while isinstance(module, CompressionWrapper):
+        module = module.inner
+    return module
+
+
+def compress_(model: nn.Module, plan: CompressionPlan) -> nn.Module:
+    """Put the plan's wrappers in place (a module already wrapped is first restored); all or nothing."""
+    slots = [_slot(model, e.path) for e in plan.entries]          # every target checked before any change
+    built = [e.build(_original(getattr(parent, attr))) for e, (parent, attr) in zip(plan.entries, slots)]
+    for (parent, attr), module in zip(slots, built):
+        setattr(parent, attr, module)
+    return model
+
+
+def _wrapped_slots(model: nn.Module) -> list[tuple[nn.Module, str, CompressionWrapper]]:
+    return [(parent, name, child) for parent in model.modules() if not isinstance(parent, CompressionWrapper)
+            for name, child in parent.named_children() if isinstance(child, CompressionWrapper)]
+
+
+def restore_(model: nn.Module) -> nn.Module:
+    """Remove every wrapper: the model's own modules are back and its outputs bit-identical to before."""
+    for parent, name, wrapper in _wrapped_slots(model):
+        setattr(parent, name, _original(wrapper))
+    return model
+
+
+def is_compressed(model: nn.Module) -> bool:
+    return bool(_wrapped_slots(model))
+
+
+@contextlib.contextmanager
+def compressed(model: nn.Module, plan: CompressionPlan):
+    """Apply ``plan`` within the block; afterwards every targeted module is what it was before."""
+    slots = [_slot(model, e.path) for e in plan.entries]
+    before = [(parent, attr, getattr(parent, attr)) for parent, attr in slots]
+    compress_(model, plan)
+    try:
+        yield model
+    finally:
+        for parent, attr, module in reversed(before):
+            setattr(parent, attr, module)
+
+
+@contextlib.contextmanager
+def temporarily_dense(model: nn.Module):
+    """Within the block the original modules are back in place; the wrappers return afterwards."""
+    swapped = _wrapped_slots(model)
+    for parent, name, wrapper in swapped:
+        setattr(parent, name, _original(wrapper))
+    try:
+        yield model
+    finally:
+        for parent, name, wrapper in reversed(swapped):
+            setattr(parent, name, wrapper)
+
+
+def plans_for(model: nn.Module, methods: dict, allocations: dict) -> dict[str, CompressionPlan]:
+    """``{name: plan}`` for several allocations (``methods``: one method per allocation name)."""
+    return {name: CompressionPlan.build(model, methods[name], alloc) for name, alloc in allocations.items()}
+
+
+def apply_levels(model: nn.Module, method, pairs: Iterable[tuple[Target, Level]]) -> CompressionPlan:
+    """Build and apply in one step (profiling, sequential calibration); returns the applied plan."""
+    plan = CompressionPlan.build(model, method, list(pairs))
+    compress_(model, plan)
+    return plan

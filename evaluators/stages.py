@@ -1,0 +1,204 @@
+"""The main job as stages: load -> data -> calibrate -> tables -> profile -> solve -> plan -> measure -> report.
+
+Each stage is a short function over the typed config (``allocator.config``); ``run_main_job`` is their list. The
+CLI (``experiment=smollm2``) and the studies call these stages, so a default lives only in the config
+dataclasses and a study measures what the main job measures.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from allocator import Allocation, analytic_tables, make_levels, minimize
+from allocator.config import JobConfig, check_solver_options, load_config
+from allocator.experiments import build_problem, save_result
+from allocator.levels import Level
+from allocator.tables import TablesError
+
+from .calibration import for_allocations
+from .methods import Method, get_method
+from .models import load_model
+from .plan import CompressionPlan
+from .profiling import profile
+from .text import token_windows
+
+logger = logging.getLogger(__name__)
+
+
+class Stopwatch:
+    """Seconds per stage, in order (the report's timings table)."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._clock, 2)
+        self._clock = now
+        logger.info("%s done in %.1f s", name, self.timings[name])
+
+
+@dataclass
+class Windows:
+    calibration: torch.Tensor
+    profile: torch.Tensor
+    evaluation: dict[str, torch.Tensor]
+
+
+@dataclass
+class Solution:
+    result: object
+    allocations: dict[str, Allocation]          # {"uniform": ..., <solver>: ...}
+    predicted: dict[str, float]
+    measured_evaluations: int | None = None
+
+
+@dataclass
+class Grid:
+    """The level grid the job profiles, and the operating level (the budget's uniform level) when there is one."""
+    levels: object
+    operating: Level | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def load(config: JobConfig):
+    from .models import set_threads
+    set_threads(config.model.threads)
+    torch.manual_seed(config.seed)
+    m = config.model
+    return load_model(m.name, gguf_file=m.gguf_file, dtype=m.dtype, device=m.device, device_map=m.device_map,
+                      max_layers=m.max_layers)
+
+
+def level_grid(config: JobConfig) -> Grid:
+    """The method's grid cut to the trust region around the budget, and the operating level on it."""
+    lv = config.method.levels
+    levels = make_levels(s=lv.s, rho=lv.rho, bits=lv.bits)
+    kind, value = config.budget.kind, float(config.budget.value)
+    if kind == "sparsity" and config.profile.window is not None:
+        keep = (levels["s"] - value).abs() <= config.profile.window + 1e-9
+        if not keep.any():
+            raise TablesError(f"no level of the grid lies within profile.window={config.profile.window} of the "
+                              f"budget sparsity {value}; widen the window or add levels near {value}")
+        levels = levels[keep].reset_index(drop=True)
+    operating = operating_level(levels, value, config.method.operating_rho) if kind == "sparsity" else None
+    if config.profile.mode == "operating_point" and operating is None:
+        raise ValueError("profile.mode=operating_point needs budget=sparsity (the uniform operating level)")
+    return Grid(levels, operating)
+
+
+def operating_level(levels, sparsity: float, rho: float = 1.0) -> Level:
+    """The grid level at the budget's sparsity (the uniform baseline and the operating point)."""
+    s_grid = sorted(set(levels["s"].round(6)))
+    if not s_grid[0] <= sparsity <= s_grid[-1]:
+        raise TablesError(f"budget sparsity {sparsity} lies outside the level grid s in [{s_grid[0]}, {s_grid[-1]}]; "
+                          f"extend method.levels.s or lower budget.value")
+    hit = levels[(levels["s"].sub(sparsity).abs() < 1e-9) & (levels["rho"].sub(rho).abs() < 1e-9)]
+    if hit.empty:
+        raise TablesError(f"budget sparsity {sparsity} (rho {rho}) is not a level of the grid s={s_grid}, "
+                          f"rho={sorted(set(levels['rho']))}; add it to method.levels or choose a grid value")
+    return Level(float(sparsity), float(rho), int(hit.iloc[0]["bits"]))
+
+
+def data(config: JobConfig, tokenizer) -> Windows:
+    d, seed = config.data, config.seed
+    return Windows(token_windows(tokenizer, d.calibration, d.calibration_windows, d.calibration_length, seed),
+                   token_windows(tokenizer, d.profile, d.profile_windows, d.profile_length, seed + 1),
+                   {src: token_windows(tokenizer, src, d.eval_windows, d.eval_length, seed) for src in d.evaluation})
+
+
+def calibrate(config: JobConfig, model, windows: Windows) -> Method:
+    m = config.method
+    method = get_method(m.name, sparse_fraction=m.sparse_fraction, seed=config.seed, **m.options)
+    for bits in m.levels.bits:
+        method.check_level(Level(bits=int(bits)))
+    return method.calibrate(model, windows.calibration, batch_size=config.data.batch_size)
+
+
+def cost_tables(config: JobConfig, model, grid: Grid):
+    """Analytic cost tables of the loaded model's shapes, plus the problem's cost kind from its provider."""
+    from allocator.cost_providers import with_costs
+
+    tables = analytic_tables(model.config.to_dict(), grid.levels, unit=config.profile.unit,
+                             tokens=config.problem.tokens)
+    return with_costs(tables, config.problem.cost, device=config.model.device,
+                      latency_table=config.problem.latency_table, model_config=model.config.to_dict())
+
+
+def profile_tables(config: JobConfig, model, method: Method, windows: Windows, tables, grid: Grid):
+    p = config.profile
+    prof = profile(model, method, windows.profile, grid.levels, tables.units, mode=p.mode,
+                   operating_level=grid.operating.to_dict() if grid.operating else None, batch_size=p.batch_size,
+                   score_last=config.evaluator.score_last, cache=p.cache, progress=p.progress)
+    return tables.with_degradation(prof.table(p.metric), metric=p.metric, **prof.provenance), prof
+
+
+def solve(config: JobConfig, model, method: Method, windows: Windows, tables, grid: Grid) -> Solution:
+    """The configured solver and the uniform baseline on the same problem."""
+    options = dict(config.solver.options)
+    measured = None
+    if options.get("fitness") == "measured":       # search solvers scoring candidates on the model itself
+        from .objective import MeasuredObjective
+        measured = MeasuredObjective(model, windows.profile, method, metric=config.profile.metric, tables=tables,
+                                     batch_size=config.profile.batch_size, score_last=config.evaluator.score_last)
+        options.setdefault("warm_start", "dp")
+    problem = build_problem(config, tables, **({"measured_objective": measured} if measured else {}))
+    result = minimize(problem, config.solver.name, seed=config.seed, **options)
+    if grid.operating is not None:
+        j = int(np.flatnonzero((grid.levels["s"].sub(grid.operating.s).abs() < 1e-9)
+                               & (grid.levels["rho"].sub(grid.operating.rho).abs() < 1e-9))[0])
+        uniform = Allocation.from_levels(tables, [j] * tables.n_units, solver="uniform")
+        uniform_pred = float(tables.degradation[:, j].sum())
+    else:
+        u = minimize(problem, "uniform")
+        uniform, uniform_pred = u.allocation, u.degradation
+    result.allocation.metadata.update({"method": method.options()})
+    return Solution(result, {"uniform": uniform, config.solver.name: result.allocation},
+                    {"uniform": uniform_pred, config.solver.name: float(result.degradation)},
+                    measured.evaluations if measured else None)
+
+
+def plan(config: JobConfig, model, method: Method, solution: Solution) -> dict[str, CompressionPlan]:
+    """One compression plan per allocation (sequential calibration re-takes the thresholds per allocation)."""
+    methods = for_allocations(model, method, solution.allocations, config.method.calibration,
+                              config.data.batch_size)
+    return {name: CompressionPlan.build(model, methods[name], alloc) for name, alloc in solution.allocations.items()}
+
+
+def run_main_job(config: JobConfig | dict, output_dir: Path) -> dict:
+    """The stages in order; writes tables/, allocation.json, plan/, result.parquet, measurements.csv, report.md,
+    allocation.png and summary.json into ``output_dir``."""
+    from .measure import measure
+    from .report import write_report
+
+    config = config if isinstance(config, JobConfig) else load_config(config)
+    check_solver_options(config.solver)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    watch = Stopwatch()
+    grid = level_grid(config)
+    model, tokenizer = load(config)
+    watch.lap("load")
+    windows = data(config, tokenizer)
+    watch.lap("data")
+    method = calibrate(config, model, windows)
+    watch.lap("calibrate")
+    tables, prof = profile_tables(config, model, method, windows, cost_tables(config, model, grid), grid)
+    tables.save(out / "tables")
+    watch.lap("profile")
+    solution = solve(config, model, method, windows, tables, grid)
+    save_result(solution.result, out)
+    watch.lap("solve")
+    plans = plan(config, model, method, solution)
+    plans[config.solver.name].save(out / "plan")
+    watch.lap("plan")
+    measurements = measure(config, model, tokenizer, plans, windows, tables, solution)
+    watch.lap("measure")
+    return write_report(out, config, model, method, tables, prof, solution, measurements, watch)
