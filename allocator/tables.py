@@ -217,7 +217,11 @@ class Tables:
         directory = Path(directory)
         meta, frame = _read_saved(directory)
         where = f"{directory}/tables.json"
-        units = [Unit.from_dict(u) for u in _meta_field(meta, "units", list, where)]
+        unit_dicts = _meta_field(meta, "units", list, where)
+        try:
+            units = [Unit.from_dict(u) for u in unit_dicts]
+        except TablesError as exc:
+            raise TablesError(f"{where}: {exc}") from exc
         levels = pd.DataFrame(_meta_field(meta, "levels", list, where))
         kinds = list(_meta_field(meta, "cost_kinds", list, where))
         columns = kinds + (["degradation"] if meta.get("has_degradation") else [])
@@ -316,7 +320,7 @@ def _require_columns(frame: pd.DataFrame, columns, source: str, fix: str) -> Non
 def _numeric_column(frame: pd.DataFrame, column: str, source) -> np.ndarray:
     values = frame[column]
     if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
-        bad = values[pd.to_numeric(values, errors="coerce").isna()].head(3).tolist()
+        bad = values[pd.to_numeric(values, errors="coerce").isna()].unique()[:3].tolist()
         raise TablesError(f"column '{column}' of {source} is not numeric (values such as {bad}); "
                           "write plain numbers in it")
     return values.to_numpy(dtype=float)
