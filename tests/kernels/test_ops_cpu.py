@@ -188,3 +188,14 @@ def test_decode_attention_matches_sdpa(dtype, nh, nkv, pos):
         enable_gqa=nkv != nh).reshape(1, -1)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
+
+
+def test_decoder_shapes_come_from_the_core_model_shape():
+    from allocator import model_shape
+    from allocator.kernels.llama_decode import LLAMA2_7B, LLAMA3_8B, SMOLLM2_135M, DecoderShape
+
+    assert LLAMA3_8B == DecoderShape(4096, 14336, 32, 8, 32, 128256, rope_theta=500000.0)
+    assert LLAMA2_7B == DecoderShape(4096, 11008, 32, 32, 32, 32000)
+    assert SMOLLM2_135M == DecoderShape(576, 1536, 9, 3, 30, 49152, rope_theta=100000.0)
+    gemma = DecoderShape.from_model_shape(model_shape("gemma-7b"))
+    assert gemma.head_dim == 256 and gemma.n_heads * gemma.head_dim != gemma.hidden  # head_dim from the config
