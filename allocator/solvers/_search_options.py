@@ -15,6 +15,8 @@ from .options import BOOL, CALLABLE, LEVEL_VECTORS, NONE, SolverOptions, integer
 class SearchOptions(SolverOptions):
     """Options common to the search solvers (each adds its own)."""
 
+    RENAMED = {"objective": "fitness"}
+
     max_evals: int | None = option(None, NONE | integer(1), "objective evaluations; None: no count limit")
     max_time: float | None = option(None, NONE | real(0, low_open=True), "wall-clock seconds; None: no time limit")
     fitness: object = option("auto", one_of("auto", "table", "measured") | CALLABLE,

@@ -98,9 +98,11 @@ def option(default, rule: Rule, doc: str = ""):
 
 @dataclass(frozen=True)
 class SolverOptions:
-    """Base of every solver's ``Options``. ``PRESETS`` (optional): named bundles applied under explicit options."""
+    """Base of every solver's ``Options``. ``PRESETS`` (optional): named bundles applied under explicit options;
+    ``RENAMED``: old option name -> new one, named in the error a stale call gets."""
 
     PRESETS: ClassVar[dict[str, dict]] = {}
+    RENAMED: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def names(cls) -> list[str]:
@@ -109,13 +111,9 @@ class SolverOptions:
     @classmethod
     def build(cls, solver: str, kwargs: dict) -> "SolverOptions":
         """The options of ``solver`` from keyword arguments: unknown keys and bad values raise SolverOptionError."""
-        valid = cls.names()
         for key in kwargs:
-            if key not in valid:
-                close = difflib.get_close_matches(key, valid, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise SolverOptionError(f"unknown option '{key}' for solver '{solver}'{hint} valid options: "
-                                        f"{', '.join(valid) or '(none)'}", solver, key, kwargs[key])
+            if key not in cls.names():
+                raise cls._unknown(solver, key, kwargs[key])
         preset = kwargs.get("preset")
         if cls.PRESETS and preset is not None:
             if preset not in cls.PRESETS:
@@ -132,6 +130,18 @@ class SolverOptions:
                                         solver, f.name, value)
         options.check(solver)
         return options
+
+    @classmethod
+    def _unknown(cls, solver: str, key: str, value) -> SolverOptionError:
+        valid = cls.names()
+        close = difflib.get_close_matches(key, valid, n=1)
+        if key in cls.RENAMED:
+            hint = f" (renamed to '{cls.RENAMED[key]}')."
+        else:
+            hint = f"; did you mean '{close[0]}'?" if close else "."
+        listing = ", ".join(valid) or "(none: this solver takes no options)"
+        return SolverOptionError(f"unknown option '{key}' for solver '{solver}'{hint} Valid options: {listing}",
+                                 solver, key, value)
 
     def check(self, solver: str) -> None:
         """Rules linking several options (override; raise ``self.error``)."""

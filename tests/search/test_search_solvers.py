@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from allocator import Infeasible, Problem, minimize
-from allocator.solvers._search_common import BudgetRepair, level_switch
+from allocator.solvers.options import SolverOptionError
+from allocator.solvers._repair import BudgetRepair, level_switch
 
 from .instances import exact_optimum, synthetic_tables
 
@@ -23,7 +24,7 @@ def _optimum(problem) -> float:
 
 
 class CountingObjective:
-    """A non-additive 'true' objective (table degradation + neighbour interactions) that counts its calls."""
+    """A non-additive measured objective (table degradation + neighbour interactions) that counts its calls."""
 
     def __init__(self, tables):
         self.deg = tables.degradation
@@ -61,21 +62,21 @@ def test_evo_is_deterministic(table_problem):
 
 
 @pytest.mark.parametrize("start", ["dp", "uniform"])
-def test_warm_started_evo_never_worse_than_its_start_on_true_objective(start):
+def test_warm_started_evo_never_worse_than_its_start_on_measured_objective(start):
     tables = synthetic_tables(30, 8, seed=1)
     fn = CountingObjective(tables)
-    problem = Problem(tables, "bytes_decode", sparsity=0.5, objective=fn)
+    problem = Problem(tables, "bytes_decode", sparsity=0.5, measured_objective=fn)
     start_units = minimize(Problem(tables, "bytes_decode", sparsity=0.5), start, seed=0).x
     result = minimize(problem, "evo", seed=0, warm_start=start, max_evals=40, progress=False)
-    assert result.feasible and result.info["objective"] == "true"
+    assert result.feasible and result.info["fitness"] == "measured"
     assert result.info["best_value"] <= fn(start_units) + 1e-12
     assert result.info["warm_start_values"][0] == pytest.approx(fn(start_units))
 
 
-def test_true_objective_memoised_counted_and_budgeted():
+def test_measured_objective_memoised_counted_and_budgeted():
     tables = synthetic_tables(30, 8, seed=2)
     fn = CountingObjective(tables)
-    problem = Problem(tables, "bytes_decode", sparsity=0.5, objective=fn)
+    problem = Problem(tables, "bytes_decode", sparsity=0.5, measured_objective=fn)
     result = minimize(problem, "evo", seed=0, max_evals=50, pop_size=16, progress=False)
     assert result.n_evals == len(fn.calls) <= 50
     assert len(set(fn.calls)) == len(fn.calls)  # never measured twice
@@ -95,7 +96,7 @@ def test_wall_time_budget():
         time.sleep(0.01)
         return float(tables.degradation[np.arange(30), unit_levels].sum())
 
-    problem = Problem(tables, "bytes_decode", sparsity=0.5, objective=slow)
+    problem = Problem(tables, "bytes_decode", sparsity=0.5, measured_objective=slow)
     result = minimize(problem, "bayes", seed=0, max_time=0.5, sampler="tpe", progress=False)
     assert result.solve_time < 3.0 and result.feasible
 
@@ -103,7 +104,7 @@ def test_wall_time_budget():
 def test_multi_step_selection_and_rsparse_preset():
     tables = synthetic_tables(30, 8, seed=3)
     fn = CountingObjective(tables)
-    problem = Problem(tables, "bytes_decode", sparsity=0.5, objective=fn)
+    problem = Problem(tables, "bytes_decode", sparsity=0.5, measured_objective=fn)
     result = minimize(problem, "evo", seed=0, multi_step=[(2, 4)], fidelity=8, pop_size=16, n_gen=4, progress=False)
     by_fid = result.info["evals_by_fidelity"]
     assert by_fid["2"] > by_fid["8"] > 0  # most children screened cheaply, survivors measured in full
@@ -160,20 +161,20 @@ def test_repair_and_level_switch():
 
 def test_errors():
     tables = synthetic_tables(10, 4, seed=0)
-    with pytest.raises(ValueError, match="true objective"):
-        minimize(Problem(tables, "bytes_decode", sparsity=0.5), "evo", objective="true", progress=False)
-    with pytest.raises(TypeError, match="unknown evo options"):
-        minimize(Problem(tables, "bytes_decode", sparsity=0.5), "evo", populaton=3)
+    with pytest.raises(SolverOptionError, match="needs a measured objective"):
+        minimize(Problem(tables, "bytes_decode", sparsity=0.5), "evo", fitness="measured", progress=False)
+    with pytest.raises(SolverOptionError, match="unknown option 'pop_szie' for solver 'evo'; did you mean 'pop_size'"):
+        minimize(Problem(tables, "bytes_decode", sparsity=0.5), "evo", pop_szie=3)
     with pytest.raises(Infeasible):
         minimize(Problem(tables, "bytes_decode", sparsity=0.99), "evo", progress=False)
 
 
-def test_bayes_gp_on_true_objective_over_fixed_groups():
+def test_bayes_gp_on_measured_objective_over_fixed_groups():
     pytest.importorskip("torch")
     tables = synthetic_tables(30, 8, seed=7)
     fn = CountingObjective(tables)
     groups = [list(range(i, i + 6)) for i in range(0, 30, 6)]
-    problem = Problem(tables, "bytes_decode", sparsity=0.5, grouping=groups, objective=fn)
+    problem = Problem(tables, "bytes_decode", sparsity=0.5, grouping=groups, measured_objective=fn)
     result = minimize(problem, "bayes", seed=0, max_evals=14, n_startup_trials=6, warm_start="dp", progress=False)
     assert result.info["sampler"] == "gp" and result.n_evals <= 14 and result.feasible
     assert result.info["best_value"] <= result.history[0]["value"] + 1e-12  # never worse than the queued dp start
@@ -196,7 +197,7 @@ class Validation:
 def test_validation_keeps_the_start_unless_a_candidate_beats_it_there(solver):
     tables = synthetic_tables(30, 8, seed=8)
     fn = CountingObjective(tables)
-    problem = Problem(tables, "bytes_decode", sparsity=0.5, objective=fn)
+    problem = Problem(tables, "bytes_decode", sparsity=0.5, measured_objective=fn)
     start = minimize(Problem(tables, "bytes_decode", sparsity=0.5), "uniform", seed=0).x  # room to improve
     budget = {"max_evals": 40, "progress": False, **({"sampler": "tpe"} if solver == "bayes" else {})}
     # validation prefers the start: the search improves the fitness, yet the start is returned
@@ -214,7 +215,7 @@ def test_validation_keeps_the_start_unless_a_candidate_beats_it_there(solver):
 
 
 def test_choose_by_validation_without_a_start_takes_the_best_on_validation():
-    from allocator.solvers._search_common import choose_by_validation
+    from allocator.solvers._validation import choose_by_validation
     candidates = [np.array([0, 1]), np.array([1, 1]), np.array([2, 0])]
 
     def validation(x):
@@ -235,7 +236,7 @@ def test_choose_by_validation_without_a_start_takes_the_best_on_validation():
 def test_choose_by_validation_paired_test_needs_a_win_beyond_the_noise():
     """Per-window validation values: a candidate replaces the start only if its mean gain exceeds z standard
     errors of the per-window differences (brute-checked against the definition)."""
-    from allocator.solvers._search_common import choose_by_validation
+    from allocator.solvers._validation import choose_by_validation
     rng = np.random.default_rng(0)
     start, cand = np.array([0]), np.array([1])
     base = rng.normal(1.0, 0.1, 16)
