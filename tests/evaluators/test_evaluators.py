@@ -1,42 +1,36 @@
-"""Registered evaluators, the true objective, zero-shot through lm-eval, and the main job end to end."""
+"""Registered evaluators, the measured objective, zero-shot through lm-eval, and the main job end to end."""
 import json
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from allocator import Allocation, make_levels
-from allocator.evaluators.methods import apply_allocation_, remove_compression_
 from allocator.evaluators.metrics import EVALUATORS, evaluate
-from allocator.evaluators.objective import TrueObjective
-
-UNITS = [f"layers.{i}" for i in range(4)]
+from allocator.evaluators.objective import MeasuredObjective
+from allocator.evaluators.plan import CompressionPlan, compressed, uniform_targets
 
 
 def test_registered_evaluators_measure_cost_memory_and_kl(small_model, calibrated, eval_windows):
     model = small_model[0]
     assert {"perplexity", "kl", "flops", "bytes", "memory", "zeroshot"} <= set(EVALUATORS)
-    half = {u: {"s": 0.5, "rho": 0.9} for u in UNITS}
+    half = uniform_targets(4, {"s": 0.5, "rho": 0.9})
     assert evaluate("bytes", model, allocation=half)["model_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert evaluate("flops", model, allocation=None)["decode"]["ratio"] == 1.0
     dense_mem = evaluate("memory", model)
-    apply_allocation_(model, half, calibrated["rsparse"])
-    try:
+    with compressed(model, CompressionPlan.build(model, calibrated["rsparse"], half)):
         mem = evaluate("memory", model)
         kl = evaluate("kl", model, windows=eval_windows[:2])
-    finally:
-        remove_compression_(model)
     assert dense_mem["low_rank_bytes"] == 0 and mem["low_rank_bytes"] > 0
     assert kl["kl"] > 0 and kl["perplexity"] > kl["dense_perplexity"]
     assert evaluate("kl", model, windows=eval_windows[:2])["kl"] == 0
 
 
-def test_true_objective_memoises_and_accepts_level_vectors(small_model, calibrated, calib_windows):
+def test_measured_objective_memoises_and_accepts_level_vectors(small_model, calibrated, calib_windows):
     from allocator import analytic_tables
     model = small_model[0]
     tables = analytic_tables(model.config.to_dict(), make_levels(s=[0.0, 0.5]))
-    objective = TrueObjective(model, calib_windows[:2, :48], calibrated["teal"], tables=tables)
+    objective = MeasuredObjective(model, calib_windows[:2, :48], calibrated["teal"], tables=tables)
     dense = objective(np.zeros(4, dtype=int))
     half = objective(np.array([1, 1, 0, 0]))
     again = objective(Allocation.from_levels(tables, [1, 1, 0, 0]))
@@ -55,8 +49,9 @@ def test_zeroshot_runs_an_offline_cloze_task_through_lm_eval(small_model, tmp_pa
 
 
 def test_main_job_end_to_end_on_a_small_model(tmp_path):
-    from allocator.evaluators.pipeline import run_pipeline
-    cfg = OmegaConf.create({
+    from allocator.evaluators.plan import CompressionPlan
+    from allocator.evaluators.stages import run_main_job
+    cfg = {
         "seed": 0,
         "model": {"name": "smollm2-135m", "dtype": "float32", "max_layers": 3, "threads": 2},
         "data": {"calibration": "calibration", "calibration_windows": 2, "calibration_length": 64,
@@ -67,10 +62,10 @@ def test_main_job_end_to_end_on_a_small_model(tmp_path):
                     "progress": False},
         "budget": {"kind": "sparsity", "value": 0.5},
         "solver": {"name": "dp", "options": {}},
-    })
-    summary = run_pipeline(cfg, tmp_path / "out")
+    }
+    summary = run_main_job(cfg, tmp_path / "out")
     out = tmp_path / "out"
-    for name in ("allocation.json", "report.md", "allocation.png", "summary.json", "tables/tables.parquet"):
+    for name in ("allocation.json", "plan/plan.json", "report.md", "allocation.png", "summary.json", "tables/tables.parquet"):
         assert (out / name).exists(), name
     rows = {r["allocation"]: r for r in summary["measurements"]}
     assert set(rows) == {"dense", "uniform", "dp"}
@@ -79,5 +74,6 @@ def test_main_job_end_to_end_on_a_small_model(tmp_path):
     assert rows["dense"]["ppl_austen_eval"] < rows["uniform"]["ppl_austen_eval"]
     assert Allocation.from_json(out / "allocation.json").units == ["layers.0", "layers.1", "layers.2"]
     assert "additivity audit" in (out / "report.md").read_text()
-    again = run_pipeline(cfg, tmp_path / "again")                    # cached profile: same tables, same answer
+    assert len(CompressionPlan.load(out / "plan")) == 3 * 7
+    again = run_main_job(cfg, tmp_path / "again")                    # cached profile: same tables, same answer
     assert json.loads((tmp_path / "again" / "summary.json").read_text())["objective"] == summary["objective"]

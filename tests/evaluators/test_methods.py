@@ -4,10 +4,13 @@ import math
 import pytest
 import torch
 
-from allocator.evaluators.methods import (Protocol, ThresholdLinear, apply_allocation_, get_method, measured_sparsity,
-                                          quantile, remove_compression_, rsparse_rank)
+from allocator.costs import rsparse_split
+from allocator.evaluators.methods import MethodError, get_method, measured_sparsity, quantile
 from allocator.evaluators.metrics import logits_of
 from allocator.evaluators.models import find_projections
+from allocator.evaluators.plan import CompressionPlan, Target, compress_, compressed, restore_, uniform_targets
+from allocator.evaluators.wrappers import ThresholdLinear
+from allocator.levels import Level
 
 
 
@@ -15,7 +18,7 @@ N_LAYERS = 4
 
 
 def uniform(level):
-    return {f"layers.{i}": dict(level) for i in range(N_LAYERS)}
+    return uniform_targets(N_LAYERS, level)
 
 
 @pytest.mark.parametrize("name,rho", [("teal", 1.0), ("rsparse", 1.0), ("rsparse", 0.8), ("cats", 1.0),
@@ -23,26 +26,20 @@ def uniform(level):
 def test_every_method_at_sparsity_zero_reproduces_dense_logits(small_model, calibrated, eval_windows, name, rho):
     model = small_model[0]
     dense = logits_of(model, eval_windows[:2])
-    apply_allocation_(model, uniform({"s": 0.0, "rho": rho}), calibrated[name])
-    try:
+    with compressed(model, CompressionPlan.build(model, calibrated[name], uniform({"s": 0.0, "rho": rho}))):
         wrapped = sum(not isinstance(m, torch.nn.Linear) for m in model.modules()
                       if type(m).__name__ in ("ThresholdLinear", "TopKLinear", "ThresholdActivation",
                                               "PromptSelectedLinear"))
         assert wrapped > 0, "the wrappers must be in place (the test would be vacuous otherwise)"
         assert torch.equal(logits_of(model, eval_windows[:2]), dense)
-    finally:
-        remove_compression_(model)
 
 
 def test_methods_at_half_sparsity_change_the_logits(small_model, calibrated, eval_windows):
     model = small_model[0]
     dense = logits_of(model, eval_windows[:1])
     for name, method in calibrated.items():
-        apply_allocation_(model, uniform({"s": 0.5}), method)
-        try:
+        with compressed(model, CompressionPlan.build(model, method, uniform({"s": 0.5}))):
             assert not torch.allclose(logits_of(model, eval_windows[:1]), dense), name
-        finally:
-            remove_compression_(model)
 
 
 def _layer_input(model, windows, layer, attr_path):
@@ -62,7 +59,7 @@ def test_rsparse_rho_one_is_score_threshold_sparsity_without_low_rank(small_mode
     model = small_model[0]
     method = calibrated["rsparse"]
     proj, linear, x = _layer_input(model, eval_windows[:2], 2, "gate")
-    [(_, _, wrapper)] = method.wrap(proj, {"s": 0.5, "rho": 1.0})
+    [(_, _, wrapper)] = method.wrap(proj, Level(0.5, 1.0))
     assert isinstance(wrapper, ThresholdLinear) and wrapper.rank == 0 and wrapper.lr_down is None
     threshold = quantile(method.stats[proj.name], 0.5)
     assert wrapper.threshold == pytest.approx(threshold)
@@ -73,8 +70,8 @@ def test_rsparse_rho_one_is_score_threshold_sparsity_without_low_rank(small_mode
 
 def test_rsparse_rank_follows_the_budget_on_real_gqa_shapes():
     # k_proj of SmolLM2 is 576 -> 192 (GQA): k = 576 * 0.5 * 0.8 = 230, r = (576*192*0.5 - 230*192) / (576+192)
-    assert rsparse_rank(192, 576, 0.5, 0.8) == (230, int((576 * 192 * 0.5 - 230 * 192) / 768))
-    assert rsparse_rank(192, 576, 0.5, 1.0)[1] == 0
+    assert rsparse_split(d_out=192, d_in=576, s=0.5, rho=0.8) == (230, int((576 * 192 * 0.5 - 230 * 192) / 768))
+    assert rsparse_split(d_out=192, d_in=576, s=0.5, rho=1.0)[1] == 0
 
 
 def test_svd_correction_lowers_a_real_layer_error_at_equal_budget(small_model, calibrated, eval_windows):
@@ -87,7 +84,7 @@ def test_svd_correction_lowers_a_real_layer_error_at_equal_budget(small_model, c
         dense = linear(x)
 
         def error(rho):
-            [(_, _, wrapper)] = method.wrap(proj, {"s": 0.5, "rho": rho})
+            [(_, _, wrapper)] = method.wrap(proj, Level(0.5, rho))
             return ((wrapper(x) - dense).norm() / dense.norm()).item(), wrapper.rank
 
         (pure, r0), (corrected, r1) = error(1.0), error(0.9)
@@ -114,25 +111,22 @@ def test_apply_then_remove_restores_identical_outputs(small_model, calibrated, e
     model = small_model[0]
     before = logits_of(model, eval_windows[:2])
     modules_before = {n: type(m) for n, m in model.named_modules()}
-    allocation = {"layers.0": {"s": 0.3, "rho": 0.9}, "layers.1": {"s": 0.6, "rho": 1.0}, "layers.3.q": {"s": 0.5}}
-    apply_allocation_(model, allocation, calibrated["rsparse"])
+    allocation = [(Target.of(0), Level(0.3, 0.9)), (Target.of(1), Level(0.6)), (Target.of(3, ["q"]), Level(0.5))]
+    compress_(model, CompressionPlan.build(model, calibrated["rsparse"], allocation))
     assert not torch.equal(logits_of(model, eval_windows[:2]), before)
-    apply_allocation_(model, {"layers.1": {"s": 0.2}}, calibrated["rsparse"])   # re-applying moves the unit
-    remove_compression_(model)
+    compress_(model, CompressionPlan.build(model, calibrated["rsparse"], [(Target.of(1), Level(0.2))]))  # moves it
+    restore_(model)
     assert {n: type(m) for n, m in model.named_modules()} == modules_before
     assert torch.equal(logits_of(model, eval_windows[:2]), before)
 
 
 def test_protocol_last_fraction_keeps_the_prefix_dense(small_model, calibrated, eval_windows):
     model = small_model[0]
-    method = get_method("teal", protocol=Protocol(0.25))
+    method = get_method("teal", sparse_fraction=0.25)
     method.stats = calibrated["teal"].stats
     dense = logits_of(model, eval_windows[:1])
-    apply_allocation_(model, uniform({"s": 0.5}), method)
-    try:
+    with compressed(model, CompressionPlan.build(model, method, uniform({"s": 0.5}))):
         sparse = logits_of(model, eval_windows[:1])
-    finally:
-        remove_compression_(model)
     cut = eval_windows.shape[1] - math.ceil(0.25 * eval_windows.shape[1])
     torch.testing.assert_close(sparse[:, :cut], dense[:, :cut], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(sparse[:, cut:], dense[:, cut:])
@@ -141,7 +135,39 @@ def test_protocol_last_fraction_keeps_the_prefix_dense(small_model, calibrated, 
 def test_uncalibrated_method_says_so(small_model):
     model = small_model[0]
     with pytest.raises(RuntimeError, match="calibrate"):
-        apply_allocation_(model, {"layers.0": {"s": 0.5}}, get_method("teal"))
-    remove_compression_(model)
-    with pytest.raises(KeyError, match="registered"):
+        CompressionPlan.build(model, get_method("teal"), [(Target.of(0), Level(0.5))])
+    with pytest.raises(MethodError, match="registered"):
         get_method("nope")
+    with pytest.raises(MethodError, match="prompt_fraction"):
+        get_method("griffin", prompt_fractoin=0.3)
+    with pytest.raises(MethodError, match="bits=4"):
+        CompressionPlan.build(model, get_method("oracle_topk"), [(Target.of(0), Level(0.5, bits=4))])
+
+
+def test_a_saved_plan_reapplies_bit_identically_without_calibration(small_model, calibrated, eval_windows, tmp_path):
+    """The plan carries thresholds and low-rank factors: loaded in a fresh object it gives the same logits."""
+    model = small_model[0]
+    pairs = [(Target.of(0, ["q", "k", "v"]), Level(0.5, 0.9)), (Target.of(1, ["down"]), Level(0.6)),
+             (Target.of(2), Level(0.4, 0.9))]
+    plan = CompressionPlan.build(model, calibrated["rsparse"], pairs)
+    with compressed(model, plan):
+        expected = logits_of(model, eval_windows[:2])
+    loaded = CompressionPlan.load(plan.save(tmp_path / "plan"))
+    assert [e.path for e in loaded.entries] == [e.path for e in plan.entries] and len(loaded) == 3 + 1 + 7
+    with compressed(model, loaded):
+        assert torch.equal(logits_of(model, eval_windows[:2]), expected)
+    assert not any(isinstance(m, ThresholdLinear) for m in model.modules())
+
+
+def test_apply_is_all_or_nothing(small_model, calibrated):
+    """An allocation naming a layer the model lacks is an error before anything is wrapped."""
+    model = small_model[0]
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="layer 30"):
+        CompressionPlan.build(model, calibrated["teal"], [(Target.of(0), Level(0.5)), (Target.of(30), Level(0.5))])
+    plan = CompressionPlan.build(model, calibrated["teal"], [(Target.of(0), Level(0.5))])
+    plan.entries.append(plan.entries[0].__class__("model.layers.9.mlp.up_proj", "x", Level(0.5), "ThresholdLinear",
+                                                  {"threshold": 0.1, "sparse_fraction": 1.0}))
+    with pytest.raises(ValueError, match="model.layers.9"):
+        compress_(model, plan)
+    assert {n: type(m) for n, m in model.named_modules()} == before

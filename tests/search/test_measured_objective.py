@@ -1,4 +1,4 @@
-"""TrueObjective on a real (cut) SmolLM2: fidelity = the first k windows, memoised per fidelity, used by evo."""
+"""MeasuredObjective on a real (cut) SmolLM2: fidelity = the first k windows, memoised per fidelity, used by evo."""
 import numpy as np
 import pytest
 
@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 from allocator import Problem, analytic_tables, make_levels, minimize  # noqa: E402
 from allocator.evaluators.methods import get_method  # noqa: E402
 from allocator.evaluators.models import load_model  # noqa: E402
-from allocator.evaluators.objective import TrueObjective  # noqa: E402
+from allocator.evaluators.objective import MeasuredObjective  # noqa: E402
 from allocator.evaluators.text import token_windows  # noqa: E402
 
 N_LAYERS = 3
@@ -31,12 +31,12 @@ def setup():
 
 def test_fidelity_scores_the_first_windows_and_is_memoised_per_fidelity(setup):
     model, windows, method, tables = setup
-    objective = TrueObjective(model, windows, method, tables=tables, batch_size=2)
+    objective = MeasuredObjective(model, windows, method, tables=tables, batch_size=2)
     x = np.array([2, 1, 2])
     full = objective(x)
     assert objective(x, fidelity=len(windows)) == full          # all windows: the same memo entry
     for k in (1, 3):  # 3 cuts the second batch of 2 in the middle
-        alone = TrueObjective(model, windows[:k], method, tables=tables, batch_size=2)(x)
+        alone = MeasuredObjective(model, windows[:k], method, tables=tables, batch_size=2)(x)
         assert objective(x, fidelity=k) == pytest.approx(alone, rel=1e-5)
     assert objective(x, fidelity=1) != pytest.approx(full, rel=1e-3)  # fewer windows: another number
     assert objective.evaluations == 3 and objective.hits == 2   # full twice, fidelity 1 twice
@@ -49,8 +49,8 @@ def test_fidelity_scores_the_first_windows_and_is_memoised_per_fidelity(setup):
 
 def test_evo_multi_step_uses_the_fidelity_keyword(setup):
     model, windows, method, tables = setup
-    objective = TrueObjective(model, windows, method, tables=tables, batch_size=4)
-    problem = Problem(tables, "bytes_decode", sparsity=0.4, objective=objective)
+    objective = MeasuredObjective(model, windows, method, tables=tables, batch_size=4)
+    problem = Problem(tables, "bytes_decode", sparsity=0.4, measured_objective=objective)
     result = minimize(problem, "evo", seed=0, warm_start="dp", pop_size=4, n_gen=2, multi_step=[(2, 2)],
                       progress=False)
     assert result.feasible
@@ -61,7 +61,7 @@ def test_evo_multi_step_uses_the_fidelity_keyword(setup):
 def test_per_window_values_average_to_the_scalar(setup):
     model, windows, method, tables = setup
     x = np.array([2, 1, 2])
-    scalar = TrueObjective(model, windows, method, tables=tables, batch_size=2)(x)
-    per = TrueObjective(model, windows, method, tables=tables, batch_size=2, per_window=True)(x)
+    scalar = MeasuredObjective(model, windows, method, tables=tables, batch_size=2)(x)
+    per = MeasuredObjective(model, windows, method, tables=tables, batch_size=2, per_window=True)(x)
     assert per.shape == (len(windows),) and np.all(per > 0)
     assert per.mean() == pytest.approx(scalar, rel=1e-5)  # equal-length windows: the mean is the pooled value
