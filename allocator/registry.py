@@ -1,6 +1,7 @@
 """Solver registry: built-ins register by decorator; third-party solvers through the ``allocator.solvers`` entry points."""
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 from importlib.metadata import entry_points
@@ -53,6 +54,7 @@ def available_solvers() -> list[str]:
 
 
 def get_solver(name: str) -> type:
+    """The solver class registered as ``name`` (its options: ``get_solver(name).Options``)."""
     if name in _SOLVERS:
         return _SOLVERS[name]
     if name in BUILTIN_SOLVER_MODULES:
@@ -61,4 +63,7 @@ def get_solver(name: str) -> type:
     _load_entry_points()
     if name in _SOLVERS:
         return _SOLVERS[name]
-    raise UnknownSolver(f"unknown solver '{name}'; registered solvers: {', '.join(available_solvers())}")
+    names = available_solvers()
+    close = difflib.get_close_matches(str(name), names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ";"
+    raise UnknownSolver(f"unknown solver '{name}'{hint} registered solvers: {', '.join(names)}")

@@ -174,6 +174,15 @@ class Scorer:
                 "evals_by_fidelity": dict(self.evals_by_fidelity), "search_time": self.elapsed,
                 "budget_exhausted": self.exhausted}
 
+    def budget_spent(self, solver: str) -> SolverOptionError:
+        """The error for a search whose budget ran out before any feasible candidate was scored: the problem may
+        well be feasible, so this names the budget, not an achievable cost."""
+        spent = "max_evals" if self.max_evals is not None and self.n_evals >= self.max_evals else "max_time"
+        value = getattr(self, spent)
+        return SolverOptionError(f"solver '{solver}' option {spent}={value!r} ran out before a feasible candidate "
+                                 f"was scored ({self.n_evals} evaluations, {self.elapsed:.3g} s); raise {spent} or "
+                                 "start from a table answer (warm_start='dp')", solver, spent, value)
+
     def top(self, k: int) -> list[tuple[float, np.ndarray]]:
         """The ``k`` best feasible full-fidelity candidates measured (value, unit_levels), best first."""
         return sorted(self.measurements, key=lambda item: item[0])[:k]

@@ -169,6 +169,8 @@ class BayesSolver(Solver):
         shared = self._best_in_study(study, optuna)  # trials of other processes sharing the storage
         if shared is not None and shared[1] < best_value:
             best_units, best_value = np.asarray(shared[0], dtype=int), shared[1]
+        if best_units is None and scorer.exhausted:
+            raise scorer.budget_spent(self.name)
         if best_units is None:
             raise problem.infeasible(float("inf"), scope="the Bayesian search (no feasible proposal measured)")
         validation = None

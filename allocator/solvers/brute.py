@@ -5,7 +5,7 @@ space, m^n candidates, evaluated through ``Problem.evaluate`` in vectorised chun
 tables: every composition of the L layers into G <= max_groups consecutive spans times every level per span
 (DP semantics, adjacent spans may share a level), sum_G C(L-1, G-1) m^G = m (m+1)^(L-1) candidates, costed from
 the span tables. Complexity O(candidates * n). Instances above ``max_candidates`` (2e6) are refused.
-Source: none needed; it certifies the DP / MILP on the property tests.
+Source: plain enumeration, the ground truth the property tests certify ``dp`` and ``milp`` against.
 """
 from __future__ import annotations
 

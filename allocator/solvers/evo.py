@@ -193,6 +193,8 @@ class EvoSolver(Solver):
                     warm_value = scorer.score(warm, fidelity=final_fid, stop_on_budget=False)[0].tolist()
         finally:
             scorer.close()
+        if scorer.best_units is None and scorer.exhausted:
+            raise scorer.budget_spent(self.name)
         if scorer.best_units is None:
             ev = problem.evaluate(initial.astype(int))
             constrained = ev.cost if problem.direction == "min_degradation" else ev.degradation

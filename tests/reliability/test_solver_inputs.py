@@ -70,7 +70,7 @@ CASES = [
      ["storage='nosuchdb://host/db'", "could not be opened", "sqlite:///"]),
     ("seed-text", lambda: minimize(budget(), "dp", seed="abc"), SolverOptionError, ["seed='abc'", "integer >= 0"]),
     ("seed-negative", lambda: minimize(budget(), "dp", seed=-2), SolverOptionError, ["seed=-2", "integer >= 0"]),
-    ("unknown-solver", lambda: minimize(budget(), "dpp"), UnknownSolver, ["'dpp'", "registered solvers", "dp"]),
+    ("unknown-solver", lambda: minimize(budget(), "dpp"), UnknownSolver, ["'dpp'", "did you mean 'dp'", "milp"]),
     ("not-a-problem", lambda: minimize(TABLES, "dp"), TypeError, ["allocator.Problem", "Tables"]),
     ("max-groups-fraction", lambda: Problem(TABLES, "bytes_decode", sparsity=0.4, grouping="consecutive",
                                             max_groups=2.5), ValueError, ["max_groups=2.5", "integer >= 1"]),
@@ -99,3 +99,18 @@ def test_bad_input_names_itself_and_the_fix(request, call, error, words):
 
 def test_the_catalogue_is_large_and_distinct():
     assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_a_search_budget_spent_before_any_feasible_score_names_the_budget_not_an_achievable_cost():
+    search("evo")
+    import time
+
+    def slow(unit_levels, fidelity=None):
+        time.sleep(0.02)
+        return measured(unit_levels)
+
+    for solver in ("evo", "bayes"):
+        search(solver)
+        with pytest.raises(SolverOptionError, match=r"max_time=1e-06 ran out .*raise max_time") as err:
+            minimize(budget(measured_objective=slow), solver, max_time=1e-6, repair=False, progress=False)
+        assert "achievable" not in str(err.value)
