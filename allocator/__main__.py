@@ -26,9 +26,14 @@ register_schemas()
 def hydra_main(cfg: DictConfig):
     out = Path(HydraConfig.get().runtime.output_dir)
     logger.info("output directory: %s", out)
-    config = load_config(cfg)
-    check_solver_options(config.solver)
-    summary = get_experiment(config.experiment.name)(config, out)
+    try:
+        config = load_config(cfg)
+        check_solver_options(config.solver)
+        summary = get_experiment(config.experiment.name)(config, out)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("allocator."):
+            raise
+        raise SystemExit(f"error: {type(exc).__name__}: {exc}") from None   # the project's own: its message is the fix
     print(f"outputs written to {out}")
     return summary.get("objective") if isinstance(summary, dict) else None
 

@@ -128,8 +128,19 @@ def cost_tables(config: JobConfig, model, grid: Grid):
 
     tables = analytic_tables(model.config.to_dict(), grid.levels, unit=config.profile.unit,
                              tokens=config.problem.tokens)
-    return with_costs(tables, config.problem.cost, device=config.model.device,
-                      latency_table=config.problem.latency_table, model_config=model.config.to_dict())
+    device = config.model.device if config.model.device.startswith("cuda") else None
+    return with_costs(tables, config.problem.cost, device=device, latency_table=config.problem.latency_table)
+
+
+def check_cost(config: JobConfig) -> None:
+    """Fail before loading anything when the problem's cost kind cannot be provided here."""
+    from allocator.cost_providers import NEEDS_GPU, CostProviderError, available_cost_kinds
+
+    cost = config.problem.cost
+    if cost not in available_cost_kinds():
+        raise CostProviderError(f"unknown problem.cost '{cost}'; the cost kinds are {available_cost_kinds()}")
+    if cost == "latency_decode" and config.problem.latency_table is None and not torch.cuda.is_available():
+        raise CostProviderError(f"{NEEDS_GPU} (no CUDA device is visible to torch here)")
 
 
 def profile_tables(config: JobConfig, model, method: Method, windows: Windows, tables, grid: Grid):
@@ -180,6 +191,7 @@ def run_main_job(config: JobConfig | dict, output_dir: Path) -> dict:
 
     config = config if isinstance(config, JobConfig) else load_config(config)
     check_solver_options(config.solver)
+    check_cost(config)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     watch = Stopwatch()
