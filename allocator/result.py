@@ -62,8 +62,9 @@ class Allocation:
     @classmethod
     def from_levels(cls, tables, unit_levels, groups=None, **metadata) -> "Allocation":
         unit_levels = np.asarray(unit_levels, dtype=int).ravel()
+        grid = tables.level_objects()
         return cls(units=tables.unit_names, layers=tables.layers.tolist(), level_index=unit_levels.tolist(),
-                   levels=[tables.level(j) for j in unit_levels],
+                   levels=[grid[j] for j in unit_levels],
                    kinds=[list(u.kinds) for u in tables.units], groups=groups,
                    metadata={"tables_hash": tables.content_hash(),
                              "tables_provenance": _jsonable({k: v for k, v in tables.provenance.items()
