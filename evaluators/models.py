@@ -9,7 +9,9 @@ Projection discovery maps each decoder layer's linear modules to the short kinds
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -119,6 +121,104 @@ def resolve_dtype(dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def check_device(device) -> None:
+    """Fail before loading (seconds to minutes) when ``device`` is unknown or absent from this machine."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"unknown device '{device}' ({exc}); use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelError(f"device '{device}' needs a CUDA GPU, but this torch {torch.__version__} sees none; "
+                             "use device=cpu or install a CUDA build of torch on a machine with a GPU")
+        if parsed.index is not None and parsed.index >= count:
+            raise ModelError(f"device '{device}' does not exist: this machine has {count} CUDA GPU(s); "
+                             f"use cuda:0..cuda:{count - 1}")
+        return
+    backend = torch.backends.mps if parsed.type == "mps" else getattr(torch, parsed.type, None)
+    if not getattr(backend, "is_available", lambda: False)():
+        raise ModelError(f"device '{device}' is not available on this machine; use device=cpu (or cuda[:N] on a GPU)")
+
+
+def set_threads(n: int | None) -> None:
+    """``torch.set_num_threads`` that refuses 0 and negative counts instead of ignoring them; ``None`` keeps
+    torch's default."""
+    if n is None:
+        return
+    if not _is_positive_int(n):
+        raise ModelError(f"threads={n!r} is not a thread count; use a positive integer (this machine has "
+                         f"{os.cpu_count()} CPUs) or leave it unset (null) for torch's default")
+    torch.set_num_threads(n)
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_max_layers(n, available: int | None) -> None:
+    upper = available if available is not None else "num_hidden_layers"
+    if not _is_positive_int(n) or (available is not None and n > available):
+        raise ModelError(f"max_layers={n!r} is out of range: use an integer in 1..{upper} (the decoder layers "
+                         "kept), or leave it unset for the whole model")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``namespace/name``; a leading ``.``, ``~`` or ``/``, a second separator, a
+    backslash or an existing parent folder mean the user meant a local folder."""
+    if name.startswith((".", "~", "/")) or name.count("/") > 1 or "\\" in name:
+        return True
+    parent = Path(name).parent
+    return str(parent) != "." and parent.is_dir()
+
+
+def _resolve_source(name_or_path: str, gguf_file: str | None) -> str:
+    """The folder or hub id to load: the embedded model's cache, an existing folder, or a hub id."""
+    if name_or_path in EMBEDDED_GGUF and gguf_file is None:
+        return str(embedded_model_path(name_or_path))
+    local = Path(name_or_path).expanduser()
+    if local.is_file():
+        raise ModelError(f"{name_or_path} is a file, not a model folder; give the folder holding config.json "
+                         "(for a GGUF file: the folder as the name and gguf_file=<file name>)")
+    if local.is_dir():
+        return str(local)
+    if _looks_like_path(name_or_path):
+        raise ModelError(f"no such directory: {name_or_path}; give an embedded name ({', '.join(EMBEDDED_GGUF)}), "
+                         "a hub id or an existing local folder")
+    return name_or_path
+
+
+def _text_config(config: dict) -> dict:
+    return config.get("text_config") or config
+
+
+def _read_local_config(path: str) -> dict | None:
+    """``config.json`` of a local checkpoint folder, checked before transformers builds anything from it."""
+    file = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        return None
+    if not file.is_file():
+        raise ModelError(f"the model folder {path} has no config.json; give a folder written by save_pretrained "
+                         "(or gguf_file=<name> for a GGUF file in it)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"malformed model config {file} ({exc}); restore it from the original checkpoint "
+                         "(download it again or re-run save_pretrained)") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"malformed model config {file}: a JSON object is expected; restore it from the checkpoint")
+    for field in ("num_hidden_layers", "num_attention_heads", "hidden_size"):
+        value = _text_config(config).get(field)
+        if value is not None and not _is_positive_int(value):
+            raise ModelError(f"model config {file} has {field}={value!r}; it must be a positive integer: "
+                             "restore the file from the original checkpoint")
+    return config
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, *, gguf_file: str | None = None, dtype="bfloat16",
                device: str | None = "cpu", device_map=None, revision: str | None = None,
                trust_remote_code: bool = False, max_layers: int | None = None):
@@ -126,12 +226,17 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, gguf_file: str | None = Non
 
     ``device_map="auto"`` spreads a model larger than one device (needs ``accelerate``); otherwise the model is
     moved to ``device``. ``max_layers`` keeps only the first decoder layers (quick tests and smoke runs).
+    Bad names, devices, dtypes, layer counts and configs raise ``ModelError`` before any weight is read.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = str(embedded_model_path(name_or_path)) if name_or_path in EMBEDDED_GGUF and gguf_file is None \
-        else name_or_path
     kwargs = {"dtype": resolve_dtype(dtype), "revision": revision, "trust_remote_code": trust_remote_code}
+    if device_map is None:
+        check_device(device)
+    path = _resolve_source(name_or_path, gguf_file)
+    config = None if gguf_file else _read_local_config(path)
+    if max_layers is not None:
+        _check_max_layers(max_layers, config and _text_config(config).get("num_hidden_layers"))
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     if device_map is not None:
@@ -147,13 +252,13 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, gguf_file: str | None = Non
         truncate_layers_(model, max_layers)
     model.eval()
     model.requires_grad_(False)
-    model.config.name_or_path_for_allocator = name_or_path + (f"[:{max_layers}]" if max_layers else "")
     return model, tokenizer
 
 
 def truncate_layers_(model: nn.Module, n: int) -> nn.Module:
-    """Keep the first ``n`` decoder layers (a smaller real model for tests)."""
+    """Keep the first ``n`` decoder layers (a smaller real model for tests); ``n`` must be in 1..layers."""
     layers = decoder_layers(model)
+    _check_max_layers(n, len(layers))
     del layers[n:]
     model.config.num_hidden_layers = len(layers)
     if getattr(model.config, "layer_types", None):
@@ -162,9 +267,65 @@ def truncate_layers_(model: nn.Module, n: int) -> nn.Module:
 
 
 def model_id(model: nn.Module) -> str:
-    """A short, stable name for cache keys and reports."""
-    return str(getattr(model.config, "name_or_path_for_allocator", None) or model.config._name_or_path
-               or model.config.model_type)
+    """A short, stable name for cache keys and reports: the embedded name, hub id or folder the model came from,
+    with ``[:N]`` when it runs fewer decoder layers than its checkpoint (derived, not stored on the model)."""
+    source = str(model.config._name_or_path or model.config.model_type)
+    name = _embedded_name(source) or source
+    try:
+        n_layers = len(decoder_layers(model))
+    except ModelError:
+        return name
+    return name if _checkpoint_layers(source) == n_layers else f"{name}[:{n_layers}]"
+
+
+def _embedded_name(source: str) -> str | None:
+    """``smollm2-135m`` for the safetensors cache of that embedded model, else ``None``."""
+    for name in EMBEDDED_GGUF:
+        if Path(source) == cache_dir() / "models" / name:
+            return name
+    return None
+
+
+def _checkpoint_layers(source: str) -> int | None:
+    """``num_hidden_layers`` in the checkpoint's own config.json (local folder or hub cache); ``None`` if unknown."""
+    file = Path(source) / "config.json"
+    if not file.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            cached = try_to_load_from_cache(source, "config.json")
+        except Exception:  # noqa: BLE001 - not a valid repo id: no cached config to read
+            return None
+        if not isinstance(cached, str):
+            return None
+        file = Path(cached)
+    try:
+        return _text_config(json.loads(file.read_text(encoding="utf-8"))).get("num_hidden_layers")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+_SAMPLE_ELEMENTS = 4096
+_BIT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@torch.no_grad()
+def weights_fingerprint(model: nn.Module) -> str:
+    """Hash of the weights themselves, so a cache keyed on it notices new weights saved under the same path.
+
+    Per parameter: name, shape, dtype, a strided sample of ~4096 elements and the exact integer sum of all its
+    bit patterns (order-independent, so the same on any thread count; any single changed weight changes it).
+    About 0.1 s for SmolLM2-135M on CPU.
+    """
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
+        if param.device.type == "meta" or param.numel() == 0:
+            continue
+        bits = param.detach().reshape(-1).view(_BIT_VIEWS.get(param.element_size(), torch.uint8))
+        sample = bits[::max(1, bits.numel() // _SAMPLE_ELEMENTS)][:_SAMPLE_ELEMENTS]
+        digest.update(sample.cpu().numpy().tobytes())
+        digest.update(f"|{int(bits.sum())}|".encode())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------- discovery

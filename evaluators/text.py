@@ -93,6 +93,7 @@ def read_text_file(path: Path) -> str:
     except UnicodeDecodeError as exc:
         raise TextError(f"text file {path} is not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 4]!r}); "
                         "give a UTF-8 text file (convert it, e.g. iconv -t utf-8) or a shipped source") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")     # the universal newlines read_text() applied before
     controls = len(_CONTROL.findall(text))
     if text and controls > MAX_CONTROL_SHARE * len(text):
         raise TextError(f"text file {path} looks binary: {controls} of {len(text)} characters are control "

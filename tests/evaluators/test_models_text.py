@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from allocator import make_levels
-from allocator.evaluators.models import (ModelError, cache_dir, embedded_gguf_path, find_projections,
-                                         unit_projections)
+from allocator.evaluators.models import (ModelError, cache_dir, embedded_gguf_path, find_projections, load_model,
+                                         model_id, unit_projections, weights_fingerprint)
 from allocator.evaluators.pipeline import budget_level
 from allocator.evaluators.text import (CALIBRATION_SOURCES, MIXTURES, TextError, load_text, token_windows,
                                        wiki_articles)
@@ -36,6 +36,19 @@ def test_missing_projection_lists_what_was_found(small_model):
         find_projections(small_model[0], {"q": "self_attn.q_proj", "up": "mlp.w3"})
     with pytest.raises(ModelError, match="model has 4 layers"):
         unit_projections(find_projections(small_model[0]), "layers.7")
+
+
+def test_model_id_is_derived_from_the_model_not_stored_on_it(small_model):
+    model = small_model[0]
+    assert model_id(model) == "smollm2-135m[:4]"
+    assert not hasattr(model.config, "name_or_path_for_allocator")
+
+
+def test_an_identical_reload_has_the_same_weights_fingerprint(small_model):
+    again, _ = load_model("smollm2-135m", dtype="float32", max_layers=4)
+    assert weights_fingerprint(again) == weights_fingerprint(small_model[0])
+    again.model.layers[1].self_attn.q_proj.weight[5, 7] *= 1.001
+    assert weights_fingerprint(again) != weights_fingerprint(small_model[0])
 
 
 def test_budget_outside_the_level_grid_is_a_clear_error():
