@@ -81,7 +81,8 @@ class Problem:
         self.tolerance = tolerance
 
         for name, value in (("delta", delta), ("budget", budget), ("sparsity", sparsity)):
-            if value is not None and not (isinstance(value, Real) and not isinstance(value, bool) and np.isfinite(value)):
+            number = isinstance(value, Real) and not isinstance(value, bool)
+            if value is not None and not (number and np.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if sparsity is not None:
             if not 0 <= sparsity < 1:

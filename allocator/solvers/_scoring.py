@@ -113,7 +113,8 @@ class Scorer:
         """(objective, violation) for search-space vectors X (P, n_vars).
 
         Only full-fidelity scores enter the history and the best. Infeasible candidates are never measured (the
-        constraint is known from the tables): they get +inf. Candidates left when the budget runs out get NaN (``stop_on_budget``).
+        constraint is known from the tables): they get +inf. Candidates left when the budget runs out get NaN
+        (``stop_on_budget``).
         """
         X = np.atleast_2d(np.asarray(X)).astype(int)
         ev = self.problem.evaluate(X)

@@ -49,7 +49,8 @@ class BayesOptions(SearchOptions):
     """Options of ``bayes`` (and the shared search options)."""
 
     n_trials: int = option(250, integer(1), "proposals (a repaired proposal adds one more trial to the study)")
-    sampler: str = option("auto", one_of("auto", "tpe", "gp"), "'auto': GP on a measured objective with torch, else TPE")
+    sampler: str = option("auto", one_of("auto", "tpe", "gp"),
+                          "'auto': GP on a measured objective when torch is importable, else TPE")
     n_startup_trials: int = option(20, integer(0), "random proposals before the model is fitted")
     storage: object = option(None, NONE | storage_url(), "shared optuna storage, e.g. 'sqlite:///search.db'")
     study_name: str | None = option(None, NONE | TEXT, "None: derived from the tables hash and the limit")

@@ -79,7 +79,7 @@ class EvoOptions(SearchOptions):
 
 
 class TableProblem(PymooProblem):
-    """The search space for pymoo: fitness from the ``Scorer`` (after multi-step screening), constraint from the tables."""
+    """pymoo's view of the problem: fitness from the ``Scorer`` (after multi-step screening), constraint from tables."""
 
     def __init__(self, problem, scorer: Scorer, stages: list, fidelity: int | None):
         super().__init__(n_var=problem.n_vars, n_obj=1, n_ieq_constr=1, xl=0, xu=problem.n_levels - 1, vtype=int)

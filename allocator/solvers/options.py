@@ -9,6 +9,7 @@ misreported later. A rule is a predicate plus the words that describe what it ac
 from __future__ import annotations
 
 import difflib
+import math
 import numbers
 import re
 from dataclasses import dataclass, field, fields
@@ -39,7 +40,9 @@ def _is_int(value) -> bool:
 
 
 def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    return isinstance(value, numbers.Integral) or math.isfinite(value)
 
 
 def integer(low: int | None = None, high: int | None = None) -> Rule:
@@ -125,9 +128,9 @@ class SolverOptions:
             value = getattr(options, f.name)
             rule = f.metadata.get("rule")
             if rule is not None and not rule.accepts(value):
+                meaning = f" ({f.metadata['doc']})" if f.metadata.get("doc") else ""
                 raise SolverOptionError(f"solver '{solver}' option {f.name}={value!r} is invalid: expected "
-                                        f"{rule.describe}" + (f" ({f.metadata['doc']})" if f.metadata.get("doc") else ""),
-                                        solver, f.name, value)
+                                        f"{rule.describe}{meaning}", solver, f.name, value)
         options.check(solver)
         return options
 
