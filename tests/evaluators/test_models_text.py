@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from allocator import make_levels
+from allocator.levels import Level
 from allocator.evaluators.models import (ModelError, cache_dir, embedded_gguf_path, find_projections, load_model,
                                          model_id, unit_projections, weights_fingerprint)
-from allocator.evaluators.pipeline import budget_level
+from allocator.evaluators.stages import operating_level
 from allocator.evaluators.text import (CALIBRATION_SOURCES, MIXTURES, TextError, load_text, token_windows,
                                        wiki_articles)
 from allocator.tables import TablesError
@@ -53,11 +54,11 @@ def test_an_identical_reload_has_the_same_weights_fingerprint(small_model):
 
 def test_budget_outside_the_level_grid_is_a_clear_error():
     levels = make_levels(s=[0.0, 0.3, 0.5, 0.7])
-    assert budget_level(levels, 0.5) == {"s": 0.5, "rho": 1.0, "bits": 16}
+    assert operating_level(levels, 0.5) == Level(0.5, 1.0, 16)
     with pytest.raises(TablesError, match=r"outside the level grid s in \[0.0, 0.7\]"):
-        budget_level(levels, 0.9)
+        operating_level(levels, 0.9)
     with pytest.raises(TablesError, match="not a level of the grid"):
-        budget_level(levels, 0.45)
+        operating_level(levels, 0.45)
 
 
 def test_embedded_model_is_cached_under_xdg_cache_home(monkeypatch, tmp_path):

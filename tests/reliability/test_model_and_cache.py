@@ -21,14 +21,15 @@ from allocator import make_levels  # noqa: E402
 from allocator.evaluators.methods import get_method  # noqa: E402
 from allocator.evaluators.models import (ModelError, embedded_model_path, load_model, set_threads,  # noqa: E402
                                          truncate_layers_)
+from allocator.evaluators.plan import Target  # noqa: E402
 from allocator.evaluators.profile_cache import ProfileCacheError, RowCache  # noqa: E402
 from allocator.evaluators.profiling import BASE, profile  # noqa: E402
 from allocator.evaluators.text import TextError, load_text, token_windows  # noqa: E402
 
 N_LAYERS = 2
-UNITS = ["layers.0", "layers.1"]
+UNITS = [Target.of(0), Target.of(1)]
 LEVELS = make_levels(s=[0.0, 0.3, 0.6])
-ROWS = {(u, j) for u in UNITS for j in (1, 2)}          # the s=0 column needs no row
+ROWS = {(u.name, j) for u in UNITS for j in (1, 2)}     # the s=0 column needs no row
 CHILD_TIMEOUT_S = 240
 
 
