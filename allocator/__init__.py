@@ -10,11 +10,12 @@ from .problem import Evaluation, Infeasible, Problem
 from .registry import available_solvers, get_solver, register_solver
 from .result import Allocation, AllocationError, Result
 from .solvers.base import Solver, SolveOutput
+from .solvers.options import SolverOptionError
 from .tables import Tables, TablesError, Unit
 
 __all__ = [
     "Allocation", "AllocationError", "CostProviderError", "Evaluation", "Infeasible", "Level", "LevelError",
-    "ModelShape", "Problem", "Result", "Solver", "SolveOutput", "Tables", "TablesError", "Unit", "analytic_tables",
+    "ModelShape", "Problem", "Result", "Solver", "SolverOptionError", "SolveOutput", "Tables", "TablesError", "Unit", "analytic_tables",
     "available_cost_kinds", "available_solvers", "cost_provider", "get_solver", "load_model_config", "make_levels",
     "minimize", "model_shape", "normalize_levels", "register_cost_provider", "register_solver", "rsparse_split",
     "shipped_model_configs", "with_costs",

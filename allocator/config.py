@@ -99,7 +99,7 @@ class SolverConfig:
 @dataclass
 class BudgetConfig:
     kind: str = "sparsity"              # sparsity | delta | budget
-    value: float = 0.5
+    value: Optional[float] = 0.5        # budget=absolute leaves it unset: give the cost budget
 
 
 @dataclass
@@ -136,6 +136,44 @@ CHOICES = {("method", "calibration"): ("dense", "sequential"), ("profile", "mode
            ("profile", "metric"): ("kl", "ppl"), ("profile", "unit"): ("layer", "block", "input", "projection"),
            ("budget", "kind"): ("sparsity", "delta", "budget"), ("model", "dtype"): (
                "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")}
+
+
+# (group, key) -> (lowest, highest, what the key means); None bounds are open. Values are checked where they
+# enter (load_config), so the stages can trust them.
+RANGES = {("model", "threads"): (1, None, "torch CPU threads (null: torch's default)"),
+          ("model", "max_layers"): (1, None, "decoder layers kept (null: all)"),
+          ("method", "sparse_fraction"): (1e-9, 1.0, "share of each window's last tokens run sparse"),
+          ("method", "operating_rho"): (0.0, 1.0, "rho of the uniform baseline"),
+          ("data", "calibration_windows"): (1, None, "calibration windows"),
+          ("data", "calibration_length"): (2, None, "tokens per calibration window"),
+          ("data", "profile_windows"): (1, None, "profiling windows"),
+          ("data", "profile_length"): (2, None, "tokens per profiling window (one prediction needs two)"),
+          ("data", "eval_windows"): (1, None, "held-out windows per source"),
+          ("data", "eval_length"): (2, None, "tokens per held-out window"),
+          ("data", "batch_size"): (1, None, "windows per forward"),
+          ("profile", "window"): (0.0, 1.0, "trust region around the budget sparsity"),
+          ("profile", "batch_size"): (1, None, "windows per profiling forward"),
+          ("evaluator", "batch_size"): (1, None, "windows per forward"),
+          ("evaluator", "score_last"): (1e-9, 1.0, "share of each window's predictions scored"),
+          ("problem", "tokens"): (1, None, "prefill length of flops_prefill"),
+          ("problem", "max_groups"): (1, None, "consecutive groups at most")}
+INTEGER_KEYS = {key for key, (low, _, _) in RANGES.items() if isinstance(low, int)}
+
+
+def _check_ranges(group: str, obj) -> None:
+    for (g, key), (low, high, meaning) in RANGES.items():
+        value = getattr(obj, key) if g == group else None
+        if value is None:
+            continue
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not is_number or ((g, key) in INTEGER_KEYS and value != int(value)) or value != value:
+            kind = "an integer" if (g, key) in INTEGER_KEYS else "a number"
+            raise ConfigError(f"{group}.{key}={value!r} must be {kind} ({meaning})")
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}]"
+            if low == 1e-9:
+                bounds = f"in (0, {high:g}]"
+            raise ConfigError(f"{group}.{key}={value!r} is out of range: give a value {bounds} ({meaning})")
 
 
 def register_schemas() -> None:
@@ -181,6 +219,16 @@ def _check_choices(group: str, obj) -> None:
             raise ConfigError(f"{group}.{key}={getattr(obj, key)!r} is not one of {', '.join(valid)}")
 
 
+def _check_levels(grid: LevelGridConfig, where: str) -> None:
+    """Each grid list non-empty and of numbers; the grid itself is validated by ``make_levels``."""
+    for key in ("s", "rho", "bits"):
+        values = getattr(grid, key)
+        if not isinstance(values, (list, tuple)) or not values or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ConfigError(f"{where}.{key}={values!r} must be a non-empty list of numbers, e.g. {where}.{key}="
+                              f"{[0.0, 0.5] if key == 's' else [1.0] if key == 'rho' else [16]}")
+
+
 @dataclass
 class JobConfig:
     """The whole job, typed: one attribute per group plus the top-level keys."""
@@ -216,6 +264,14 @@ def load_config(cfg: Mapping | None = None) -> JobConfig:
     groups = {g: _build(cls, cfg.get(g), g) for g, cls in GROUPS.items()}
     for group, obj in groups.items():
         _check_choices(group, obj)
+        _check_ranges(group, obj)
+    _check_levels(groups["method"].levels, "method.levels")
+    value = groups["budget"].value
+    if value is None:
+        raise ConfigError(f"budget.value is not set: give budget.value=<the {groups['budget'].kind} limit> "
+                          f"(budget=absolute: a cost in the unit of problem.cost={groups['problem'].cost})")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise ConfigError(f"budget.value={value!r} must be a finite number (the sparsity, delta or cost budget)")
     seed = cfg.get("seed", TOP_LEVEL["seed"])
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed={seed!r} must be an integer")

@@ -6,7 +6,7 @@ A third-party solver proves it honours the contract with one class::
 
     class TestMySolver(SolverConformance):
         solver_name = "my-solver"
-        solver_options = {"iterations": 50}
+        solver_options = {"iterations": 50}     # a field of the plugin's own ``Options`` dataclass
 
 or, outside pytest, ``check_solver("my-solver")`` (raises AssertionError on the first broken rule).
 Checks: registration, feasible answers in both directions and every supported grouping, ``Infeasible`` with the

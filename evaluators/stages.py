@@ -159,7 +159,8 @@ def solve(config: JobConfig, model, method: Method, windows: Windows, tables, gr
         from .objective import MeasuredObjective
         measured = MeasuredObjective(model, windows.profile, method, metric=config.profile.metric, tables=tables,
                                      batch_size=config.profile.batch_size, score_last=config.evaluator.score_last)
-        options.setdefault("warm_start", "dp")
+        if options.get("warm_start") is None:
+            options["warm_start"] = "dp"
     problem = build_problem(config, tables, **({"measured_objective": measured} if measured else {}))
     result = minimize(problem, config.solver.name, seed=config.seed, **options)
     if grid.operating is not None:
