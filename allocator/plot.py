@@ -16,10 +16,10 @@ def plot_allocation(allocations: dict, title: str = "per-layer allocation"):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.6), constrained_layout=True)
     for label, alloc in allocations.items():
-        s = np.array([lv["s"] for lv in alloc.levels])
+        s = np.array([lv.s for lv in alloc.levels])
         x = np.arange(len(s)) if len(set(alloc.layers)) != len(s) else np.array(alloc.layers)
         ax.step(x, s, where="mid", label=label, linewidth=1.6)
-        rho = np.array([lv.get("rho", 1.0) for lv in alloc.levels])
+        rho = np.array([lv.rho for lv in alloc.levels])
         if (rho < 1).any():
             ax.scatter(x[rho < 1], s[rho < 1], marker="v", s=14, label=f"{label}: rho < 1")
     ax.set_xlabel("layer" if all(len(set(a.layers)) == len(a.layers) for a in allocations.values()) else "unit")
