@@ -66,11 +66,15 @@ class CompressionWrapper(nn.Module):
 
 
 class _ProtocolWrapper(CompressionWrapper):
-    """Runs ``inner`` densely on the prefix and ``compressed`` on the rest (the evaluation protocol)."""
+    """Runs ``inner`` densely on the prefix and ``compressed`` on the rest (the evaluation protocol). Its saved
+    state is one scalar attribute ``PARAM`` and the protocol."""
 
-    def __init__(self, inner: nn.Module, protocol: Protocol):
+    PARAM, CAST = "", float
+
+    def __init__(self, inner: nn.Module, value, protocol: Protocol):
         super().__init__(inner)
         self.protocol = protocol
+        setattr(self, self.PARAM, self.CAST(value))
 
     def forward(self, x):
         cut = self.protocol.split(x.shape[-2]) if x.dim() > 1 else 0
@@ -81,6 +85,13 @@ class _ProtocolWrapper(CompressionWrapper):
     def compressed(self, x):
         raise NotImplementedError
 
+    def state(self):
+        return {self.PARAM: getattr(self, self.PARAM), "sparse_fraction": self.protocol.sparse_fraction}, {}
+
+    @classmethod
+    def from_state(cls, inner, params, tensors):
+        return cls(inner, params[cls.PARAM], Protocol(params["sparse_fraction"]))
+
 
 def _to(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return None if tensor is None else tensor.to(like.device, like.dtype)
@@ -88,10 +99,11 @@ def _to(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
 
 @register_wrapper
 class ThresholdLinear(_ProtocolWrapper):
+    PARAM = "threshold"
+
     def __init__(self, linear: nn.Linear, threshold: float, protocol: Protocol, scale: torch.Tensor | None = None,
                  down: torch.Tensor | None = None, up: torch.Tensor | None = None):
-        super().__init__(linear, protocol)
-        self.threshold = float(threshold)
+        super().__init__(linear, threshold, protocol)
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("lr_down", down, persistent=False)   # (d_in, r) = V_r S_r
         self.register_buffer("lr_up", up, persistent=False)       # (r, d_out) = U_r^T
@@ -121,9 +133,9 @@ class ThresholdLinear(_ProtocolWrapper):
 
 @register_wrapper
 class TopKLinear(_ProtocolWrapper):
-    def __init__(self, linear: nn.Linear, k: int, protocol: Protocol):
-        super().__init__(linear, protocol)
-        self.k = int(k)
+    """``TopKLinear(linear, k, protocol)``."""
+
+    PARAM, CAST = "k", int
 
     def compressed(self, x):
         if self.k >= x.shape[-1]:
@@ -132,30 +144,16 @@ class TopKLinear(_ProtocolWrapper):
         mask = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
         return self.inner(x * mask)
 
-    def state(self):
-        return {"k": self.k, "sparse_fraction": self.protocol.sparse_fraction}, {}
-
-    @classmethod
-    def from_state(cls, inner, params, tensors):
-        return cls(inner, params["k"], Protocol(params["sparse_fraction"]))
-
 
 @register_wrapper
 class ThresholdActivation(_ProtocolWrapper):
-    def __init__(self, act: nn.Module, threshold: float, protocol: Protocol):
-        super().__init__(act, protocol)
-        self.threshold = float(threshold)
+    """``ThresholdActivation(act, threshold, protocol)``."""
+
+    PARAM = "threshold"
 
     def compressed(self, g):
         a = self.inner(g)
         return a * (a.abs() > self.threshold)
-
-    def state(self):
-        return {"threshold": self.threshold, "sparse_fraction": self.protocol.sparse_fraction}, {}
-
-    @classmethod
-    def from_state(cls, inner, params, tensors):
-        return cls(inner, params["threshold"], Protocol(params["sparse_fraction"]))
 
 
 @register_wrapper

@@ -237,18 +237,23 @@ class RandomLlamaDecoder:
             h = h + self._linear(F.silu(gate) * up, layer, "down", mode, i)
         return F.linear(self._rms_norm(h, self.final_norm), self.lm_head).float()
 
+    def _recorded_steps(self, steps: int, start_pos: int, mode: str):
+        """Per step on a random token, each site's input per layer (``record``: the inputs the projections saw)."""
+        for t in range(steps):
+            self.record = [{} for _ in self.layers]
+            token = torch.randint(0, self.shape.vocab, (1,), device=self.device)
+            self.step(token, torch.tensor([start_pos + t], device=self.device), mode=mode)
+            record, self.record = self.record, None
+            yield record
+
     @torch.no_grad()
     def calibrate(self, sparsity: float, steps: int = 4, start_pos: int = 0) -> None:
         """Set each site's threshold to the `sparsity` quantile of |input| over a few dense steps."""
         samples = [{site: [] for site in SITES} for _ in self.layers]
-        for t in range(steps):
-            self.record = [{} for _ in self.layers]
-            token = torch.randint(0, self.shape.vocab, (1,), device=self.device)
-            self.step(token, torch.tensor([start_pos + t], device=self.device), mode="dense")
-            for i, rec in enumerate(self.record):
+        for record in self._recorded_steps(steps, start_pos, "dense"):
+            for i, rec in enumerate(record):
                 for site in SITES:
                     samples[i][site].append(rec[site].float().abs().flatten())
-        self.record = None
         for i in range(len(self.layers)):
             for site in SITES:
                 values = torch.cat(samples[i][site])
@@ -258,11 +263,8 @@ class RandomLlamaDecoder:
     def measured_sparsity(self, steps: int = 4, start_pos: int = 0) -> float:
         """Parameter-weighted fraction of input channels below threshold on fresh steps (reference path)."""
         dropped = total = 0.0
-        for t in range(steps):
-            self.record = [{} for _ in self.layers]
-            token = torch.randint(0, self.shape.vocab, (1,), device=self.device)
-            self.step(token, torch.tensor([start_pos + t], device=self.device), mode="reference")
-            for i, rec in enumerate(self.record):
+        for record in self._recorded_steps(steps, start_pos, "reference"):
+            for i, rec in enumerate(record):
                 for site in SITES:
                     w = self.layers[i][site]
                     frac = (rec[site].float().abs() <= self.thresholds[i][site]).float().mean().item()

@@ -179,16 +179,12 @@ def rsparse_gemv_triton(
     return y[0] if squeeze else y
 
 
-def rsparse_gemv_two_launch_triton(
-    x: torch.Tensor,  # [B, K]
-    wt: torch.Tensor,  # [K, N]
-    at: torch.Tensor,  # [K, r]
-    bt: torch.Tensor,  # [r, N]
-    threshold: float,
-    col_scale: torch.Tensor | None = None,
-    config: GemvConfig | None = None,
-    low_rank_config: GemvConfig | None = None,
-) -> torch.Tensor:
+def rsparse_gemv_two_launch_triton(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, bt: torch.Tensor,
+                                   threshold: float, col_scale: torch.Tensor | None = None,
+                                   config: GemvConfig | None = None,
+                                   low_rank_config: GemvConfig | None = None) -> torch.Tensor:
+    """The same layer in two launches (the sparse GEMV, then the low-rank term): the variant the one-launch
+    kernel is measured against. Arguments as ``rsparse_gemv_triton``."""
     squeeze = x.dim() == 1
     x2 = x.unsqueeze(0) if squeeze else x
     if low_rank_config is None:
