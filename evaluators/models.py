@@ -268,7 +268,8 @@ def truncate_layers_(model: nn.Module, n: int) -> nn.Module:
 
 def model_id(model: nn.Module) -> str:
     """A short, stable name for cache keys and reports: the embedded name, hub id or folder the model came from,
-    with ``[:N]`` when it runs fewer decoder layers than its checkpoint (derived, not stored on the model)."""
+    with ``[:N]`` when it runs another number of decoder layers than its checkpoint's config.json says (or that
+    file cannot be read, e.g. a GGUF folder). Derived from ``config._name_or_path``, nothing stored on the model."""
     source = str(model.config._name_or_path or model.config.model_type)
     name = _embedded_name(source) or source
     try:
@@ -279,10 +280,11 @@ def model_id(model: nn.Module) -> str:
 
 
 def _embedded_name(source: str) -> str | None:
-    """``smollm2-135m`` for the safetensors cache of that embedded model, else ``None``."""
-    for name in EMBEDDED_GGUF:
-        if Path(source) == cache_dir() / "models" / name:
-            return name
+    """``smollm2-135m`` for the safetensors cache of that embedded model (``.../allocator/models/<name>``, under
+    whichever cache directory it was loaded from), else ``None``."""
+    parts = Path(source).parts
+    if len(parts) >= 3 and parts[-3:-1] == ("allocator", "models") and parts[-1] in EMBEDDED_GGUF:
+        return parts[-1]
     return None
 
 
@@ -305,26 +307,42 @@ def _checkpoint_layers(source: str) -> int | None:
 
 
 _SAMPLE_ELEMENTS = 4096
-_BIT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
+
+
+def _as_words(param: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as the widest integers that divide its size (summing those is fast and exact)."""
+    flat = param.detach().reshape(-1)
+    size, word = next((size, word) for size, word in _WORDS if flat.numel() * flat.element_size() % size == 0)
+    return flat.view(torch.uint8).view(word) if flat.element_size() != size else flat.view(word)
+
+
+def _wrapping_sum(words: torch.Tensor) -> int:
+    """Sum modulo 2**bits of the word type; on CPU through numpy (one thread: torch's threaded integer sum is
+    ~20x slower on a busy machine)."""
+    if words.device.type == "cpu":
+        array = words.numpy()
+        return int(array.sum(dtype=array.dtype))
+    return int(words.sum(dtype=words.dtype))
 
 
 @torch.no_grad()
 def weights_fingerprint(model: nn.Module) -> str:
     """Hash of the weights themselves, so a cache keyed on it notices new weights saved under the same path.
 
-    Per parameter: name, shape, dtype, a strided sample of ~4096 elements and the exact integer sum of all its
-    bit patterns (order-independent, so the same on any thread count; any single changed weight changes it).
-    About 0.1 s for SmolLM2-135M on CPU.
+    Per parameter: name, shape, dtype, a strided sample of ~4096 words of its bytes and the wrapping integer sum
+    of all of them (exact and order-independent, so the same on any thread count; any single changed weight
+    changes it). About 0.1 s for SmolLM2-135M on CPU.
     """
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
         digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
         if param.device.type == "meta" or param.numel() == 0:
             continue
-        bits = param.detach().reshape(-1).view(_BIT_VIEWS.get(param.element_size(), torch.uint8))
-        sample = bits[::max(1, bits.numel() // _SAMPLE_ELEMENTS)][:_SAMPLE_ELEMENTS]
+        words = _as_words(param)
+        sample = words[::max(1, words.numel() // _SAMPLE_ELEMENTS)][:_SAMPLE_ELEMENTS]
         digest.update(sample.cpu().numpy().tobytes())
-        digest.update(f"|{int(bits.sum())}|".encode())
+        digest.update(f"|{_wrapping_sum(words)}|".encode())
     return digest.hexdigest()[:16]
 
 

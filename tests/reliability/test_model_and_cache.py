@@ -83,8 +83,8 @@ LOADING = {
         "has no config.json", "save_pretrained"]),
     "malformed config.json": lambda tmp, cfg: (_folder(tmp, '{"hidden_size": 5'), {}, [
         "malformed model config", "model/config.json", "restore it"]),
-    "config with zero attention heads": lambda tmp, cfg: (_folder(tmp, _config_with(cfg, num_attention_heads=0)),
-                                                          {}, ["num_attention_heads=0", "config.json", "positive integer"]),
+    "config with zero attention heads": lambda tmp, cfg: (_folder(tmp, _config_with(cfg, num_attention_heads=0)), {}, [
+        "num_attention_heads=0", "config.json", "positive integer"]),
     "config with zero hidden size": lambda tmp, cfg: (_folder(tmp, _config_with(cfg, hidden_size=0)), {}, [
         "hidden_size=0", "config.json", "restore the file"]),
     "unknown device": lambda tmp, cfg: ("smollm2-135m", {"device": "gpu7"}, ["unknown device 'gpu7'", "'cpu'"]),
