@@ -153,9 +153,10 @@ def _stages(layer: nn.Module, targets: list, batch: tuple) -> list[list]:
             h.remove()
     seen, stages = set(), []
     for tensor, target in order:
-        if target[0] in seen:
+        ident = (target[0], target[4].name)      # projections sharing one statistic are still separate targets
+        if ident in seen:
             continue
-        seen.add(target[0])
+        seen.add(ident)
         if stages and tensor is not None and stages[-1][0] is tensor:     # outputs never share a stage
             stages[-1][1].append(target)
         else:

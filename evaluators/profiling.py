@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,18 +28,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .methods import Method, apply_allocation_, remove_compression_
+from allocator.levels import Level
+
+from .methods import Method
 from .metrics import token_losses
-from .models import cache_dir, decoder_layers, find_projections, model_id, unit_projections
+from .models import cache_dir, decoder_layers, find_projections, model_id, weights_fingerprint
+from .plan import Target, apply_levels, restore_
+from .profile_cache import ProfileCacheError, RowCache  # noqa: F401 - ProfileCacheError is re-exported
 from .text import windows_hash
 
 logger = logging.getLogger(__name__)
 BASE = "__base__"
 MODES = ("isolated", "operating_point")
-
-
-class ProfileCacheError(RuntimeError):
-    """The on-disk profile cache is unreadable or belongs to another run; the message says which file to delete."""
 
 
 # ---------------------------------------------------------------------------------------------- partial forward
@@ -101,60 +100,6 @@ def run_from_layer(model: nn.Module, first: int, inputs: LayerInputs, batch: int
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-# ---------------------------------------------------------------------------------------------- cache
-class RowCache:
-    """Append-only JSON-lines file of finished rows, next to a meta.json holding the key it was made for."""
-
-    def __init__(self, directory: Path, key: dict):
-        self.dir = directory
-        self.rows_path = directory / "rows.jsonl"
-        self.key = key
-        directory.mkdir(parents=True, exist_ok=True)
-        meta = directory / "meta.json"
-        if meta.exists():
-            try:
-                stored = json.loads(meta.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ProfileCacheError(f"corrupt profile cache {meta} ({exc}); delete {directory} to re-profile") from exc
-            if stored != key:
-                raise ProfileCacheError(f"profile cache {directory} was written for another run; delete it")
-        else:
-            meta.write_text(json.dumps(key, indent=1, sort_keys=True))
-
-    def load(self, valid_units: set[str], n_levels: int) -> dict[tuple[str, int], dict]:
-        if not self.rows_path.exists():
-            return {}
-        raw = self.rows_path.read_bytes()
-        lines = raw.split(b"\n")
-        done = {}
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            last = number == len(lines)                  # no newline after it: a write cut short by a kill
-            try:
-                row = json.loads(line)
-                unit, level = row["unit"], int(row["level"])
-                if unit not in valid_units or not 0 <= level < n_levels or not all(
-                        isinstance(row[k], (int, float)) and math.isfinite(row[k]) for k in ("kl", "nll")):
-                    raise ValueError(f"unexpected row {row}")
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-                if last:
-                    logger.warning("ignoring a half-written last row in %s", self.rows_path)
-                    break
-                raise ProfileCacheError(f"corrupt profile cache {self.rows_path}, line {number} ({exc}); delete "
-                                        f"{self.dir} to re-profile") from exc
-            done[(unit, level)] = row
-        if raw and not raw.endswith(b"\n"):
-            self.rows_path.write_bytes(raw[:raw.rfind(b"\n") + 1])   # drop the fragment before appending
-        return done
-
-    def append(self, row: dict) -> None:
-        with open(self.rows_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-
 # ---------------------------------------------------------------------------------------------- profile
 @dataclass
 class Profile:
@@ -181,32 +126,35 @@ class Profile:
         raise ValueError(f"unknown profile metric '{metric}'; use 'kl' or 'ppl'")
 
 
-def _unit_first_layer(projections, unit: str) -> int:
-    return min(p.layer for p in unit_projections(projections, unit))
-
-
 def _level_dicts(levels: pd.DataFrame) -> list[dict]:
     return [{"s": float(r.s), "rho": float(getattr(r, "rho", 1.0)), "bits": int(getattr(r, "bits", 16))}
             for r in levels.itertuples()]
 
 
-def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.DataFrame, units: list[str], *,
+def as_targets(units) -> list[Target]:
+    """Profiling targets from table ``Unit`` objects or ``Target`` objects."""
+    return [u if isinstance(u, Target) else Target.from_unit(u) for u in units]
+
+
+def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.DataFrame, units: list, *,
             mode: str = "isolated", operating_level: dict | None = None, batch_size: int = 8,
             score_last: float = 1.0, cache: Path | str | bool | None = True, progress: bool = True,
             on_row: Callable[[str, int], None] | None = None) -> Profile:
-    """Measure every (unit, level) row; ``cache=True`` uses ``~/.cache/allocator/profiles/<key>``."""
+    """Measure every (unit, level) row; ``units``: a table's ``Unit`` objects (or ``Target`` objects);
+    ``cache=True`` uses ``~/.cache/allocator/profiles/<key>``."""
     if mode not in MODES:
         raise ValueError(f"unknown profiling mode '{mode}'; use one of {MODES}")
     if mode == "operating_point" and operating_level is None:
         raise ValueError("mode='operating_point' needs operating_level={'s': ..., 'rho': ...}")
     level_dicts = _level_dicts(levels)
-    projections = find_projections(model)
-    first_layer = {u: _unit_first_layer(projections, u) for u in units}
+    targets = {t.name: t for t in as_targets(units)}
+    units = list(targets)
+    first_layer = {name: t.first_layer for name, t in targets.items()}
     key = {"model": model_id(model), "dtype": str(next(model.parameters()).dtype), "method": method.options(),
            "calibration": getattr(method, "calibration_hash", None), "levels": level_dicts, "units": units,
            "mode": mode, "operating_level": operating_level if mode == "operating_point" else None,
            "data": windows_hash(windows), "windows": list(windows.shape), "score_last": score_last,
-           "batch_size": batch_size}
+           "batch_size": batch_size, "weights": weights_fingerprint(model)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     rows = None
     if cache:
@@ -221,7 +169,7 @@ def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.
     logger.info("profiling %s (%s): %d units x %d levels, %d rows to compute, %d cached", method.name, mode,
                 len(units), len(level_dicts), len(todo), len(done))
 
-    remove_compression_(model)
+    restore_(model)
     try:
         if todo or need_base:
             dense_inputs, dense_logits = capture_layer_inputs(model, windows, batch_size)
@@ -231,7 +179,7 @@ def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.
             inputs, base_nll, base_kl = dense_inputs, dense_nll, 0.0
             if base:                                   # operating point: cache the uniformly compressed run
                 del dense_inputs.hidden[:]
-                apply_allocation_(model, base, method)
+                apply_levels(model, method, [(targets[u], operating_level) for u in units])
                 inputs, base_logits = capture_layer_inputs(model, windows, batch_size)
                 base_nll, base_kl = _sum_losses(base_logits, batches, ref, score_last)
                 del base_logits
@@ -241,13 +189,12 @@ def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.
                 done[(BASE, 0)] = row
                 if rows:
                     rows.append(row)
-            for unit, j in tqdm(todo, desc=f"profile {method.name}/{mode}", disable=not progress):
-                apply_allocation_(model, {unit: level_dicts[j]}, method)
+            claimed = rows.claim_each(todo, done) if rows else todo    # rows another live run measures are awaited
+            for unit, j in tqdm(claimed, total=len(todo), desc=f"profile {method.name}/{mode}", disable=not progress):
+                apply_levels(model, method, [(targets[unit], level_dicts[j])])
                 logits = [run_from_layer(model, first_layer[unit], inputs, b) for b in range(len(batches))]
                 nll, kl = _sum_losses(logits, batches, ref, score_last)
-                remove_compression_(model, [p.name for p in unit_projections(projections, unit)])
-                if unit in base:
-                    apply_allocation_(model, {unit: base[unit]}, method)
+                apply_levels(model, method, [(targets[unit], base[unit])]) if unit in base else restore_(model)
                 row = {"unit": unit, "level": j, "kl": kl, "nll": nll}
                 done[(unit, j)] = row
                 if rows:
@@ -255,7 +202,9 @@ def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.
                 if on_row is not None:
                     on_row(unit, j)
     finally:
-        remove_compression_(model)
+        restore_(model)
+        if rows:
+            rows.release_claims()                      # an interrupted row goes back to any other run
 
     b = done[(BASE, 0)]
     kl = np.full((len(units), len(level_dicts)), b["kl"])
@@ -275,15 +224,17 @@ def group_degradation(model: nn.Module, method: Method, windows: torch.Tensor, l
                       spans: list[tuple[int, int]], metric: str = "kl", **options) -> dict[tuple[int, int], np.ndarray]:
     """Measured rows for groups of consecutive layers ``(first, last)`` sharing one level, in the form
     ``Problem(group_degradation=...)`` takes (interactions inside a group are measured, not summed)."""
-    units = [f"layers.{a}-{b}" if a != b else f"layers.{a}" for a, b in spans]
-    table = profile(model, method, windows, levels, units, **options).table(metric)
+    table = profile(model, method, windows, levels, [Target.span(a, b) for a, b in spans], **options).table(metric)
     return {span: table[i] for i, span in enumerate(spans)}
 
 
 def _is_base_level(level: dict, mode: str, operating_level: dict | None) -> bool:
+    """The rows every unit shares: s = 0 (isolated), or the operating level itself (operating point)."""
+    level = Level.from_mapping(level)
     if mode == "isolated":
-        return level["s"] <= 0
-    return all(abs(level.get(k, d) - operating_level.get(k, d)) < 1e-9 for k, d in (("s", 0.0), ("rho", 1.0)))
+        return level.s <= 0
+    base = Level.from_mapping(operating_level)
+    return abs(level.s - base.s) < 1e-9 and abs(level.rho - base.rho) < 1e-9
 
 
 def _sum_losses(logits: list, batches: list, ref: list | None, score_last: float) -> tuple[float, float]:
