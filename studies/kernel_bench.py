@@ -1,7 +1,8 @@
 """Benchmark of the activation-sparse decode GEMV and the fused R-Sparse layer against cuBLAS (GPU only).
 
     python studies/kernel_bench.py all --out DIR          # tune, gemv table, R-Sparse table (~5 min, H100)
-    python studies/kernel_bench.py report --out DIR       # DIR/*.csv -> studies/results/kernel_bench_h100.md
+    python studies/kernel_bench.py report --out DIR --dest studies/results/kernel_bench_h100.md   # DIR/*.csv -> md
+    python studies/kernel_bench.py all --quick --out DIR  # one shape per table: a smoke run (a minute)
 
 Protocol (kernels/latency.py): each call captured in a CUDA graph cycling through >= 300 MB of weight copies
 (L2 defeated), median of do_bench over graph replays, random unstructured masks at exactly s shared by the
@@ -19,6 +20,9 @@ import sys
 import time
 
 import pandas as pd
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _common import add_common_args  # noqa: E402
 
 SHAPES = [  # (d_out, d_in) = (N, K)
     (4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008),
@@ -47,14 +51,14 @@ def _split_choices(d_out: int, d_in: int, block_n: int) -> list[int]:
             and stripes * sp >= (16 if small else 128)] or [max(1, min(64, d_in // 96))]
 
 
-def explore(out: pathlib.Path, rep_ms: int = 15) -> None:
+def explore(out: pathlib.Path, rep_ms: int = 15, device: str = "cuda") -> None:
     """Compaction vs predicated streaming, tiles, stages and splits, at several sparsities (fp16, batch 1)."""
     import torch
 
     from allocator.kernels import GemvConfig, sparse_gemv_triton
     from allocator.kernels.latency import THRESHOLD, graph_time_us, sparse_input
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     rows = []
     variants = [GemvConfig(block_n=128, block_k=64, use_dot=True, num_warps=4, num_stages=4)]
     for bn, bk, warps in [(64, 32, 2), (128, 32, 4), (128, 16, 4), (256, 16, 4), (128, 64, 8), (256, 32, 8),
@@ -101,14 +105,14 @@ def _weights(d_out, d_in, dtype, device):
     return w, [m.T.contiguous() for m in w]
 
 
-def tune(out: pathlib.Path, shapes, rep_ms: int = 15) -> dict:
+def tune(out: pathlib.Path, shapes, rep_ms: int = 15, device: str = "cuda") -> dict:
     """Best config per shape for fp16, batch 1, by the time at s=0.5 plus the time at s=0."""
     import torch
 
     from allocator.kernels import sparse_gemv_triton
     from allocator.kernels.latency import THRESHOLD, graph_time_us, sparse_input
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     rows, best = [], {}
     for d_out, d_in in shapes:
         w, wt = _weights(d_out, d_in, torch.float16, dev)
@@ -143,7 +147,8 @@ INDEXED_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (143
                   (4096, 11008), (22016, 4096), (12288, 4096)]
 
 
-def indexed(out: pathlib.Path, rep_ms: int = 15, sparsities=(0.0, 0.4, 0.5, 0.7, 0.9)) -> pd.DataFrame:
+def indexed(out: pathlib.Path, rep_ms: int = 15, sparsities=(0.0, 0.4, 0.5, 0.7, 0.9), shapes=INDEXED_SHAPES,
+            device: str = "cuda") -> pd.DataFrame:
     """Producer-indexed GEMV (kernels/pipelined.py): kept lists given, atomic fp32 accumulation. Sweeps tiles and
     K splits at s = 0.5 per shape, then times the best at every s against cuBLAS and the standalone kernel
     (which compacts itself and reduces through the last-arriving program)."""
@@ -154,12 +159,12 @@ def indexed(out: pathlib.Path, rep_ms: int = 15, sparsities=(0.0, 0.4, 0.5, 0.7,
     from allocator.kernels.latency import THRESHOLD, graph_time_us, producer_lists, sparse_input
     from allocator.kernels.pipelined import SiteBuffers, indexed_gemv, plan_site
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     gpu = torch.cuda.get_device_name(dev)
     tiles = [(256, 64, True, 8, 4), (128, 64, True, 4, 4), (128, 64, True, 4, 3), (64, 64, True, 4, 4),
              (128, 128, True, 4, 3), (64, 32, False, 1, 2), (128, 32, False, 4, 2)]
     rows, best = [], {}
-    for d_out, d_in in INDEXED_SHAPES:
+    for d_out, d_in in shapes:
         w, wt = _weights(d_out, d_in, torch.float16, dev)
         x5 = sparse_input(1, d_in, 0.5, torch.float16, dev)
         ref = sparse_gemv_reference(x5, wt[0], THRESHOLD).float()
@@ -210,7 +215,7 @@ def indexed(out: pathlib.Path, rep_ms: int = 15, sparsities=(0.0, 0.4, 0.5, 0.7,
     return pd.DataFrame(rows)
 
 
-def producers(out: pathlib.Path, rep_ms: int = 15) -> pd.DataFrame:
+def producers(out: pathlib.Path, rep_ms: int = 15, device: str = "cuda") -> pd.DataFrame:
     """The elementwise kernels of a Llama-3-8B decode step, plain (decode_ops.py) against their versions that
     also write the next GEMV's kept lists / read and clear its accumulator (pipelined.py)."""
     import torch
@@ -220,7 +225,7 @@ def producers(out: pathlib.Path, rep_ms: int = 15) -> pd.DataFrame:
     from allocator.kernels.pipelined import (SiteBuffers, add_rms_norm_split, plan_site,
                                              rope_and_cache_from_acc, silu_mul_compact)
 
-    dev, dt, H, I, reps = torch.device("cuda"), torch.float16, 4096, 14336, 100
+    dev, dt, H, I, reps = torch.device(device), torch.float16, 4096, 14336, 100
     h, d, w = (torch.randn(1, H, device=dev, dtype=dt) for _ in range(3))
     qkv, gu, down = (SiteBuffers(plan_site(k, n, dev), dev) for k, n in ((H, 6144), (H, 2 * I), (I, H)))
     cos = sin = torch.rand(512, 64, device=dev)
@@ -265,7 +270,8 @@ def load_tuned(path: pathlib.Path) -> None:
         TUNED_CONFIGS[(K, N, 1)] = GemvConfig(**cfg)
 
 
-def gemv_table(out: pathlib.Path, rep_ms: int = 30) -> pd.DataFrame:
+def gemv_table(out: pathlib.Path, rep_ms: int = 30, shapes=SHAPES, sparsities=SPARSITIES,
+               device: str = "cuda") -> pd.DataFrame:
     import torch
     import torch.nn.functional as F
 
@@ -273,10 +279,10 @@ def gemv_table(out: pathlib.Path, rep_ms: int = 30) -> pd.DataFrame:
     from allocator.kernels.gemv import _pick_splits, default_config
     from allocator.kernels.latency import THRESHOLD, graph_time_us, sparse_input
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     gpu = torch.cuda.get_device_name(dev)
     rows = []
-    for d_out, d_in in SHAPES:
+    for d_out, d_in in shapes:
         for dtype in (torch.float16, torch.bfloat16):
             w, wt = _weights(d_out, d_in, dtype, dev)
             for batch in (1, 2, 4) if dtype == torch.float16 else (1,):
@@ -290,7 +296,7 @@ def gemv_table(out: pathlib.Path, rep_ms: int = 30) -> pd.DataFrame:
                 err = ((sparse_gemv_triton(xc, wt[0], THRESHOLD).float() - sparse_gemv_reference(xc, wt[0], THRESHOLD)
                         .float()).norm() / sparse_gemv_reference(xc, wt[0], THRESHOLD).float().norm()).item()
                 assert err < 2e-2, f"{d_out}x{d_in} {dtype} b{batch}: relative error {err:.2e}"
-                for s in SPARSITIES if batch == 1 else (0.0, 0.5, 0.9):
+                for s in sparsities if batch == 1 else (0.0, 0.5, 0.9):
                     x = sparse_input(batch, d_in, s, dtype, dev)
                     ours = graph_time_us([lambda m=m: sparse_gemv_triton(x, m, THRESHOLD) for m in wt], rep_ms)
                     kept_bytes = (1 - s) * d_out * d_in * wt[0].element_size()
@@ -313,31 +319,29 @@ def gemv_table(out: pathlib.Path, rep_ms: int = 30) -> pd.DataFrame:
     return df
 
 
-def rsparse_table(out: pathlib.Path, rep_ms: int = 30) -> pd.DataFrame:
+def rsparse_table(out: pathlib.Path, rep_ms: int = 30, shapes=MLP_SHAPES,
+                  points=((0.5, 0.9), (0.5, 0.8), (0.5, 0.5), (0.4, 0.9), (0.7, 0.9)),
+                  device: str = "cuda") -> pd.DataFrame:
     """R-Sparse layer at s=0.5: fused time vs sparse-only time at the same kept channels."""
     import torch
     import torch.nn.functional as F
 
-    from allocator.kernels import (
-        rsparse_gemv_triton,
-        rsparse_gemv_two_launch_triton,
-        rsparse_rank,
-        sparse_gemv_triton,
-    )
+    from allocator.costs import rsparse_split
+    from allocator.kernels import rsparse_gemv_triton, rsparse_gemv_two_launch_triton, sparse_gemv_triton
     from allocator.kernels.latency import THRESHOLD, graph_time_us, sparse_input
     from allocator.kernels.rsparse import default_low_rank_config
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     rows = []
-    for d_out, d_in in MLP_SHAPES:
+    for d_out, d_in in shapes:
         for dtype in (torch.float16, torch.bfloat16):
             w, wt = _weights(d_out, d_in, dtype, dev)
             x0 = sparse_input(1, d_in, 0.0, dtype, dev)
             dense = graph_time_us([lambda m=m: F.linear(x0, m) for m in w], rep_ms)
             del w
-            for s, rho in ((0.5, 0.9), (0.5, 0.8), (0.5, 0.5), (0.4, 0.9), (0.7, 0.9)):
+            for s, rho in points:
                 kept_frac = (1 - s) * rho
-                _, rank = rsparse_rank(d_in, d_out, s, rho)
+                _, rank = rsparse_split(d_out=d_out, d_in=d_in, s=s, rho=rho)
                 x = sparse_input(1, d_in, 1 - kept_frac, dtype, dev)
                 lr = [(torch.randn(d_in, rank, device=dev, dtype=dtype) * 0.05,
                        torch.randn(rank, d_out, device=dev, dtype=dtype) * 0.05) for _ in wt]
@@ -377,7 +381,7 @@ def rsparse_table(out: pathlib.Path, rep_ms: int = 30) -> pd.DataFrame:
     return df
 
 
-def latency(out: pathlib.Path) -> pd.DataFrame:
+def latency(out: pathlib.Path, device: str = "cuda") -> pd.DataFrame:
     """The latency evaluator's table for the Llama-3-8B and SmolLM2 projections (fused q|k|v and gate|up)."""
     import torch
 
@@ -386,7 +390,7 @@ def latency(out: pathlib.Path) -> pd.DataFrame:
     shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (960, 576), (576, 576), (3072, 576),
               (576, 1536)]
     df = measure_latency_table(shapes, sparsities=(0.0, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), dtypes=(torch.float16,),
-                               batches=(1,), rhos=(1.0, 0.9), rep_ms=10, paths=("standalone", "fused"))
+                               batches=(1,), rhos=(1.0, 0.9), rep_ms=10, paths=("standalone", "fused"), device=device)
     df.to_csv(out / "kernel_bench_latency.csv", index=False)
     return df
 
@@ -479,42 +483,52 @@ def report(out: pathlib.Path, dest: pathlib.Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["all", "tune", "gemv", "rsparse", "report", "explore", "latency", "indexed", "producers"])
-    p.add_argument("--out", type=pathlib.Path, required=True)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("what", choices=["all", "tune", "gemv", "rsparse", "report", "explore", "latency", "indexed",
+                                    "producers"])
+    add_common_args(p, device="cuda", quick="one shape per table, s in {0, 0.5}, one R-Sparse point (a smoke run)",
+                    seed="torch seed of the random weights and masks")
     p.add_argument("--tuned", type=pathlib.Path, help="tuned.json from a previous `tune`")
-    p.add_argument("--dest", type=pathlib.Path, default=pathlib.Path("studies/results/kernel_bench_h100.md"))
+    p.add_argument("--dest", type=pathlib.Path, help="the markdown `report` writes (default: OUT/kernel_bench.md; the "
+                   "committed one: studies/results/kernel_bench_h100.md)")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.what == "report":
-        report(a.out, a.dest)
+        report(a.out, a.dest or a.out / "kernel_bench.md")
         return
-    t0 = time.time()
+    import torch
+
+    torch.manual_seed(a.seed)
+    dev, t0 = a.device, time.time()
+    cut = (lambda shapes: shapes[:1]) if a.quick else (lambda shapes: shapes)
     if a.what == "explore":
-        explore(a.out)
+        explore(a.out, device=dev)
         return
     if a.what == "indexed":
-        indexed(a.out)
+        indexed(a.out, shapes=cut(INDEXED_SHAPES), sparsities=(0.0, 0.5) if a.quick else (0.0, 0.4, 0.5, 0.7, 0.9),
+                device=dev)
         return
     if a.what == "producers":
-        producers(a.out)
+        producers(a.out, device=dev)
         return
     if a.what == "latency":
         if a.tuned:
             load_tuned(a.tuned)
-        latency(a.out)
+        latency(a.out, device=dev)
         return
     if a.what in ("all", "tune"):
-        tune(a.out, SHAPES + E2E_SHAPES)
+        tune(a.out, cut(SHAPES) + cut(E2E_SHAPES), device=dev)
         load_tuned(a.out / "tuned.json")
     elif a.tuned:
         load_tuned(a.tuned)
     print(f"[{time.time() - t0:.0f}s]", flush=True)
     if a.what in ("all", "gemv"):
-        gemv_table(a.out)
+        gemv_table(a.out, shapes=cut(SHAPES), sparsities=[0.0, 0.5] if a.quick else SPARSITIES, device=dev)
         print(f"[{time.time() - t0:.0f}s]", flush=True)
     if a.what in ("all", "rsparse"):
-        rsparse_table(a.out)
+        rsparse_table(a.out, shapes=cut(MLP_SHAPES), device=dev,
+                      **({"points": ((0.5, 0.9),)} if a.quick else {}))
         print(f"[{time.time() - t0:.0f}s]", flush=True)
 
 

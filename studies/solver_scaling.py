@@ -6,7 +6,10 @@ seeded synthetic degradation (``allocator.synthetic``: convex in s, U-shaped lay
 Directions: ``sparsity=0.5`` (min degradation) and ``delta`` = the degradation of uniform s = 0.4 (min cost).
 Modes: per unit, consecutive groups (unconstrained: equals the per-layer optimum here) and at most 8 groups.
 The certificate is milp when HiGHS proves optimality within ``--milp-time-limit``, else the best value any
-solver found (marked). Usage: ``python studies/solver_scaling.py [--layers 32 80] [--levels 11 21]``.
+solver found (marked). Torch-free: the core's ``analytic_tables``, ``synthetic_tables``, ``Problem`` and ``minimize``.
+
+    python studies/solver_scaling.py --out DIR [--layers 32 80] [--levels 11 21]    # solver_scaling.{csv,md}
+    python studies/solver_scaling.py --quick --out /tmp/ss                          # 32 layers x 11 levels, seconds
 """
 from __future__ import annotations
 
@@ -17,14 +20,18 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import sys
+
 import numpy as np
 import pandas as pd
 import scipy
 
-from allocator import Infeasible, Problem, Tables, Unit, analytic_tables, make_levels, minimize
-from allocator.synthetic import synthetic_tables
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+from allocator import Infeasible, Problem, Tables, Unit, analytic_tables, make_levels, minimize
+from allocator.synthetic import synthetic_tables  # noqa: E402
+
 MODES = {"unit": (None, None), "grouped": ("consecutive", None), "grouped G<=8": ("consecutive", 8)}
 
 
@@ -109,8 +116,10 @@ def markdown(frame: pd.DataFrame, header: str) -> str:
     return header + "\n".join(lines) + "\n"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(parser, device=None, quick="32 layers x 11 levels, one repeat, 10 s milp limit (seconds)")
     parser.add_argument("--layers", type=int, nargs="+", default=[32, 80, 120, 200])
     parser.add_argument("--levels", type=int, nargs="+", default=[11, 21])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
@@ -118,9 +127,14 @@ def main():
     parser.add_argument("--milp-time-limit", type=float, default=60.0)
     parser.add_argument("--full-dp-cells", type=float, default=2e6, help="run the full fine DP up to L^2 m G")
     parser.add_argument("--repeat", type=int, default=3, help="best of N for solvers under a second")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "solver_scaling")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.layers, args.levels, args.repeat, args.milp_time_limit = [32], [11], 1, 10.0
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     rows = []
     for layers in args.layers:
         for n_levels in args.levels:
@@ -138,15 +152,15 @@ def main():
     header = (f"# Solver scaling\n\nMachine: {machine()}; python {platform.python_version()}, numpy {np.__version__}, "
               f"scipy {scipy.__version__}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.\n"
               f"Command: `python studies/solver_scaling.py` with {vars(args) | {'out': str(args.out)}}.\n\n"
-              + __doc__.split("\n\n", 1)[1] + "\nTimes are wall seconds (best of "
+              + __doc__.split("\n\n")[1] + "\n\nTimes are wall seconds (best of "
               f"{args.repeat} under a second); gap_pct = 100 (objective - certificate) / certificate, lower is better "
               "(both directions minimise). Shared 2-core machine: other jobs ran at the same time.\n\n## Targets\n\n"
               + "\n".join(t for t in targets if t) + "\n\n## All runs\n\n")
     text = markdown(frame, header)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(args.out.with_suffix(".csv"), index=False)
-    args.out.with_suffix(".md").write_text(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(args.out / "solver_scaling.csv", index=False)
+    (args.out / "solver_scaling.md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
-"""How fine should allocation units be? The main job at several unit granularities, budgets and methods.
+"""How fine should allocation units be? The main job at several unit granularities, budgets, methods and solvers.
 
-Each configuration is one run of the pipeline (`python -m allocator` with overrides): calibrate, profile an
-isolated KL table at that granularity, solve (dp, or evo on the true objective warm-started from dp), apply,
-measure held-out perplexity. Units: `layer` (7 projections share a level), `block` (attention / MLP),
-`input` (q+k+v, o, gate+up, down: one level per sparse GEMV input, what the fused decode kernels mask) and
-`projection` (each of the seven). Writes `unit_granularity.{csv,md}`.
+Each configuration is one main job (``allocator.evaluators.stages.run_main_job``, the job ``python -m allocator``
+runs) with overrides: calibrate, profile an isolated KL table at that granularity, solve (dp, or evo on the
+measured objective warm-started from dp), plan, measure held-out perplexity. Units: ``layer`` (7 projections
+share a level), ``block`` (attention / MLP), ``input`` (q+k+v, o, gate+up, down: one level per sparse GEMV
+input, what the fused decode kernels mask) and ``projection`` (each of the seven). Each run's folder is the main
+job's (``runs/<name>/``: report.md, summary.json, measurements.csv, ...); ``unit_granularity.{csv,md}`` collect
+them. Gains: ``removed_*`` = ``allocator.gains.share_removed``, the share of uniform's perplexity increase over
+dense that the allocation removes (1: as good as dense, 0: no better than uniform).
 
     python studies/unit_granularity.py --out DIR                         # CPU, the main job's data sizes
-    python studies/unit_granularity.py --device cuda --profile 16 256 --units input --out DIR   # one unit
-    python studies/unit_granularity.py --merge DIR1 DIR2 --out studies/results            # combine runs
+    python studies/unit_granularity.py --device cuda --set data.profile_windows=16 data.profile_length=256 \
+        --units input --out DIR                                          # one unit, the H100 runs' profiling
+    python studies/unit_granularity.py --merge DIR1 DIR2 --out DIR       # combine runs
+    python studies/unit_granularity.py --quick --out /tmp/ug             # 2 layers, tiny windows, layer + input
 """
 from __future__ import annotations
 
@@ -20,21 +25,16 @@ from pathlib import Path
 
 import pandas as pd
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args, add_config_args, base_overrides, job_config  # noqa: E402
 
+from allocator.gains import share_removed  # noqa: E402
 
-def run_one(overrides: list[str], out: Path) -> dict:
-    from hydra import compose, initialize_config_module
-
-    from allocator.evaluators.pipeline import run_pipeline
-
-    with initialize_config_module("allocator.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    out.mkdir(parents=True, exist_ok=True)
-    return run_pipeline(cfg, out)
+SOURCES = ("austen_eval", "wiki_eval")
 
 
 def rows_of(summary: dict, config: dict, seconds: float) -> list[dict]:
+    """One row per allocation of a main job's summary (uniform and the solver's), with its gains."""
     meas = {r["allocation"]: r for r in summary["measurements"]}
     dense, uniform = meas["dense"], meas["uniform"]
     out = []
@@ -42,77 +42,102 @@ def rows_of(summary: dict, config: dict, seconds: float) -> list[dict]:
         if name == "dense":
             continue
         row = {**config, "allocation": name, "model_sparsity": r["model_sparsity"], "wall_s": seconds}
-        for src in ("austen_eval", "wiki_eval"):
-            ppl, d, u = r[f"ppl_{src}"], dense[f"ppl_{src}"], uniform[f"ppl_{src}"]
-            row[f"ppl_{src}"] = ppl
+        for src in SOURCES:
+            row[f"ppl_{src}"] = r[f"ppl_{src}"]
             row[f"kl_{src}"] = r[f"kl_{src}"]
-            row[f"dense_{src}"] = d
-            row[f"share_{src}"] = (ppl - d) / (u - d)  # share of uniform's increase over dense that remains
+            row[f"dense_{src}"] = dense[f"ppl_{src}"]
+            row[f"removed_{src}"] = share_removed(dense[f"ppl_{src}"], uniform[f"ppl_{src}"], r[f"ppl_{src}"])
+            row[f"realized_{src}"] = r.get(f"realized_{src}")
         if name != "uniform":
-            row["true_evals"] = summary["timings"].get("true_evaluations", 0)
+            row["true_evals"] = summary["timings"].get("measured_evaluations", 0)
         out.append(row)
     return out
 
 
+def removed_convention(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of runs before the one convention carried ``share_*`` = the share that *remains*, (ppl - dense) /
+    (uniform - dense); the share removed is 1 minus it."""
+    df = df.copy()
+    for src in SOURCES:
+        if f"share_{src}" in df:
+            old = 1.0 - df.pop(f"share_{src}")
+            df[f"removed_{src}"] = df[f"removed_{src}"].fillna(old) if f"removed_{src}" in df else old
+    return df
+
+
 def report(df: pd.DataFrame, runs: list[str]) -> str:
-    cols = ["method", "unit", "budget", "solver", "allocation", "model_sparsity", "ppl_austen_eval", "share_austen_eval",
-            "ppl_wiki_eval", "share_wiki_eval", "true_evals", "wall_s"]
+    cols = ["method", "unit", "budget", "solver", "allocation", "model_sparsity", "ppl_austen_eval",
+            "removed_austen_eval", "ppl_wiki_eval", "removed_wiki_eval", "realized_austen_eval", "true_evals",
+            "wall_s"]
     body = df[[c for c in cols if c in df]].to_markdown(index=False, floatfmt=".3f")
     dense = df.iloc[0]
     return "\n".join([
         "# Allocation unit granularity on SmolLM2-135M (generated by studies/unit_granularity.py)", "",
         *[f"- `{r}`" for r in runs], "",
         f"Dense held-out perplexity: Austen {dense['dense_austen_eval']:.2f}, wiki {dense['dense_wiki_eval']:.2f}. "
-        "`share_*` = (ppl - dense) / (uniform ppl - dense): the share of uniform's perplexity increase that remains "
-        "(issue 3 target: <= 2/3 at 50%, i.e. a third removed; issue 5: <= 0.5 at 50%, <= 0.25 at 60%). Isolated "
-        "KL tables, teal thresholds calibrated on the dense model, cost = decode bytes, budget = model-level "
-        "sparsity. `uniform` rows repeat per unit (the same allocation).", "",
+        "`removed_*` = (uniform ppl - ppl) / (uniform ppl - dense): the share of uniform's perplexity increase over "
+        "dense that the allocation removes (`allocator.gains.share_removed`; 1 = as good as dense, 0 = no better than "
+        "uniform; issue 3 target: >= 1/3 at 50%; issue 5: >= 0.5 at 50%, >= 0.75 at 60%). `realized_*`: share of the "
+        "dense projection bytes not read on that text. Each row is one main job (`run_main_job`): isolated KL tables, "
+        "thresholds calibrated on the dense model, cost = decode bytes, budget = model-level sparsity. `uniform` rows "
+        "repeat per unit (the same allocation).", "",
         body, ""])
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--units", nargs="+", default=["layer", "block", "input", "projection"])
-    p.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.6])
-    p.add_argument("--methods", nargs="+", default=["teal"])
+def write(df: pd.DataFrame, runs: list[str], out: Path) -> None:
+    df.to_csv(out / "unit_granularity.csv", index=False)
+    (out / "runs.json").write_text(json.dumps(runs))
+    (out / "unit_granularity.md").write_text(report(df, runs))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, quick="2 layers, tiny windows, layer and input units at 0.5 (a smoke run)")
+    add_config_args(p)
+    p.add_argument("--units", nargs="+", default=None, help="profile.unit values (default: layer block input "
+                   "projection; --quick: layer input)")
+    p.add_argument("--budgets", nargs="+", type=float, default=None, help="model-level sparsities (default: 0.5 0.6; "
+                   "--quick: 0.5)")
+    p.add_argument("--methods", nargs="+", default=["teal"], help="method presets (conf/method)")
     p.add_argument("--solvers", nargs="+", default=["dp"], choices=["dp", "evo"])
-    p.add_argument("--evo-evals", type=int, default=400, help="true-objective evaluations of evo (warm start: dp)")
-    p.add_argument("--profile", nargs=2, type=int, metavar=("WINDOWS", "LENGTH"), help="profiling windows x tokens")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--evo-evals", type=int, default=400, help="measured evaluations of evo (warm start: dp)")
     p.add_argument("--merge", nargs="+", type=Path, help="only merge unit_granularity.csv of these folders")
-    a = p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.units = args.units or (["layer", "input"] if args.quick else ["layer", "block", "input", "projection"])
+    args.budgets = args.budgets or ([0.5] if args.quick else [0.5, 0.6])
+    return args
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.merge:
-        frames = [pd.read_csv(d / "unit_granularity.csv") for d in a.merge]
-        runs = sum((json.loads((d / "runs.json").read_text()) for d in a.merge), [])
-        df = pd.concat(frames, ignore_index=True)
-        df.to_csv(a.out / "unit_granularity.csv", index=False)
-        (a.out / "unit_granularity.md").write_text(report(df, runs))
+        df = pd.concat([removed_convention(pd.read_csv(d / "unit_granularity.csv")) for d in a.merge],
+                       ignore_index=True)
+        runs = [r for d in a.merge if (d / "runs.json").exists() for r in json.loads((d / "runs.json").read_text())]
+        write(df, runs, a.out)
         return
+    from allocator.evaluators.stages import run_main_job
+
+    base = [*base_overrides(a), "print_allocation=false"]
+    runs = ["python studies/unit_granularity.py " + " ".join(argv if argv is not None else sys.argv[1:])]
     rows = []
-    base = [f"model.device={a.device}", *a.extra]
-    if a.profile:
-        base += [f"data.profile_windows={a.profile[0]}", f"data.profile_length={a.profile[1]}"]
     for method in a.methods:
         for budget in a.budgets:
             for unit in a.units:
                 for solver in a.solvers:
                     over = [*base, f"method={method}", f"budget.value={budget}", f"profile.unit={unit}"]
                     if solver == "evo":
-                        over += ["solver=evo", "solver.options.objective=true", "solver.options.warm_start=dp",
+                        over += ["solver=evo", "solver.options.fitness=measured", "solver.options.warm_start=dp",
                                  f"solver.options.max_evals={a.evo_evals}"]
                     name = f"{method}_{unit}_{budget}_{solver}"
                     t0 = time.time()
-                    summary = run_one(over, a.out / "runs" / name)
+                    summary = run_main_job(job_config(over), a.out / "runs" / name)
                     rows += rows_of(summary, {"method": method, "unit": unit, "budget": budget, "solver": solver},
                                     time.time() - t0)
-                    pd.DataFrame(rows).to_csv(a.out / "unit_granularity.csv", index=False)
+                    write(pd.DataFrame(rows), runs, a.out)
                     print(f"[{name}] {time.time() - t0:.0f}s", flush=True)
-    runs = ["python studies/unit_granularity.py " + " ".join(argv if argv is not None else sys.argv[1:])]
-    (a.out / "runs.json").write_text(json.dumps(runs))
-    (a.out / "unit_granularity.md").write_text(report(pd.DataFrame(rows), runs))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""studies/compare_solvers.py --merge: jobs of a sweep combine into one report with the share of uniform's increase."""
+"""studies/compare_solvers.py --merge: jobs of a sweep combine into one report with the share of uniform's
+perplexity increase over dense that each allocation removes (``allocator.gains.share_removed``)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -47,8 +48,28 @@ def test_merge_finds_the_jobs_of_a_sweep_and_reports_shares(tmp_path):
     study.merge([sweep], tmp_path / "out", notes)
     text = (tmp_path / "out" / "compare_solvers.md").read_text()
     assert "## teal, block units, model-level sparsity 0.5" in text and "## rsparse, block units" in text
-    assert "| dp (isolated) | 60.00 | 30.00 |" in text and "| 0.50 | 0.50 |" in text   # (60-40)/(80-40), (30-20)/(40-20)
+    assert "| dp (isolated) | 60.00 | 30.00 |" in text and "| 0.50 | 0.50 |" in text   # (80-60)/(80-40), (40-30)/(40-20)
+    # removed, not remaining: rsparse evo at 70 against uniform 90 and dense 40 removes (90-70)/(90-40) = 0.40
+    assert "| evo (true, warm dp) | 70.00 | 35.00 |" in text and "| 0.40 | 0.40 |" in text
+    assert "| uniform | 90.00 | 45.00 |" in text and "| 0.00 | 0.00 |" in text
     assert "against its dp start: Austen +5.00" in text and "WORSE" in text           # rsparse: 70 vs 65
     assert text.rstrip().endswith("by hand") and (tmp_path / "out" / "compare_solvers.png").exists()
+    # a run writes its merged report beside its job folders; merging that folder again takes the jobs only
+    study.merge([sweep], sweep)
+    study.merge([sweep], tmp_path / "out3")
+    assert len(pd.read_csv(tmp_path / "out3" / "compare_solvers.csv")) == 6
     with pytest.raises(FileNotFoundError):
         study.merge([tmp_path / "empty"], tmp_path / "out2")
+
+
+def test_the_study_builds_the_main_jobs_config():
+    """The level grid and data sizes come from the main job's config (presets included), not from the study."""
+    study = _study()
+    from allocator.config import MethodConfig
+
+    args = study.parse_args(["--out", "unused", "--methods", "rsparse"])
+    config = study.job_config([*study.base_overrides(args, study.STUDY), "method=rsparse"])
+    assert config.method.levels.s == MethodConfig().levels.s and config.method.levels.rho == [1.0, 0.9]
+    assert config.profile.window is None and config.data.profile_windows == 4
+    quick = study.parse_args(["--out", "unused", "--quick", "--budget", "9"])
+    assert quick.unit == "layer" and quick.budget == 9     # --quick's sizes, an explicit flag wins
