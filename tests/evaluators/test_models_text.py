@@ -5,7 +5,8 @@ import torch
 from allocator import make_levels
 from allocator.levels import Level
 from allocator.evaluators.models import (ModelError, cache_dir, embedded_gguf_path, find_projections, load_model,
-                                         model_id, unit_projections, weights_fingerprint)
+                                         model_id, weights_fingerprint)
+from allocator.evaluators.plan import Target
 from allocator.evaluators.stages import operating_level
 from allocator.evaluators.text import (CALIBRATION_SOURCES, MIXTURES, TextError, load_text, token_windows,
                                        wiki_articles)
@@ -18,8 +19,8 @@ def test_discovery_finds_seven_projections_with_real_gqa_shapes(small_model):
     assert [(p.kind, p.d_out, p.d_in) for p in rows[0]] == [
         ("q", 576, 576), ("k", 192, 576), ("v", 192, 576), ("o", 576, 576),
         ("gate", 1536, 576), ("up", 1536, 576), ("down", 576, 1536)]
-    assert [p.kind for p in unit_projections(rows, "layers.2.mlp")] == ["gate", "up", "down"]
-    assert len(unit_projections(rows, "layers.1-3")) == 21
+    assert [p.kind for p in Target.of(2, ("gate", "up", "down")).projections(rows)] == ["gate", "up", "down"]
+    assert len(Target.span(1, 3).projections(rows)) == 21
 
 
 def test_unknown_architecture_lists_what_was_found(small_model):
@@ -36,7 +37,7 @@ def test_missing_projection_lists_what_was_found(small_model):
     with pytest.raises(ModelError, match=r"no linear 'mlp.w3' for projection 'up'.*gate_proj"):
         find_projections(small_model[0], {"q": "self_attn.q_proj", "up": "mlp.w3"})
     with pytest.raises(ModelError, match="model has 4 layers"):
-        unit_projections(find_projections(small_model[0]), "layers.7")
+        Target.of(7).projections(find_projections(small_model[0]))
 
 
 def test_model_id_is_derived_from_the_model_not_stored_on_it(small_model):
