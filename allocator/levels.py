@@ -71,18 +71,6 @@ class Level:
         """A hashable, rounding-stable key (memo tables, cache rows)."""
         return (round(self.s, 6), round(self.rho, 6), self.bits)
 
-    # read like the dict a level serializes to, so that code written for dict levels keeps working
-    def keys(self) -> tuple[str, ...]:
-        return LEVEL_FIELDS
-
-    def __getitem__(self, name: str):
-        if name not in LEVEL_FIELDS:
-            raise KeyError(name)
-        return getattr(self, name)
-
-    def get(self, name: str, default=None):
-        return getattr(self, name) if name in LEVEL_FIELDS else default
-
 
 def make_levels(s=(0.0,), rho=(1.0,), bits=(DENSE_BITS,)) -> pd.DataFrame:
     """The product grid of level options, least compressed first (s ascending, rho descending, bits descending)."""

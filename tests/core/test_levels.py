@@ -48,9 +48,10 @@ def test_tables_wrap_level_errors_and_hand_out_level_objects():
     assert t.level_objects() == [Level(0.0), Level(0.0, 0.8), Level(0.5), Level(0.5, 0.8)]
 
 
-def test_level_reads_like_its_dict():
+def test_level_is_an_object_not_a_dict():
+    """Levels are read by attribute; the dict form is only what they serialize to."""
     lv = Level(0.5, 0.9, 8)
-    assert lv["s"] == 0.5 and lv.get("rho", 1.0) == 0.9 and lv.get("other", 3) == 3
-    assert dict(lv) == lv.to_dict() == {"s": 0.5, "rho": 0.9, "bits": 8}
-    with pytest.raises(KeyError):
-        lv["sparsity"]
+    assert (lv.s, lv.rho, lv.bits) == (0.5, 0.9, 8) and lv.to_dict() == {"s": 0.5, "rho": 0.9, "bits": 8}
+    assert Level.from_mapping(lv.to_dict()) == lv
+    with pytest.raises(TypeError):
+        lv["s"]

@@ -16,7 +16,7 @@ def test_sparsity_budget_means_half_the_allocatable_cost(smol):
     p = Problem(smol, cost="bytes_decode", sparsity=0.5)
     assert p.limit == pytest.approx(0.5 * smol.cost("bytes_decode")[:, 0].sum())
     uniform = minimize(p, "uniform")
-    assert uniform.feasible and uniform.allocation.levels[0]["s"] == 0.5  # uniform 50% is exactly on budget
+    assert uniform.feasible and uniform.allocation.levels[0].s == 0.5  # uniform 50% is exactly on budget
 
 
 def test_vectorised_evaluation_matches_loop(smol):
