@@ -4,6 +4,8 @@
 - `rsparse_gemv_triton` / `rsparse_gemv_reference`: the R-Sparse layer, sparse + low-rank of the dropped part.
 - `torch.ops.allocator.sparse_gemv` / `rsparse_gemv`: the same as custom ops (CUDA graphs, torch.compile).
 - `allocator.kernels.latency`: the latency evaluator and `latency_cost_matrix` (cost kind `latency_decode`).
+- `allocator.kernels.runtime`: `Decoder` over given weights (`DecoderWeights`, `LayerWeights`): dense prefill,
+  decode steps through the sparse kernels, greedy `generate` from one CUDA graph (HF-free; evaluators convert).
 - `allocator.kernels.llama_decode`: a random-weight Llama-shaped decoder for end-to-end decode timing.
 
 See kernels/README.md for layouts and measured numbers.
@@ -17,9 +19,14 @@ from .rsparse import (
     rsparse_gemv_two_launch_triton,
 )
 from .gemv import GemvConfig, keep_mask, sparse_gemv_reference, sparse_gemv_triton
+from .runtime import Decoder, DecoderShape, DecoderWeights, LayerWeights
 
 __all__ = [
+    "Decoder",
+    "DecoderShape",
+    "DecoderWeights",
     "GemvConfig",
+    "LayerWeights",
     "keep_mask",
     "kernel_pays",
     "low_rank_factors",

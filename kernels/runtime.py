@@ -1,0 +1,425 @@
+"""A Llama-family decoder over GIVEN weights: dense prefill, decode steps through the sparse kernels, greedy
+generation from one CUDA graph. No Hugging Face knowledge here: `evaluators/runtime.py` turns a loaded HF
+causal LM and a compression plan into `DecoderWeights` + per-site thresholds (the dependency flows one way,
+evaluators -> kernels); `Decoder.random` gives the random weights of the timing studies.
+
+Algorithm (pre-norm Llama block, as HF's LlamaForCausalLM computes it):
+
+    h = embed[ids] * embed_scale
+    per layer:  x = rms(h) * attn_norm;  q|k|v = x @ qkv;  RoPE(q, k) at the positions;  k, v -> cache
+                h = h + softmax(q k^T / sqrt(hd), causal, GQA) v @ o
+                x = rms(h) * mlp_norm;   gate|up = x @ gate_up;  h = h + (silu(gate) * up) @ down
+    logits = (rms(h) * final_norm) @ lm_head^T                    rms(h) = (h_f32 * rsqrt(mean h_f32^2 + eps)).to(dtype)
+
+* `prefill(ids [B, T])`: the whole prompt in plain PyTorch, dense (no masking: prefill is compute bound and
+  activation sparsity does not pay there), causal SDPA over the cache; writes cache positions 0..T-1.
+* `decode_step(tokens [B], pos [1])`: one token per row. Each of the four projection inputs of a layer
+  (q|k|v, o, gate|up, down: the sites TEAL / R-Sparse sparsify) keeps channel j iff |x_j| > threshold.
+  Modes: "reference" (the same graph in plain PyTorch, masks per row, fp32 accumulate: the accuracy path's
+  rule, any batch), "dense" (no masking; F.linear on row-major copies when `keep_dense_weights`, else
+  `x @ Wt`), "sparse" (`torch.ops.allocator.sparse_gemv` per site: the batch shares the union of its rows'
+  masks), "fused" / "fused_pdl" (kernels/pipelined.py: the kernel that produces x writes the kept lists,
+  split-K partials are added atomically into accumulators their consumer reads and re-zeroes; "_pdl" also
+  launches every kernel with programmatic dependent launch). At batch 1 "dense" / "sparse" / "fused*" run
+  the fused Triton norm / RoPE + cache / SiLU * up / split-KV attention kernels (decode_ops.py); "dense" and
+  "sparse" at batch > 1 (or on a CPU without the Triton interpreter) run the PyTorch elementwise ops around
+  their projections; "fused*" is batch 1 only (ValueError otherwise).
+* `generate`: greedy; the prompt through `prefill`, then `decode_step` + argmax + position increment captured
+  once in a CUDA graph (token and position are device tensors, so one graph serves every step) and replayed.
+
+What runs where: prefill, the reference mode, the embedding lookup and the LM head (cuBLAS, dense: every
+vocabulary row is needed) are PyTorch; the decode step's projections, norms, RoPE, cache writes and
+attention are Triton kernels (interpreted on a CPU under TRITON_INTERPRET=1, for tests).
+
+Cost per decode step at position p, batch 1, L layers, sparsity s of the projection inputs: weight bytes
+read ~ (1 - s) * L * (H (nh + 2 nkv) hd + nh hd H + 3 H I) * itemsize + V H * itemsize (LM head, dense);
+attention reads the cache up to p: 2 L nkv p hd * itemsize; ~10 kernels per layer, one graph launch per
+token. Prefill of T tokens: O(T (weights) + T * max_len * nh * hd * L) flops (SDPA over the masked cache).
+KV cache: L * 2 * max_batch * nkv * max_len * hd elements, allocated once.
+
+Sources: the model / generate split, static KV cache and the one-graph decode step follow gpt-fast
+(pytorch-labs/gpt-fast, `model.py` / `generate.py`: prefill, `decode_one_token` under CUDA graphs); the split
+of TEAL (Liu et al., 2024, "Training-Free Activation Sparsity in Large Language Models") between an accuracy
+path (the HF model with magnitude masks) and a speed path (the same thresholds in sparse GEMV kernels),
+joined here by the per-layer, per-site thresholds a compression plan gives (`thresholds[i][site]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from allocator.costs import ModelShape, load_model_config, model_shape
+
+from . import ops as _ops  # noqa: F401  (registers torch.ops.allocator.sparse_gemv)
+from . import pipelined
+from .decode_ops import add_rms_norm, decode_attention, rope_and_cache, silu_mul
+from .gemv import _interpreting
+from .pipelined import (SiteBuffers, add_rms_norm_from_acc, add_rms_norm_split, indexed_gemv, plan_site,
+                        rope_and_cache_from_acc, silu_mul_compact)
+
+SITES = ("qkv", "o", "gate_up", "down")
+MODES = ("reference", "dense", "sparse", "fused", "fused_pdl")
+BATCHED_MODES = ("reference", "dense", "sparse")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderShape:
+    """The core's `ModelShape` (sizes, in the kernels' names) plus what only a decode step needs (RoPE, norm eps).
+
+    Build it from a HF config with `DecoderShape.from_config` (one shape model: `allocator.costs.model_shape`
+    validates the sizes); the positional constructor stays for small test shapes.
+    """
+
+    hidden: int
+    intermediate: int
+    n_heads: int
+    n_kv_heads: int
+    n_layers: int
+    vocab: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    head_dim: int | None = None  # None: hidden // n_heads
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden // self.n_heads)
+
+    @classmethod
+    def from_model_shape(cls, shape: ModelShape, rope_theta: float = 10000.0, norm_eps: float = 1e-5) -> "DecoderShape":
+        return cls(hidden=shape.hidden, intermediate=shape.intermediate, n_heads=shape.heads,
+                   n_kv_heads=shape.kv_heads, n_layers=shape.layers, vocab=shape.vocab, rope_theta=rope_theta,
+                   norm_eps=norm_eps, head_dim=shape.head_dim)
+
+    @classmethod
+    def from_config(cls, config) -> "DecoderShape":
+        """From a HF config (dict, config object, config.json path, or a shipped name such as "llama-3-8b")."""
+        cfg = load_model_config(config)
+        cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
+        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+        return cls.from_model_shape(model_shape(cfg), rope_theta=float(theta),
+                                    norm_eps=float(cfg.get("rms_norm_eps") or 1e-5))
+
+    @property
+    def qkv_out(self) -> int:
+        return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+
+    def site_dims(self) -> dict[str, tuple[int, int]]:
+        """(K, N) of each projection site's transposed weight."""
+        q_out = self.n_heads * self.head_dim
+        return {"qkv": (self.hidden, self.qkv_out), "o": (q_out, self.hidden),
+                "gate_up": (self.hidden, 2 * self.intermediate), "down": (self.intermediate, self.hidden)}
+
+
+@dataclasses.dataclass
+class LayerWeights:
+    """One decoder layer; projections stored transposed [K, N] contiguous for the kernels."""
+
+    attn_norm: torch.Tensor  # [H]
+    mlp_norm: torch.Tensor  # [H]
+    qkv: torch.Tensor  # [H, (nh + 2 nkv) * hd]  (q | k | v fused along N)
+    o: torch.Tensor  # [nh * hd, H]
+    gate_up: torch.Tensor  # [H, 2 * I]  (gate | up fused along N)
+    down: torch.Tensor  # [I, H]
+
+
+@dataclasses.dataclass
+class DecoderWeights:
+    embed: torch.Tensor  # [V, H]
+    lm_head: torch.Tensor  # [V, H] (may be the same tensor as embed: tied)
+    final_norm: torch.Tensor  # [H]
+    layers: list[LayerWeights]
+    # [hd / 2] fp32 RoPE inverse frequencies as the HF model computed them (rope scaling included); None: rope_theta
+    inv_freq: torch.Tensor | None = None
+    attention_scaling: float = 1.0  # HF's rotary attention_scaling (cos / sin are multiplied by it)
+    embed_scale: float = 1.0  # the embedding rows are multiplied by this (1 for Llama-family models)
+
+
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """Default (unscaled) RoPE inverse frequencies, as HF computes them: theta^(-2i / hd), fp32."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+
+
+def random_weights(shape: DecoderShape, dtype: torch.dtype, device, generator: torch.Generator) -> DecoderWeights:
+    """Projections drawn N(0, 1/fan_in), embedding rows N(0, 1) (scaled by sqrt(H)), norm weights 1."""
+    H, I = shape.hidden, shape.intermediate
+    dims = shape.site_dims()
+
+    def rand(n_out: int, n_in: int) -> torch.Tensor:  # row-major [n_out, n_in]
+        w = torch.randn(n_out, n_in, generator=generator, device=device, dtype=torch.float32)
+        return w.mul_(1.0 / math.sqrt(n_in)).to(dtype)
+
+    def ones() -> torch.Tensor:
+        return torch.ones(H, device=device, dtype=dtype)
+
+    embed = rand(shape.vocab, H).mul_(math.sqrt(H))
+    lm_head = rand(shape.vocab, H)
+    layers = [LayerWeights(ones(), ones(), **{site: rand(n, k).T.contiguous() for site, (k, n) in dims.items()})
+              for _ in range(shape.n_layers)]
+    return DecoderWeights(embed, lm_head, ones(), layers, rope_inv_freq(shape.head_dim, shape.rope_theta, device))
+
+
+def _check_weights(shape: DecoderShape, w: DecoderWeights) -> None:
+    H, V = shape.hidden, shape.vocab
+    want = {"embed": (V, H), "lm_head": (V, H), "final_norm": (H,), "inv_freq": (shape.head_dim // 2,)}
+    got = {name: getattr(w, name) for name in want if getattr(w, name) is not None}
+    if len(w.layers) != shape.n_layers:
+        raise ValueError(f"{len(w.layers)} layers given for a shape of {shape.n_layers}")
+    layer_want = {"attn_norm": (H,), "mlp_norm": (H,), **shape.site_dims()}
+    for i, layer in enumerate(w.layers):
+        want.update({f"layers[{i}].{k}": v for k, v in layer_want.items()})
+        got.update({f"layers[{i}].{k}": getattr(layer, k) for k in layer_want})
+    for name, t in got.items():
+        if tuple(t.shape) != tuple(want[name]):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(want[name])} "
+                             "(projections are stored transposed, [in, out])")
+
+
+class Decoder:
+    """Prefill, decode steps and greedy generation over given weights (module docstring: algorithm, costs).
+
+    thresholds[i][site], site in SITES: channel j of the site's input is kept iff |x_j| > threshold; None or
+    0.0 keeps every nonzero channel (dense). Attributes read by the studies: `layers` (one dict per layer:
+    the LayerWeights fields, plus `<site>_dense` row-major copies with keep_dense_weights), `kv`
+    [L, 2, max_batch, nkv, max_len, hd], `rope_cos` / `rope_sin` [max_len, hd/2] fp32, `thresholds`.
+    """
+
+    def __init__(self, shape: DecoderShape, weights: DecoderWeights, *,
+                 thresholds: list[dict[str, float]] | None = None, max_len: int = 2048, max_batch: int = 1,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 keep_dense_weights: bool = False):
+        _check_weights(shape, weights)
+        self.shape, self.max_len, self.max_batch = shape, max_len, max_batch
+        self.device = torch.device(device) if device is not None else weights.embed.device
+        self.dtype = dtype or weights.embed.dtype
+
+        def cast(t: torch.Tensor) -> torch.Tensor:  # no copy when already on the device, in the dtype, contiguous
+            return t.to(device=self.device, dtype=self.dtype).contiguous()
+
+        self.embed = cast(weights.embed)
+        self.lm_head = self.embed if weights.lm_head is weights.embed else cast(weights.lm_head)
+        self.final_norm = cast(weights.final_norm)
+        self.layers = []
+        for lw in weights.layers:
+            layer = {f.name: cast(getattr(lw, f.name)) for f in dataclasses.fields(lw)}
+            if keep_dense_weights:  # row-major [N, K], what nn.Linear holds (cuBLAS baseline of "dense")
+                layer.update({site + "_dense": layer[site].T.contiguous() for site in SITES})
+            self.layers.append(layer)
+        self.embed_scale = float(weights.embed_scale)
+        self._embed_scale = torch.tensor(self.embed_scale, dtype=self.dtype, device=self.device)
+        s = shape
+        self.kv = torch.zeros(s.n_layers, 2, max_batch, s.n_kv_heads, max_len, s.head_dim, dtype=self.dtype,
+                              device=self.device)
+        inv_freq = weights.inv_freq if weights.inv_freq is not None else rope_inv_freq(s.head_dim, s.rope_theta)
+        angles = torch.arange(max_len, device=self.device).float()[:, None] * inv_freq.to(self.device).float()[None]
+        scale = float(weights.attention_scaling)
+        self.rope_cos, self.rope_sin = angles.cos() * scale, angles.sin() * scale  # [max_len, hd/2] fp32
+        if thresholds is not None and len(thresholds) != s.n_layers:
+            raise ValueError(f"thresholds for {len(thresholds)} layers, the model has {s.n_layers}")
+        self.thresholds = [{**dict.fromkeys(SITES, 0.0), **(thresholds[i] if thresholds else {})}
+                           for i in range(s.n_layers)]
+        self.record: list[dict[str, torch.Tensor]] | None = None  # set to [{}] * L to record each site's input
+        self._sites: dict[str, SiteBuffers] | None = None
+        self._graphs: dict = {}
+        self._triton = self.device.type == "cuda" or _interpreting()
+
+    @classmethod
+    def random(cls, shape: DecoderShape, dtype: torch.dtype, device, max_len: int = 512, seed: int = 0) -> "Decoder":
+        """Random weights (`random_weights`), empty cache."""
+        g = torch.Generator(device=torch.device(device)).manual_seed(seed)
+        return Decoder(shape, random_weights(shape, dtype, device, g), max_len=max_len, dtype=dtype, device=device)
+
+    def reset(self) -> None:
+        """Empty the KV cache (in place: captured graphs keep pointing at it)."""
+        self.kv.zero_()
+
+    # -- pieces (PyTorch) --
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed[ids]  # a fresh buffer (the kernel paths update it in place)
+        return h * self._embed_scale if self.embed_scale != 1.0 else h
+
+    def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.shape.norm_eps)).to(self.dtype) * w
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # x [..., T, hd]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(self.dtype)
+
+    def _linear(self, x: torch.Tensor, layer: dict, site: str, mode: str, i: int) -> torch.Tensor:
+        if self.record is not None:
+            self.record[i][site] = x.detach().clone()
+        if mode == "dense":
+            dense = layer.get(site + "_dense")
+            return F.linear(x, dense) if dense is not None else x @ layer[site]
+        thr = self.thresholds[i][site]
+        if mode == "sparse":
+            return torch.ops.allocator.sparse_gemv(x, layer[site], [thr], [], None, None)
+        xf = x.float()  # reference: each row its own mask, fp32 accumulate, rounded like a GEMV output
+        return ((xf * (xf.abs() > thr)) @ layer[site].float()).to(x.dtype)
+
+    def _forward_torch(self, ids: torch.Tensor, pos: torch.Tensor, mode: str) -> torch.Tensor:
+        """ids [B, T] at positions pos..pos+T-1 (pos [1] on the device) -> logits [B, T, V] fp32; plain PyTorch,
+        projections as `mode` says; writes the cache at those positions of rows 0..B-1."""
+        s = self.shape
+        hd, nh, nkv = s.head_dim, s.n_heads, s.n_kv_heads
+        B, T = ids.shape
+        positions = pos + torch.arange(T, device=self.device)  # [T]
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [T, hd/2]
+        visible = torch.arange(self.max_len, device=self.device)[None, :] <= positions[:, None]  # [T, max_len]
+        h = self._embed(ids)  # [B, T, H]
+        for i, layer in enumerate(self.layers):
+            x = self._rms_norm(h, layer["attn_norm"])
+            q, k, v = self._linear(x, layer, "qkv", mode, i).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            q = self._rope(q.view(B, T, nh, hd).transpose(1, 2), cos, sin)
+            k_cache, v_cache = self.kv[i, 0, :B], self.kv[i, 1, :B]  # [B, nkv, max_len, hd]
+            k_cache.index_copy_(2, positions, self._rope(k.view(B, T, nkv, hd).transpose(1, 2), cos, sin))
+            v_cache.index_copy_(2, positions, v.view(B, T, nkv, hd).transpose(1, 2))
+            attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible, enable_gqa=nkv != nh)
+            h = h + self._linear(attn.transpose(1, 2).reshape(B, T, nh * hd), layer, "o", mode, i)
+            x = self._rms_norm(h, layer["mlp_norm"])
+            gate, up = self._linear(x, layer, "gate_up", mode, i).chunk(2, dim=-1)
+            h = h + self._linear(F.silu(gate) * up, layer, "down", mode, i)
+        return F.linear(self._rms_norm(h, self.final_norm), self.lm_head).float()
+
+    # -- prefill and one decode step --
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] -> logits [B, T, V] fp32, dense, plain PyTorch; writes cache positions 0..T-1 of rows 0..B-1."""
+        B, T = ids.shape
+        if not (1 <= B <= self.max_batch and 1 <= T <= self.max_len):
+            raise ValueError(f"prefill of [{B}, {T}] ids: batch must be 1..{self.max_batch}, length 1..{self.max_len}")
+        return self._forward_torch(ids.to(self.device), torch.zeros(1, dtype=torch.long, device=self.device), "dense")
+
+    def _step_reference(self, tokens: torch.Tensor, pos: torch.Tensor, mode: str) -> torch.Tensor:
+        return self._forward_torch(tokens.view(-1, 1), pos, mode)[:, -1]
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, mode: str = "fused_pdl") -> torch.Tensor:
+        """tokens [B] int64, pos [1] int64 (the cache position written, one for the batch) -> logits [B, V] fp32."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        B = tokens.shape[0]
+        if not 1 <= B <= self.max_batch:
+            raise ValueError(f"batch {B} outside 1..max_batch={self.max_batch}")
+        if mode == "reference" or self.record is not None or (mode in BATCHED_MODES and (B > 1 or not self._triton)):
+            return self._step_reference(tokens, pos, mode)
+        if mode in ("fused", "fused_pdl"):
+            if B > 1:
+                raise ValueError(f"mode {mode!r} supports batch 1 only; for batch {B} use one of {BATCHED_MODES}")
+            if not self._triton:
+                raise ValueError(f"mode {mode!r} needs a CUDA device or TRITON_INTERPRET=1")
+            previous, pipelined.USE_PDL = pipelined.USE_PDL, mode == "fused_pdl" and not _interpreting()
+            try:
+                return self._step_fused(tokens, pos)
+            finally:
+                pipelined.USE_PDL = previous
+        return self._step_kernels(tokens, pos, mode)
+
+    def _step_kernels(self, token: torch.Tensor, pos: torch.Tensor, mode: str) -> torch.Tensor:
+        """Batch 1, "dense" / "sparse": fused elementwise kernels (decode_ops.py) around the projections."""
+        s = self.shape
+        h = self._embed(token)  # [1, H], updated in place below
+        delta = None
+        for i, layer in enumerate(self.layers):
+            x = add_rms_norm(h, delta, layer["attn_norm"], s.norm_eps)
+            qkv = self._linear(x, layer, "qkv", mode, i)[0]
+            cache = self.kv[i, :, 0]
+            q = rope_and_cache(qkv, self.rope_cos, self.rope_sin, pos, cache[0], cache[1], s.n_heads, s.n_kv_heads)
+            attn = decode_attention(q, cache[0], cache[1], pos)
+            o = self._linear(attn, layer, "o", mode, i)
+            x = add_rms_norm(h, o, layer["mlp_norm"], s.norm_eps)
+            delta = self._linear(silu_mul(self._linear(x, layer, "gate_up", mode, i)), layer, "down", mode, i)
+        return F.linear(add_rms_norm(h, delta, self.final_norm, s.norm_eps), self.lm_head).float()
+
+    def fused_sites(self, splits: dict[str, int] | None = None) -> dict[str, SiteBuffers]:
+        """The buffers of the "fused" step, one set per site shared by all layers (built on first use)."""
+        if self._sites is None or splits is not None:
+            splits = splits or {}
+            self._sites = {site: SiteBuffers(plan_site(k, n, self.device, splits.get(site)), self.device,
+                                             scan=site == "o") for site, (k, n) in self.shape.site_dims().items()}
+            self._graphs.clear()  # captured graphs point at the old buffers
+        return self._sites
+
+    def _step_fused(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        s, sites = self.shape, self.fused_sites()
+        h = self._embed(token)  # [1, H], a fresh buffer; the residual alternates between h and h_next
+        h_next = torch.empty_like(h)
+        for i, layer in enumerate(self.layers):
+            thr = self.thresholds[i]
+            x = add_rms_norm_split(h, h_next, sites["down"] if i else None, layer["attn_norm"], s.norm_eps,
+                                   thr["qkv"], sites["qkv"])
+            h, h_next = h_next, h
+            indexed_gemv(x, layer["qkv"], sites["qkv"], clear=sites["down"].acc if i else None)
+            cache = self.kv[i, :, 0]
+            q = rope_and_cache_from_acc(sites["qkv"], self.rope_cos, self.rope_sin, pos, cache[0], cache[1],
+                                        s.n_heads, s.n_kv_heads)
+            attn = decode_attention(q, cache[0], cache[1], pos, pdl=pipelined.USE_PDL)
+            indexed_gemv(attn, layer["o"], sites["o"], thr["o"])
+            x = add_rms_norm_split(h, h_next, sites["o"], layer["mlp_norm"], s.norm_eps, thr["gate_up"],
+                                   sites["gate_up"])
+            h, h_next = h_next, h
+            indexed_gemv(x, layer["gate_up"], sites["gate_up"], clear=sites["o"].acc)
+            a = silu_mul_compact(sites["gate_up"], self.dtype, thr["down"], sites["down"])
+            indexed_gemv(a, layer["down"], sites["down"], clear=sites["gate_up"].acc)
+        x = add_rms_norm_from_acc(h, sites["down"], self.final_norm, s.norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+    # -- greedy generation --
+    def _greedy_step(self, token: torch.Tensor, pos: torch.Tensor, mode: str) -> None:
+        """One step on device tensors only: token <- argmax(logits at pos), pos += 1 (what the graph holds)."""
+        token.copy_(self.decode_step(token, pos, mode).argmax(-1))
+        pos.add_(1)
+
+    def _graphed_greedy_step(self, batch: int, mode: str) -> tuple[Callable[[], None], torch.Tensor, torch.Tensor]:
+        """(replay, token, pos): `_greedy_step` captured once per (batch, mode, thresholds). The warm-up run
+        writes cache position 0: call before prefill."""
+        key = (batch, mode, tuple(tuple(t[site] for site in SITES) for t in self.thresholds))
+        if key not in self._graphs:
+            token = torch.zeros(batch, dtype=torch.long, device=self.device)
+            pos = torch.zeros(1, dtype=torch.long, device=self.device)
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):  # compile the kernels and fill the workspaces outside the capture
+                self._greedy_step(token, pos, mode)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._greedy_step(token, pos, mode)
+            self._graphs[key] = (graph.replay, token, pos)
+        return self._graphs[key]
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, mode: str = "fused_pdl",
+                 cuda_graph: bool = True) -> torch.Tensor:
+        """Greedy decoding: prompt [B, T] -> [B, T + max_new_tokens]. Prefill dense, then one decode step per
+        token, replayed from one CUDA graph when `cuda_graph` and the device is CUDA."""
+        B, T = prompt.shape
+        if T + max_new_tokens > self.max_len:
+            raise ValueError(f"{T} prompt + {max_new_tokens} new tokens exceed max_len={self.max_len}")
+        if mode not in BATCHED_MODES and B > 1:
+            raise ValueError(f"mode {mode!r} supports batch 1 only; for batch {B} use one of {BATCHED_MODES}")
+        out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=self.device)
+        out[:, :T] = prompt
+        if max_new_tokens == 0:
+            return out
+        if cuda_graph and self.device.type == "cuda":
+            step, token, pos = self._graphed_greedy_step(B, mode)
+        else:
+            token = torch.zeros(B, dtype=torch.long, device=self.device)
+            pos = torch.zeros(1, dtype=torch.long, device=self.device)
+
+            def step():
+                self._greedy_step(token, pos, mode)
+        self.reset()
+        token.copy_(self.prefill(prompt)[:, -1].argmax(-1))
+        pos.fill_(T)
+        out[:, T] = token
+        for t in range(T + 1, T + max_new_tokens):
+            step()
+            out[:, t] = token
+        return out

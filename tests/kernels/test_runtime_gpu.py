@@ -1,0 +1,123 @@
+"""kernels/runtime.py's Decoder on CUDA against a small randomly initialised HF LlamaForCausalLM: greedy
+generation replayed from one CUDA graph per mode, fp32 token for token, fp16 / bf16 against HF's own
+logits on the generated sequence. Skipped without a CUDA GPU (or when Triton is being interpreted)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+transformers = pytest.importorskip("transformers")
+
+from allocator.kernels import gemv as sg  # noqa: E402
+from allocator.kernels.runtime import SITES, Decoder, DecoderShape, DecoderWeights, LayerWeights  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or sg._interpreting(), reason="needs a CUDA GPU"),
+]
+
+MARGIN = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}  # of HF's max |logit|
+
+
+def small_hf(dtype):
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                                   num_key_value_heads=2, head_dim=32, num_hidden_layers=3, vocab_size=211,
+                                   max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.05,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.to("cuda", dtype)
+
+
+def decoder(model, **kw) -> Decoder:
+    cfg, m = model.config, model.model
+
+    def t(*linears):
+        return torch.cat([lin.weight for lin in linears], dim=0).T.contiguous().detach()
+
+    layers = [LayerWeights(blk.input_layernorm.weight.detach(), blk.post_attention_layernorm.weight.detach(),
+                           t(blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj), t(blk.self_attn.o_proj),
+                           t(blk.mlp.gate_proj, blk.mlp.up_proj), t(blk.mlp.down_proj)) for blk in m.layers]
+    shape = DecoderShape(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                         cfg.num_hidden_layers, cfg.vocab_size, norm_eps=cfg.rms_norm_eps, head_dim=cfg.head_dim)
+    weights = DecoderWeights(m.embed_tokens.weight.detach(), model.lm_head.weight.detach(), m.norm.weight.detach(),
+                             layers, inv_freq=m.rotary_emb.inv_freq.detach().clone(),
+                             attention_scaling=float(m.rotary_emb.attention_scaling))
+    return Decoder(shape, weights, max_len=64, **kw)
+
+
+def _prompt(B, T):
+    return torch.randint(0, 211, (B, T), generator=torch.Generator().manual_seed(B * 100 + T)).cuda()
+
+
+def _greedy_within_margin(model, seq, T, dtype):
+    """Each token generated after position T is HF's argmax there, up to MARGIN (near ties in low precision)."""
+    with torch.no_grad():
+        logits = model(seq).logits.float()[:, T - 1 : -1]  # the logits that chose seq[:, T:]
+    chosen = logits.gather(-1, seq[:, T:, None])[..., 0]
+    gap = logits.max(-1).values - chosen
+    assert float(gap.max()) <= MARGIN[dtype] * float(logits.abs().max()), gap
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode,B", [("fused_pdl", 1), ("fused", 1), ("sparse", 1), ("dense", 1), ("sparse", 2),
+                                    ("reference", 2)])
+def test_graph_generate_matches_hf(dtype, mode, B):
+    model = small_hf(dtype)
+    dec = decoder(model, max_batch=2)
+    prompt = _prompt(B, 11)
+    got = dec.generate(prompt, 12, mode=mode, cuda_graph=True)
+    assert len(dec._graphs) == 1  # one capture served every step
+    again = dec.generate(prompt, 12, mode=mode, cuda_graph=True)  # replays the cached graph on a reset cache
+    assert len(dec._graphs) == 1
+    if dtype == torch.float32:
+        with torch.no_grad():
+            want = model.generate(prompt, max_new_tokens=12, do_sample=False)
+        assert torch.equal(got, want) and torch.equal(again, want)
+        with torch.no_grad():
+            torch.testing.assert_close(dec.prefill(prompt), model(prompt).logits.float(), rtol=1e-3, atol=1e-3)
+    else:
+        _greedy_within_margin(model, got, 11, dtype)
+        _greedy_within_margin(model, again, 11, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_graph_fused_with_thresholds_matches_reference(dtype):
+    """Non-zero thresholds (40% of each site's inputs on a prefill): the graph-replayed fused_pdl step and the
+    eager reference step agree on the logits of three teacher-forced steps, and the accumulators end at zero."""
+    model = small_hf(dtype)
+    dec = decoder(model)
+    prompt = _prompt(1, 20)
+    dec.record = [{} for _ in dec.layers]
+    dec.prefill(prompt)
+    record, dec.record = dec.record, None
+    dec.thresholds = [{s: float(rec[s].abs().float().quantile(0.4)) for s in SITES} for rec in record]
+    token, pos = torch.zeros(1, dtype=torch.long, device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda")
+    dec.decode_step(token, pos, "fused_pdl")  # compile outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        logits = dec.decode_step(token, pos, "fused_pdl")
+    got, ref = [], []
+    for out, step in ((got, None), (ref, "reference")):
+        dec.reset()
+        dec.prefill(prompt[:, :17])
+        for t in range(17, 20):
+            token.fill_(int(prompt[0, t]))
+            pos.fill_(t)
+            if step is None:
+                g.replay()
+                out.append(logits.clone())
+                assert all(float(s.acc.abs().max()) == 0.0 for s in dec.fused_sites().values())
+            else:
+                out.append(dec.decode_step(token, pos, step))
+    for a, b in zip(got, ref):
+        rel = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert rel < (1e-4 if dtype == torch.float32 else 2e-2), rel
