@@ -87,6 +87,8 @@ class EvaluatorConfig:
     batch_size: int = 4
     score_last: float = 1.0             # score only the last fraction of each window's predictions
     memory: bool = True                 # weight plus low-rank factor bytes of the applied allocation
+    speed: str = "auto"                 # decode tokens/s through the Triton runtime: auto (on CUDA) | on | off
+    speed_prompt: int = 128             # prompt tokens before the timed decode steps
     zeroshot: ZeroshotConfig = field(default_factory=ZeroshotConfig)
 
 
@@ -134,7 +136,8 @@ EXPERIMENT_SCHEMAS: dict[str, type] = {"smollm2": MainJobConfig, "synthetic": Sy
 TOP_LEVEL = {"seed": 0, "print_allocation": True}
 CHOICES = {("method", "calibration"): ("dense", "sequential"), ("profile", "mode"): ("isolated", "operating_point"),
            ("profile", "metric"): ("kl", "ppl"), ("profile", "unit"): ("layer", "block", "input", "projection"),
-           ("budget", "kind"): ("sparsity", "delta", "budget"), ("model", "dtype"): (
+           ("budget", "kind"): ("sparsity", "delta", "budget"), ("evaluator", "speed"): ("auto", "on", "off"),
+           ("model", "dtype"): (
                "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")}
 
 
@@ -155,6 +158,7 @@ RANGES = {("model", "threads"): (1, None, "torch CPU threads (null: torch's defa
           ("profile", "batch_size"): (1, None, "windows per profiling forward"),
           ("evaluator", "batch_size"): (1, None, "windows per forward"),
           ("evaluator", "score_last"): (1e-9, 1.0, "share of each window's predictions scored"),
+          ("evaluator", "speed_prompt"): (1, None, "prompt tokens before the timed decode steps"),
           ("problem", "tokens"): (1, None, "prefill length of flops_prefill"),
           ("problem", "max_groups"): (1, None, "consecutive groups at most")}
 INTEGER_KEYS = {key for key, (low, _, _) in RANGES.items() if isinstance(low, int)}

@@ -23,6 +23,24 @@ class Measurements:
     frame: pd.DataFrame                      # one row per allocation (dense, uniform, the solver's)
     memory: dict = field(default_factory=dict)
     zeroshot: dict = field(default_factory=dict)
+    speed: dict | str = ""                   # decode_speed's rows, or why it was not measured
+
+
+def decode_speed_or_reason(config, model, plans: dict[str, CompressionPlan]) -> dict | str:
+    """Decode tokens/s of dense and every plan through the Triton runtime, when the model is on a GPU; else
+    (or when the runtime cannot run the model or plan) the reason, said plainly in the report."""
+    e = config.evaluator
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    if e.speed == "off" or (e.speed == "auto" and not on_gpu):
+        return "not measured: the model is not on a GPU (model.device=cuda measures decode tokens/s)" \
+            if e.speed == "auto" else "not measured (evaluator.speed=off)"
+    from .runtime import RuntimeUnsupported, decode_speed
+    try:
+        return decode_speed(model, plans=plans, prompt_len=e.speed_prompt)
+    except RuntimeUnsupported as exc:
+        if e.speed == "on":
+            raise
+        return f"not measured: {exc}"
 
 
 @torch.no_grad()
@@ -51,11 +69,17 @@ def compare(model, windows: torch.Tensor, plans: dict[str, CompressionPlan], bat
     return out
 
 
+def predicted_cost(tables, allocation, kind: str) -> float:
+    """The table's sum for an allocation (None: dense) in cost kind ``kind``."""
+    if allocation is None:
+        known = kind in tables.provenance.get("dense_costs", {}) or tables.dense_level() is not None
+        return float(tables.dense_cost(kind).sum()) if known else float("nan")
+    return float(tables.cost(kind)[np.arange(tables.n_units), allocation.level_index].sum())
+
+
 def model_sparsity(tables, allocation) -> float:
     """Share of the dense projection bytes the allocation does not read, priced by the solver's own Tables."""
-    cost = tables.cost("bytes_decode")
-    return 1.0 - float(cost[np.arange(tables.n_units), allocation.level_index].sum()
-                       / tables.dense_cost("bytes_decode").sum())
+    return 1.0 - predicted_cost(tables, allocation, "bytes_decode") / float(tables.dense_cost("bytes_decode").sum())
 
 
 def measure(config, model, tokenizer, plans: dict[str, CompressionPlan], windows, tables, solution) -> Measurements:
@@ -74,6 +98,13 @@ def measure(config, model, tokenizer, plans: dict[str, CompressionPlan], windows
                         f"realized_{src}": res[name]["realized_sparsity"]})
         rows.append(row)
     out = Measurements(pd.DataFrame(rows))
+    out.speed = decode_speed_or_reason(config, model, plans)
+    if isinstance(out.speed, dict):
+        for column in ("tokens_per_s", "speedup", "step_ms"):
+            out.frame[column] = [out.speed[name][column] for name in out.frame["allocation"]]
+    if "latency_decode" in tables.costs:     # the timing twin of the additivity audit: table sum vs measured
+        out.frame["predicted_gemv_us"] = [predicted_cost(tables, solution.allocations.get(name), "latency_decode")
+                                          for name in out.frame["allocation"]]
     if e.memory:
         with compressed(model, plans[config.solver.name]):
             out.memory = memory(model)

@@ -22,6 +22,18 @@ def gains(frame: pd.DataFrame) -> list[str]:
             for col in frame.columns if col.startswith("ppl_")]
 
 
+def speed_line(speed) -> str:
+    """One sentence on decode speed: tokens/s per allocation, and plainly when the kernels do not pay."""
+    if not isinstance(speed, dict):
+        return speed or "not measured"
+    parts = [f"{name} {row['tokens_per_s']:.1f} tokens/s ({row['speedup']:.2f}x)" for name, row in speed.items()]
+    slow = [name for name, row in speed.items() if name != "dense" and row["speedup"] < 1.0]
+    note = (f"; the sparse kernels do not pay here for {', '.join(slow)} (a small model's decode step is "
+            "launch-bound, not bandwidth-bound)") if slow else ""
+    first = next(iter(speed.values()))
+    return f"{'; '.join(parts)} at batch {first['batch']} after a {first['prompt_len']}-token prompt{note}"
+
+
 def _plot(allocations: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
@@ -46,13 +58,15 @@ def write_report(out: Path, config, model, method, tables, prof, solution, measu
                "method": method.options(), "calibration": config.method.calibration, "budget": budget,
                "profile_mode": prof.mode, "metric": config.profile.metric, "solver": result.summary(),
                "measurements": frame.to_dict(orient="records"), "memory": measurements.memory,
-               "zeroshot": measurements.zeroshot, "timings": timings, "config": asdict(config)}
+               "zeroshot": measurements.zeroshot, "speed": measurements.speed, "timings": timings,
+               "config": asdict(config)}
     watch.lap("report")
     summary["timings"]["report"] = watch.timings["report"]
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     _markdown(out, summary, frame, result, tables)
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print("\n".join(gains(frame)))
+    print(f"decode speed: {speed_line(measurements.speed)}")
     return summary
 
 
@@ -64,7 +78,8 @@ def _markdown(out: Path, summary: dict, frame: pd.DataFrame, result, tables) -> 
              f"{tables.provenance.get('tokens')} calibration tokens",
              f"- solver: {summary['solver']}",
              f"- thresholds: `{summary['calibration']}` calibration; the plan (thresholds, factors) is in `plan/`",
-             *[f"- {line}" for line in gains(frame)], "",
+             *[f"- {line}" for line in gains(frame)],
+             f"- decode speed: {speed_line(summary['speed'])}", "",
              "## Held-out measurements and the additivity audit", "",
              f"`predicted` is the table's sum for the allocation; `measured_{metric}_calib` is the same quantity "
              "measured with the whole allocation applied, on the profiling windows; `model_sparsity` is the share "
