@@ -1,0 +1,163 @@
+"""The speed path: a loaded HF causal LM and a compression plan, converted for the kernels' decode runtime.
+
+``decoder_from_hf(model, plan)`` is the only place where HF meets ``allocator.kernels.runtime``: it copies the
+weights (q|k|v and gate|up fused, transposed for the GEMV kernels), the RoPE frequencies the HF model computed
+(rope scaling included) and, from the plan, one threshold per decode site and layer (the q|k|v input, the
+attention output, the gate|up input, the down input). The accuracy path (``compressed(model, plan)``) and the
+speed path then apply the same masks: a channel is kept iff ``|x| > threshold``.
+
+``decode_speed(model, plans)`` (the ``decode_speed`` evaluator) times greedy decode steps under CUDA graphs for
+the dense model and each plan, plus a dense prefill, with ``triton.testing.do_bench``.
+
+Supported: Llama-family decoders (llama, mistral, qwen2 / qwen3 without attention bias, olmo2-like naming is not)
+with RMSNorm, SiLU gated MLP and no projection biases; TEAL-style plans (plain thresholds, every token sparse).
+Anything else is a ``RuntimeUnsupported`` error naming what the runtime lacks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .metrics import register_evaluator
+from .models import decoder_layers, find_projections
+from .plan import CompressionPlan
+from .wrappers import ThresholdLinear
+
+RUNTIME_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SITE_KINDS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+
+
+class RuntimeUnsupported(ValueError):
+    """The model or the plan needs something the decode runtime does not run; the message says what."""
+
+
+def _check_model(model: nn.Module) -> None:
+    cfg = model.config
+    if cfg.model_type not in RUNTIME_FAMILIES:
+        raise RuntimeUnsupported(f"the decode runtime runs {RUNTIME_FAMILIES} decoders, not '{cfg.model_type}' "
+                                 "(Gemma's GELU MLP, (1 + w) norms and embedding scale are not in the kernels yet); "
+                                 "measure accuracy without evaluator.speed")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise RuntimeUnsupported(f"the runtime's MLP is SiLU-gated; this model uses {cfg.hidden_act}")
+    biased = [n for n, m in decoder_layers(model)[0].named_modules() if isinstance(m, nn.Linear) and m.bias is not None]
+    if biased:
+        raise RuntimeUnsupported(f"the fused decode GEMVs add no bias; layer 0 has biases in {biased}")
+
+
+def _transposed(*linears: nn.Linear) -> torch.Tensor:
+    return torch.cat([l.weight for l in linears], dim=0).T.contiguous()
+
+
+def _layer_weights(layer: nn.Module, row) -> "object":
+    from allocator.kernels.runtime import LayerWeights
+
+    by_kind = {p.kind: getattr(p.parent, p.attr) for p in row}
+    by_kind = {k: getattr(m, "linear", m) for k, m in by_kind.items()}
+    return LayerWeights(attn_norm=layer.input_layernorm.weight.detach(), mlp_norm=layer.post_attention_layernorm.weight
+                        .detach(), qkv=_transposed(by_kind["q"], by_kind["k"], by_kind["v"]), o=_transposed(by_kind["o"]),
+                        gate_up=_transposed(by_kind["gate"], by_kind["up"]), down=_transposed(by_kind["down"]))
+
+
+def _rotary(model: nn.Module) -> tuple[torch.Tensor, float]:
+    rotary = getattr(model.model, "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        raise RuntimeUnsupported("the model has no model.rotary_emb.inv_freq (RoPE) the runtime can copy")
+    return rotary.inv_freq.detach().float(), float(getattr(rotary, "attention_scaling", 1.0))
+
+
+@torch.no_grad()
+def decoder_weights(model: nn.Module):
+    """The HF model's weights in the runtime's layout (tensors shared where the layout allows)."""
+    from allocator.kernels.runtime import DecoderWeights
+
+    _check_model(model)
+    layers = [_layer_weights(layer, row) for layer, row in zip(decoder_layers(model), find_projections(model))]
+    inv_freq, scaling = _rotary(model)
+    return DecoderWeights(embed=model.model.embed_tokens.weight.detach(), lm_head=model.lm_head.weight.detach(),
+                          final_norm=model.model.norm.weight.detach(), layers=layers, inv_freq=inv_freq,
+                          attention_scaling=scaling)
+
+
+def site_thresholds(model: nn.Module, plan: CompressionPlan | None) -> list[dict[str, float]]:
+    """Per layer, one threshold per decode site from the plan (0.0 where the site runs dense)."""
+    entries = {e.path: e for e in plan.entries} if plan is not None else {}
+    out = []
+    for row in find_projections(model):
+        by_kind = {p.kind: p for p in row}
+        out.append({site: _site_threshold(site, [by_kind[k] for k in kinds], entries)
+                    for site, kinds in SITE_KINDS.items()})
+    return out
+
+
+def _site_threshold(site: str, projections, entries: dict) -> float:
+    found = [entries.get(p.name) for p in projections]
+    if all(e is None for e in found):
+        return 0.0
+    if any(e is None for e in found):
+        raise RuntimeUnsupported(f"site {site} of {projections[0].name.rpartition('.')[0]}: the plan compresses "
+                                 "only some of the projections one fused GEMV reads; use profile.unit=input")
+    for e in found:
+        if e.wrapper != ThresholdLinear.__name__ or e.tensors or e.params.get("sparse_fraction", 1.0) < 1.0:
+            raise RuntimeUnsupported(f"{e.path}: the runtime applies plain thresholds on every token (teal); this "
+                                     f"entry is {e.wrapper} with {sorted(e.tensors) or e.params}")
+    values = {e.params["threshold"] for e in found}
+    if len(values) > 1:
+        raise RuntimeUnsupported(f"site {site} of {projections[0].name.rpartition('.')[0]} has thresholds "
+                                 f"{sorted(values)}: one fused GEMV applies one mask; calibrate with "
+                                 "method.options.shared_inputs=true and give the site's projections one level")
+    value = values.pop()
+    return 0.0 if not math.isfinite(value) or value < 0 else float(value)
+
+
+def decoder_from_hf(model: nn.Module, plan: CompressionPlan | None = None, *, max_len: int = 2048,
+                    max_batch: int = 1, weights=None):
+    """A ``kernels.runtime.Decoder`` running ``model`` with ``plan``'s thresholds (dense without a plan)."""
+    from allocator.kernels.llama_decode import DecoderShape
+    from allocator.kernels.runtime import Decoder
+
+    weights = decoder_weights(model) if weights is None else weights
+    param = next(model.parameters())
+    return Decoder(DecoderShape.from_config(model.config.to_dict()), weights,
+                   thresholds=site_thresholds(model, plan), max_len=max_len, max_batch=max_batch,
+                   dtype=param.dtype, device=param.device)
+
+
+@register_evaluator("decode_speed")
+def decode_speed(model: nn.Module, *, plans: dict[str, CompressionPlan] | None = None, prompt_len: int = 128,
+                 batch: int = 1, mode: str = "fused_pdl", **_) -> dict[str, dict]:
+    """Decode tokens/s (one CUDA-graph step, do_bench) and dense prefill ms, for "dense" and every plan."""
+    if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
+        raise RuntimeUnsupported("decode_speed times the Triton kernels: load the model with model.device=cuda")
+    from triton.testing import do_bench
+
+    weights = decoder_weights(model)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda")
+    out = {}
+    for name, plan in {"dense": None, **(plans or {})}.items():
+        decoder = decoder_from_hf(model, plan, max_len=prompt_len + 64, max_batch=batch, weights=weights)
+        prefill_ms = do_bench(lambda: (decoder.reset(), decoder.prefill(prompt)), warmup=5, rep=40)
+        step_ms = _graph_step_ms(decoder, prompt, mode if plan is not None else "dense")
+        out[name] = {"tokens_per_s": batch * 1e3 / step_ms, "step_ms": step_ms, "prefill_ms": prefill_ms,
+                     "mode": mode if plan is not None else "dense", "batch": batch, "prompt_len": prompt_len}
+    dense_ms = out["dense"]["step_ms"]
+    for row in out.values():
+        row["speedup"] = dense_ms / row["step_ms"]
+    return out
+
+
+def _graph_step_ms(decoder, prompt: torch.Tensor, mode: str) -> float:
+    from triton.testing import do_bench
+
+    decoder.reset()
+    decoder.prefill(prompt)
+    tokens = prompt[:, -1].contiguous()
+    pos = torch.tensor([prompt.shape[1]], device=prompt.device)
+    for _ in range(3):                                 # compile and warm the kernels outside the graph
+        decoder.decode_step(tokens, pos, mode)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decoder.decode_step(tokens, pos, mode)
+    return do_bench(graph.replay, warmup=10, rep=100)

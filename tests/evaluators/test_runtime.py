@@ -1,0 +1,78 @@
+"""The speed path equals the accuracy path: the decode runtime converted from the real (cut) SmolLM2 and a
+non-uniform plan gives the logits the HF model gives with the same plan applied (dense prompt, sparse decode)."""
+import pytest
+import torch
+
+from allocator.evaluators.methods import get_method
+from allocator.evaluators.metrics import logits_of
+from allocator.evaluators.plan import CompressionPlan, Target, compressed
+from allocator.levels import Level
+
+pytest.importorskip("allocator.kernels.runtime")
+from allocator.evaluators.runtime import RuntimeUnsupported, decoder_from_hf, site_thresholds  # noqa: E402
+
+LEVELS = [(0, ("q", "k", "v"), 0.5), (0, ("o",), 0.3), (0, ("gate", "up"), 0.6), (0, ("down",), 0.4),
+          (1, ("q", "k", "v"), 0.7), (1, ("gate", "up"), 0.5), (1, ("down",), 0.6)]    # layer 1's o stays dense
+
+
+@pytest.fixture(scope="module")
+def two_layers(calib_windows):
+    from allocator.evaluators.models import load_model
+    model, _ = load_model("smollm2-135m", dtype="float32", max_layers=2)
+    method = get_method("teal", shared_inputs=True).calibrate(model, calib_windows)
+    return model, method
+
+
+def plan_for(model, method, sparse_fraction=1.0):
+    tuned = get_method("teal", sparse_fraction=sparse_fraction, shared_inputs=True)
+    tuned.stats = method.stats
+    return CompressionPlan.build(model, tuned, [(Target.of(i, k), Level(s)) for i, k, s in LEVELS])
+
+
+def greedy_runtime(decoder, prompt, steps, mode):
+    decoder.reset()
+    logits = [decoder.prefill(prompt)[:, -1]]
+    tokens = prompt
+    for t in range(steps):
+        nxt = logits[-1].argmax(-1)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        logits.append(decoder.decode_step(nxt, torch.tensor([prompt.shape[1] + t]), mode))
+    return tokens, torch.stack(logits[1:], dim=1)
+
+
+def test_runtime_decode_equals_the_accuracy_path_with_the_same_plan(two_layers, eval_windows):
+    model, method = two_layers
+    prompt, steps = eval_windows[:1, :16], 12
+    thresholds = site_thresholds(model, plan_for(model, method))
+    assert thresholds[1]["o"] == 0.0 and all(t > 0 for t in thresholds[0].values())
+    decoder = decoder_from_hf(model, plan_for(model, method), max_len=64)
+    tokens, runtime_logits = greedy_runtime(decoder, prompt, steps, "reference")
+    # the accuracy path on the same tokens: the prompt dense, every later position sparse
+    accuracy_plan = plan_for(model, method, sparse_fraction=(steps - 0.5) / tokens.shape[1])
+    with compressed(model, accuracy_plan):
+        hf = logits_of(model, tokens)[:, prompt.shape[1]:prompt.shape[1] + steps]
+    assert (runtime_logits.argmax(-1) == hf.argmax(-1)).all()                      # top-1 agreement 100%
+    torch.testing.assert_close(runtime_logits, hf, rtol=1e-3, atol=2e-3)
+    with torch.no_grad():
+        dense = logits_of(model, tokens)[:, prompt.shape[1]:prompt.shape[1] + steps]
+    assert (runtime_logits - dense).abs().max() > 0.05                              # the masks did something
+
+
+def test_runtime_greedy_generation_at_s0_equals_hf_generate(two_layers, eval_windows):
+    model, _ = two_layers
+    prompt = eval_windows[:1, :12]
+    decoder = decoder_from_hf(model, None, max_len=64)
+    ours = decoder.generate(prompt, 10, mode="reference", cuda_graph=False)
+    with torch.no_grad():
+        theirs = model.generate(prompt, max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    assert torch.equal(ours, theirs)
+
+
+def test_plans_the_runtime_cannot_run_are_named(two_layers):
+    model, method = two_layers
+    per_projection = get_method("teal", shared_inputs=False).calibrate(model, torch.randint(0, 1000, (2, 32)))
+    with pytest.raises(RuntimeUnsupported, match="one fused GEMV applies one mask"):
+        site_thresholds(model, CompressionPlan.build(model, per_projection, [(Target.of(0, ("q", "k", "v")),
+                                                                              Level(0.5))]))
+    with pytest.raises(RuntimeUnsupported, match="only some of the projections"):
+        site_thresholds(model, CompressionPlan.build(model, method, [(Target.of(0, ("q",)), Level(0.5))]))
