@@ -172,16 +172,36 @@ def _kept(d_in: int, s: float) -> int:
     return d_in if s <= 0 else max(1, int(round(d_in * (1 - s))))
 
 
+SHARED_INPUTS = (("q", "k", "v"), ("gate", "up"))
+
+
+def input_key(proj: Projection) -> str:
+    """One key for the projections that read the same tensor (q|k|v, gate|up), else the projection's name."""
+    group = next((g for g in SHARED_INPUTS if proj.kind in g), None)
+    return f"{proj.name.rpartition('.')[0]}:{'+'.join(group)}" if group else proj.name
+
+
+@dataclass(frozen=True)
+class TealOptions:
+    shared_inputs: bool = True   # one |x| statistic, so one threshold and one mask, per input that q|k|v (gate|up)
+                                 # share: what a fused decode GEMV applies (false: one statistic per projection)
+
+
 @register_method("teal")
 @dataclass
 class Teal(Method):
+    Options = TealOptions
+
+    def _key(self, proj: Projection) -> str:
+        return input_key(proj) if self.config.shared_inputs else proj.name
+
     def stat_targets(self, proj):
         linear = getattr(proj.parent, proj.attr)
-        return [(proj.name, linear, False, lambda x, channel: x.abs())]
+        return [(self._key(proj), linear, False, lambda x, channel: x.abs())]
 
     def wrap(self, proj, level):
         self.check_level(level)
-        thr = -math.inf if level.s <= 0 else quantile(self._stat(proj.name), level.s)
+        thr = -math.inf if level.s <= 0 else quantile(self._stat(self._key(proj)), level.s)
         linear = getattr(proj.parent, proj.attr)
         return [(proj.parent, proj.attr, ThresholdLinear(linear, thr, self.protocol))]
 
