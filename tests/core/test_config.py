@@ -84,7 +84,9 @@ def test_latency_cost_without_a_gpu_is_a_clear_error_before_loading(tmp_path):
     import torch
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: latency_decode would be measured")
-    proc = run_cli("problem.cost=latency_decode", "model.max_layers=2", tmp_path=tmp_path)
+    proc = run_cli("problem.cost=latency_decode", "budget=delta", "model.max_layers=2", tmp_path=tmp_path)
     assert proc.returncode != 0
     assert "needs a CUDA GPU with triton, or problem.latency_table=" in proc.stderr
+    proc = run_cli("problem.cost=latency_decode", "model.max_layers=2", tmp_path=tmp_path)
+    assert proc.returncode != 0 and "use budget=delta" in proc.stderr
     assert "loading" not in proc.stderr.lower()
