@@ -111,6 +111,7 @@ class ProblemConfig:
     max_groups: Optional[int] = None
     tokens: int = 2048                  # prefill length of flops_prefill
     latency_table: Optional[str] = None  # a measured latency CSV for cost=latency_decode without a GPU
+    latency_path: str = "fused"         # which kernels latency_decode times: fused (the runtime's decode step) | standalone
 
 
 @dataclass
@@ -137,6 +138,7 @@ TOP_LEVEL = {"seed": 0, "print_allocation": True}
 CHOICES = {("method", "calibration"): ("dense", "sequential"), ("profile", "mode"): ("isolated", "operating_point"),
            ("profile", "metric"): ("kl", "ppl"), ("profile", "unit"): ("layer", "block", "input", "projection"),
            ("budget", "kind"): ("sparsity", "delta", "budget"), ("evaluator", "speed"): ("auto", "on", "off"),
+           ("problem", "latency_path"): ("fused", "standalone"),
            ("model", "dtype"): (
                "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")}
 

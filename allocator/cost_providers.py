@@ -11,7 +11,11 @@ torch, so that a saved table prices a problem on any machine.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
+import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -104,7 +108,7 @@ def _require_shapes(tables: Tables, kind: str, fix: str) -> None:
 @register_cost_provider("latency_decode")
 def latency_decode_costs(tables: Tables, kind: str, *, latency_table=None, dtype: str = "float16", batch: int = 1,
                          gpu: str | None = None, path: str = "standalone", with_fallback: bool = True,
-                         device: str = "cuda", rep_ms: int = 40, seed: int = 0) -> np.ndarray:
+                         device: str = "cuda", rep_ms: int = 40, seed: int = 0, cache: bool = True) -> np.ndarray:
     """Measured decode latency (us) per unit and level: from a saved latency table, else measured on this GPU."""
     compressed_bits = sorted({lv.bits for lv in tables.level_objects() if lv.bits != 16})
     if compressed_bits:
@@ -113,7 +117,8 @@ def latency_decode_costs(tables: Tables, kind: str, *, latency_table=None, dtype
     _require_shapes(tables, kind, "build the tables with analytic_tables(config, levels)")
     shapes = [decode_gemv_shapes(u) for u in tables.units]
     if latency_table is None:
-        frame, source = _measure(shapes, tables, dtype, batch, path, device=device, rep_ms=rep_ms, seed=seed), "this GPU"
+        frame, source = _measured_or_cached(shapes, tables, dtype, batch, path, cache, device=device, rep_ms=rep_ms,
+                                            seed=seed)
     else:
         frame, source = read_latency_table(latency_table), str(latency_table)
     try:
@@ -152,6 +157,42 @@ def read_latency_table(table) -> pd.DataFrame:
         raise CostProviderError(f"{where} lacks the latency columns {missing}; a latency table has the columns "
                                 f"{LATENCY_COLUMNS} (written by measure_latency_table)")
     return frame
+
+
+def latency_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/allocator/latency`` (default ``~/.cache/allocator/latency``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "allocator" / "latency"
+
+
+def _gpu_name() -> str:
+    try:
+        import torch
+    except ImportError as exc:
+        raise CostProviderError(f"{NEEDS_GPU} ({exc})") from exc
+    if not torch.cuda.is_available():
+        raise CostProviderError(f"{NEEDS_GPU} (no CUDA device is visible)")
+    return torch.cuda.get_device_name()
+
+
+def _measured_or_cached(shapes, tables: Tables, dtype: str, batch: int, path: str, cache: bool,
+                        **options) -> tuple[pd.DataFrame, str]:
+    """A latency table for these GEMV shapes and levels on this GPU: read from the cache, keyed by GPU name,
+    dtype, batch, kernel path, shapes and levels, or measured once and saved there."""
+    gpu = _gpu_name()
+    levels = sorted({(lv.s, lv.rho) for lv in tables.level_objects()})
+    key = json.dumps({"gpu": gpu, "dtype": dtype, "batch": batch, "path": path, "levels": levels,
+                      "shapes": sorted({tuple(s) for unit in shapes for s in unit})}, sort_keys=True)
+    file = latency_cache_dir() / f"{re.sub(r'[^A-Za-z0-9]+', '-', gpu)}-{dtype}-b{batch}-" \
+                                 f"{hashlib.sha256(key.encode()).hexdigest()[:12]}.csv"
+    if cache and file.exists():
+        return read_latency_table(file), str(file)
+    frame = _measure(shapes, tables, dtype, batch, path, **options)
+    if cache:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".tmp{os.getpid()}")
+        frame.to_csv(tmp, index=False)
+        tmp.replace(file)
+    return frame, f"this GPU ({gpu}, saved as {file})" if cache else f"this GPU ({gpu})"
 
 
 def _measure(shapes, tables: Tables, dtype: str, batch: int, path: str, **options) -> pd.DataFrame:

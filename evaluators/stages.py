@@ -129,7 +129,8 @@ def cost_tables(config: JobConfig, model, grid: Grid):
     tables = analytic_tables(model.config.to_dict(), grid.levels, unit=config.profile.unit,
                              tokens=config.problem.tokens)
     device = config.model.device if config.model.device.startswith("cuda") else None
-    return with_costs(tables, config.problem.cost, device=device, latency_table=config.problem.latency_table)
+    return with_costs(tables, config.problem.cost, device=device, latency_table=config.problem.latency_table,
+                      path=config.problem.latency_path if config.problem.cost == "latency_decode" else None)
 
 
 def check_cost(config: JobConfig) -> None:

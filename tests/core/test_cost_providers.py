@@ -83,3 +83,24 @@ def test_latency_decode_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # no torch at all
     with pytest.raises(CostProviderError, match=r"needs a CUDA GPU with triton, or problem.latency_table=<csv"):
         with_costs(t, "latency_decode")
+
+
+def test_a_measured_latency_table_is_cached_by_gpu_dtype_batch_shapes_and_levels(tmp_path, monkeypatch):
+    """Measured once per (GPU name, dtype, batch, path, shapes, levels), then read back from the cache."""
+    import allocator.cost_providers as cp
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cp, "_gpu_name", lambda: "NVIDIA H200")
+    measured = []
+
+    def fake_measure(shapes, tables, dtype, batch, path, **options):
+        measured.append((dtype, batch))
+        return pd.read_csv(latency_csv(tmp_path / f"m{len(measured)}.csv"))
+    monkeypatch.setattr(cp, "_measure", fake_measure)
+    t = analytic_tables(TINY, LEVELS, unit="input")
+    first = with_costs(t, "latency_decode").cost("latency_decode")
+    again = with_costs(t, "latency_decode").cost("latency_decode")
+    assert measured == [("float16", 1)] and np.array_equal(first, again)
+    [saved] = list((tmp_path / "allocator" / "latency").glob("NVIDIA-H200-float16-b1-*.csv"))
+    with_costs(analytic_tables(TINY, make_levels(s=[0.0, 0.6])), "latency_decode")    # other levels: measured
+    with_costs(t, "latency_decode", cache=False)                                       # asked not to cache
+    assert len(measured) == 3 and saved.exists()
