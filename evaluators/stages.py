@@ -20,9 +20,11 @@ from allocator.experiments import build_problem, save_result
 from allocator.levels import Level
 from allocator.tables import TablesError
 
+from . import distributed
 from .calibration import for_allocations
+from .distributed import share_objective
 from .methods import Method, get_method
-from .models import load_model
+from .models import load_model, model_id
 from .plan import CompressionPlan
 from .profiling import profile
 from .text import token_windows
@@ -153,22 +155,25 @@ def profile_tables(config: JobConfig, model, method: Method, windows: Windows, t
     p = config.profile
     prof = profile(model, method, windows.profile, grid.levels, tables.units, mode=p.mode,
                    operating_level=grid.operating.to_dict() if grid.operating else None, batch_size=p.batch_size,
-                   score_last=config.evaluator.score_last, cache=p.cache, progress=p.progress)
+                   score_last=config.evaluator.score_last, cache=p.cache, progress=p.progress,
+                   distributed=p.distributed, kl_top_k=p.kl_top_k, kl_exact_vocab=p.kl_exact_vocab)
     return tables.with_degradation(prof.table(p.metric), metric=p.metric, **prof.provenance), prof
 
 
 def solve(config: JobConfig, model, method: Method, windows: Windows, tables, grid: Grid) -> Solution:
     """The configured solver and the uniform baseline on the same problem."""
     options = dict(config.solver.options)
-    measured = None
+    measured = shared = None
     if options.get("fitness") == "measured":       # search solvers scoring candidates on the model itself
-        from .objective import MeasuredObjective
-        measured = MeasuredObjective(model, windows.profile, method, metric=config.profile.metric, tables=tables,
-                                     batch_size=config.profile.batch_size, score_last=config.evaluator.score_last)
+        measured = measured_objective(config, model, method, windows, tables)
+        shared = share_objective(measured)         # under torchrun: batches scored across the ranks
         if options.get("warm_start") is None:
             options["warm_start"] = "dp"
-    problem = build_problem(config, tables, **({"measured_objective": measured} if measured else {}))
-    result = minimize(problem, config.solver.name, seed=config.seed, **options)
+    problem = build_problem(config, tables, **({"measured_objective": shared} if measured else {}))
+    try:
+        result = minimize(problem, config.solver.name, seed=config.seed, **options)
+    finally:
+        getattr(shared, "close", lambda: None)()   # releases the serving ranks
     if grid.operating is not None:
         j = int(np.flatnonzero((grid.levels["s"].sub(grid.operating.s).abs() < 1e-9)
                                & (grid.levels["rho"].sub(grid.operating.rho).abs() < 1e-9))[0])
@@ -177,10 +182,17 @@ def solve(config: JobConfig, model, method: Method, windows: Windows, tables, gr
     else:
         u = minimize(problem, "uniform")
         uniform, uniform_pred = u.allocation, u.degradation
-    result.allocation.metadata.update({"method": method.options()})
+    result.allocation.metadata.update({"method": method.options(), "model": model_id(model)})
     return Solution(result, {"uniform": uniform, config.solver.name: result.allocation},
                     {"uniform": uniform_pred, config.solver.name: float(result.degradation)},
                     measured.evaluations if measured else None)
+
+
+def measured_objective(config: JobConfig, model, method: Method, windows: Windows, tables):
+    from .objective import MeasuredObjective
+    return MeasuredObjective(model, windows.profile, method, metric=config.profile.metric, tables=tables,
+                             batch_size=config.profile.batch_size, score_last=config.evaluator.score_last,
+                             kl_top_k=config.profile.kl_top_k, kl_exact_vocab=config.profile.kl_exact_vocab)
 
 
 def plan(config: JobConfig, model, method: Method, solution: Solution) -> dict[str, CompressionPlan]:
@@ -203,6 +215,7 @@ def run_main_job(config: JobConfig | dict, output_dir: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     watch = Stopwatch()
     grid = level_grid(config)
+    ranks = distributed.setup(config)               # torchrun's ranks (README: Scale-out), before CUDA starts
     model, tokenizer = load(config)
     watch.lap("load")
     windows = data(config, tokenizer)
@@ -210,6 +223,8 @@ def run_main_job(config: JobConfig | dict, output_dir: Path) -> dict:
     method = calibrate(config, model, windows)
     watch.lap("calibrate")
     tables, prof = profile_tables(config, model, method, windows, cost_tables(config, model, grid), grid)
+    if not ranks.main:                              # rank 0 alone solves, measures and reports
+        return distributed.worker(config, lambda: measured_objective(config, model, method, windows, tables))
     tables.save(out / "tables")
     watch.lap("profile")
     solution = solve(config, model, method, windows, tables, grid)
