@@ -9,8 +9,9 @@ speed path then apply the same masks: a channel is kept iff ``|x| > threshold``.
 ``decode_speed(model, plans)`` (the ``decode_speed`` evaluator) times greedy decode steps under CUDA graphs for
 the dense model and each plan, plus a dense prefill, with ``triton.testing.do_bench``.
 
-Supported: Llama-family decoders (llama, mistral, qwen2 / qwen3 without attention bias, olmo2-like naming is not)
-with RMSNorm, SiLU gated MLP and no projection biases; TEAL-style plans (plain thresholds, every token sparse).
+Supported: Llama-family decoders (llama, mistral, qwen2 / qwen2.5, qwen3; olmo2-like naming is not) with RMSNorm,
+SiLU gated MLP, full causal attention (no sliding-window layers) and no projection biases except on q, k, v (Qwen2's
+attention bias, copied as ``LayerWeights.qkv_bias``); TEAL-style plans (plain thresholds, every token sparse).
 Anything else is a ``RuntimeUnsupported`` error naming what the runtime lacks.
 """
 from __future__ import annotations
@@ -41,9 +42,21 @@ def _check_model(model: nn.Module) -> None:
                                  "measure accuracy without evaluator.speed")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise RuntimeUnsupported(f"the runtime's MLP is SiLU-gated; this model uses {cfg.hidden_act}")
-    biased = [n for n, m in decoder_layers(model)[0].named_modules() if isinstance(m, nn.Linear) and m.bias is not None]
-    if biased:
-        raise RuntimeUnsupported(f"the fused decode GEMVs add no bias; layer 0 has biases in {biased}")
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        raise RuntimeUnsupported("the runtime's attention is full causal; this model has sliding-window layers "
+                                 "(use_sliding_window)")
+    qkv = {id(_unwrapped(p)) for row in find_projections(model) for p in row if p.kind in SITE_KINDS["qkv"]}
+    for i, layer in enumerate(decoder_layers(model)):
+        biased = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and m.bias is not None
+                  and id(m) not in qkv]
+        if biased:
+            raise RuntimeUnsupported(f"the runtime adds a bias to the q, k, v projections only (Qwen2); layer {i} "
+                                     f"has biases in {biased}")
+
+
+def _unwrapped(p) -> nn.Module:
+    module = getattr(p.parent, p.attr)
+    return getattr(module, "linear", module)
 
 
 def _transposed(*linears: nn.Linear) -> torch.Tensor:
@@ -53,11 +66,16 @@ def _transposed(*linears: nn.Linear) -> torch.Tensor:
 def _layer_weights(layer: nn.Module, row) -> "object":
     from allocator.kernels.runtime import LayerWeights
 
-    by_kind = {p.kind: getattr(p.parent, p.attr) for p in row}
-    by_kind = {k: getattr(m, "linear", m) for k, m in by_kind.items()}
+    by_kind = {p.kind: _unwrapped(p) for p in row}
+    q, k, v = (by_kind[kind] for kind in SITE_KINDS["qkv"])
+    bias = None
+    if any(l.bias is not None for l in (q, k, v)):  # q|k|v bias (Qwen2); a missing one is zero
+        bias = torch.cat([l.bias.detach() if l.bias is not None else l.weight.new_zeros(l.out_features)
+                          for l in (q, k, v)])
     return LayerWeights(attn_norm=layer.input_layernorm.weight.detach(), mlp_norm=layer.post_attention_layernorm.weight
-                        .detach(), qkv=_transposed(by_kind["q"], by_kind["k"], by_kind["v"]), o=_transposed(by_kind["o"]),
-                        gate_up=_transposed(by_kind["gate"], by_kind["up"]), down=_transposed(by_kind["down"]))
+                        .detach(), qkv=_transposed(q, k, v), o=_transposed(by_kind["o"]),
+                        gate_up=_transposed(by_kind["gate"], by_kind["up"]), down=_transposed(by_kind["down"]),
+                        qkv_bias=bias)
 
 
 def _rotary(model: nn.Module) -> tuple[torch.Tensor, float]:

@@ -51,11 +51,18 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
 
 @triton.jit
 def _rope_cache_kernel(
-    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, max_len,
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, max_len, bias_ptr,
     NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, FROM_ACC: tl.constexpr = False, PDL: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr = False,
 ):
     """FROM_ACC: q|k|v is a GEMV's fp32 accumulator (pipelined.py): rounded to the model dtype like a GEMV output,
-    and cleared once read (each program clears only the slices it read)."""
+    and cleared once read (each program clears only the slices it read).
+
+    HAS_BIAS: bias_ptr [(NH + 2 NKV) HD] (the q|k|v projection bias, Qwen2) is added to q, k and v before RoPE
+    and the cache writes. FROM_ACC adds it to the fp32 accumulator before the one rounding to the model dtype
+    (what a cuBLAS addmm bias epilogue does); otherwise q|k|v is an already rounded GEMV output and the bias is
+    added in fp32 and rounded again, so that path rounds twice (as PyTorch's `F.linear(x, w) + b` does).
+    HAS_BIAS=False reads no bias (bias_ptr is unused) and compiles the kernel it did before."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -70,6 +77,9 @@ def _rope_cache_kernel(
     if FROM_ACC:
         tl.store(qkv_ptr + pid * HD + half, tl.zeros_like(a1))
         tl.store(qkv_ptr + pid * HD + HD // 2 + half, tl.zeros_like(a2))
+    if HAS_BIAS:  # fp32 sum, then one rounding: of the accumulator (FROM_ACC) or a second one (rounded input)
+        a1 = a1.to(tl.float32) + tl.load(bias_ptr + pid * HD + half).to(tl.float32)
+        a2 = a2.to(tl.float32) + tl.load(bias_ptr + pid * HD + HD // 2 + half).to(tl.float32)
     x1 = a1.to(dt).to(tl.float32)
     x2 = a2.to(dt).to(tl.float32)
     r1 = x1 * cos - x2 * sin
@@ -86,6 +96,8 @@ def _rope_cache_kernel(
         v = tl.load(qkv_ptr + (NH + NKV + j) * HD + full)
         if FROM_ACC:
             tl.store(qkv_ptr + (NH + NKV + j) * HD + full, tl.zeros_like(v))
+        if HAS_BIAS:
+            v = v.to(tl.float32) + tl.load(bias_ptr + (NH + NKV + j) * HD + full).to(tl.float32)
         tl.store(v_cache_ptr + row + full, v.to(v_cache_ptr.dtype.element_ty))
 
 
@@ -98,12 +110,14 @@ def rope_and_cache(
     v_cache: torch.Tensor,
     n_heads: int,
     n_kv_heads: int,
+    bias: torch.Tensor | None = None,  # [(nh + 2 nkv) hd]: added to q|k|v first (in fp32, then rounded again)
 ) -> torch.Tensor:
     """Rotates q and k at `pos`, writes k and v into the caches; returns q [nh, hd]."""
     hd = k_cache.shape[-1]
     q = torch.empty((n_heads, hd), dtype=qkv.dtype, device=qkv.device)
     _rope_cache_kernel[(n_heads + n_kv_heads,)](
-        qkv, cos, sin, pos, q, k_cache, v_cache, k_cache.shape[1], NH=n_heads, NKV=n_kv_heads, HD=hd, num_warps=1
+        qkv, cos, sin, pos, q, k_cache, v_cache, k_cache.shape[1], bias if bias is not None else qkv,
+        NH=n_heads, NKV=n_kv_heads, HD=hd, HAS_BIAS=bias is not None, num_warps=1
     )
     return q
 

@@ -246,12 +246,13 @@ def silu_mul_compact(gate_up: SiteBuffers, dtype: torch.dtype, threshold: float,
 
 
 def rope_and_cache_from_acc(qkv: SiteBuffers, cos, sin, pos, k_cache, v_cache, n_heads: int,
-                            n_kv_heads: int) -> torch.Tensor:
-    """As decode_ops.rope_and_cache, reading q|k|v from the GEMV accumulator (then zeroed); returns q [nh, hd]."""
+                            n_kv_heads: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """As decode_ops.rope_and_cache, reading q|k|v from the GEMV accumulator (then zeroed); returns q [nh, hd].
+    `bias` [(nh + 2 nkv) hd] is added to the fp32 accumulator before its one rounding (an addmm epilogue)."""
     hd = k_cache.shape[-1]
     q = torch.empty((n_heads, hd), dtype=k_cache.dtype, device=k_cache.device)
     _rope_cache_kernel[(n_heads + n_kv_heads,)](
-        qkv.acc, cos, sin, pos, q, k_cache, v_cache, k_cache.shape[1], NH=n_heads, NKV=n_kv_heads, HD=hd,
-        FROM_ACC=True, **_pdl(), num_warps=1,
+        qkv.acc, cos, sin, pos, q, k_cache, v_cache, k_cache.shape[1], bias if bias is not None else qkv.acc,
+        NH=n_heads, NKV=n_kv_heads, HD=hd, FROM_ACC=True, HAS_BIAS=bias is not None, **_pdl(), num_warps=1,
     )
     return q

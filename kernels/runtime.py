@@ -3,10 +3,10 @@ generation from one CUDA graph. No Hugging Face knowledge here: `evaluators/runt
 causal LM and a compression plan into `DecoderWeights` + per-site thresholds (the dependency flows one way,
 evaluators -> kernels); `Decoder.random` gives the random weights of the timing studies.
 
-Algorithm (pre-norm Llama block, as HF's LlamaForCausalLM computes it):
+Algorithm (pre-norm Llama block, as HF's LlamaForCausalLM computes it; Qwen2's q|k|v bias included):
 
     h = embed[ids] * embed_scale
-    per layer:  x = rms(h) * attn_norm;  q|k|v = x @ qkv;  RoPE(q, k) at the positions;  k, v -> cache
+    per layer:  x = rms(h) * attn_norm;  q|k|v = x @ qkv (+ qkv_bias);  RoPE(q, k) at the positions;  k, v -> cache
                 h = h + softmax(q k^T / sqrt(hd), causal, GQA) v @ o
                 x = rms(h) * mlp_norm;   gate|up = x @ gate_up;  h = h + (silu(gate) * up) @ down
     logits = (rms(h) * final_norm) @ lm_head^T                    rms(h) = (h_f32 * rsqrt(mean h_f32^2 + eps)).to(dtype)
@@ -24,6 +24,11 @@ Algorithm (pre-norm Llama block, as HF's LlamaForCausalLM computes it):
   the fused Triton norm / RoPE + cache / SiLU * up / split-KV attention kernels (decode_ops.py); "dense" and
   "sparse" at batch > 1 (or on a CPU without the Triton interpreter) run the PyTorch elementwise ops around
   their projections; "fused*" is batch 1 only (ValueError otherwise).
+* q|k|v bias (`LayerWeights.qkv_bias`, Qwen2): added to the projection output, unmasked (the masks apply to x
+  only), as nn.Linear does: y = (x * m) W + b. "dense" / prefill: F.linear(x, W, b) (cuBLAS addmm, one
+  rounding); "reference": added to the fp32 accumulator before its rounding; "fused*": added to the fp32
+  accumulator inside the RoPE + cache kernel (one rounding, as addmm); "sparse": added to the rounded GEMV
+  output in fp32 and rounded again (inside the RoPE + cache kernel at batch 1). No bias, no extra work.
 * `generate`: greedy; the prompt through `prefill`, then `decode_step` + argmax + position increment captured
   once in a CUDA graph (token and position are device tensors, so one graph serves every step) and replayed.
 
@@ -125,6 +130,7 @@ class LayerWeights:
     o: torch.Tensor  # [nh * hd, H]
     gate_up: torch.Tensor  # [H, 2 * I]  (gate | up fused along N)
     down: torch.Tensor  # [I, H]
+    qkv_bias: torch.Tensor | None = None  # [(nh + 2 nkv) * hd] (q | k | v; Qwen2), None: no bias
 
 
 @dataclasses.dataclass
@@ -173,6 +179,9 @@ def _check_weights(shape: DecoderShape, w: DecoderWeights) -> None:
     for i, layer in enumerate(w.layers):
         want.update({f"layers[{i}].{k}": v for k, v in layer_want.items()})
         got.update({f"layers[{i}].{k}": getattr(layer, k) for k in layer_want})
+        if layer.qkv_bias is not None:
+            want[f"layers[{i}].qkv_bias"] = (shape.qkv_out,)
+            got[f"layers[{i}].qkv_bias"] = layer.qkv_bias
     for name, t in got.items():
         if tuple(t.shape) != tuple(want[name]):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(want[name])} "
@@ -205,7 +214,8 @@ class Decoder:
         self.final_norm = cast(weights.final_norm)
         self.layers = []
         for lw in weights.layers:
-            layer = {f.name: cast(getattr(lw, f.name)) for f in dataclasses.fields(lw)}
+            layer = {f.name: None if getattr(lw, f.name) is None else cast(getattr(lw, f.name))
+                     for f in dataclasses.fields(lw)}
             if keep_dense_weights:  # row-major [N, K], what nn.Linear holds (cuBLAS baseline of "dense")
                 layer.update({site + "_dense": layer[site].T.contiguous() for site in SITES})
             self.layers.append(layer)
@@ -250,17 +260,23 @@ class Decoder:
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(self.dtype)
 
-    def _linear(self, x: torch.Tensor, layer: dict, site: str, mode: str, i: int) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, layer: dict, site: str, mode: str, i: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(x * mask) @ W (+ bias, not masked) as `mode` computes it (module docstring: where the bias rounds)."""
         if self.record is not None:
             self.record[i][site] = x.detach().clone()
         if mode == "dense":
             dense = layer.get(site + "_dense")
+            if bias is not None:  # addmm: the bias joins the accumulator before the one rounding (nn.Linear)
+                return F.linear(x, dense if dense is not None else layer[site].T, bias)
             return F.linear(x, dense) if dense is not None else x @ layer[site]
         thr = self.thresholds[i][site]
         if mode == "sparse":
-            return torch.ops.allocator.sparse_gemv(x, layer[site], [thr], [], None, None)
+            y = torch.ops.allocator.sparse_gemv(x, layer[site], [thr], [], None, None)
+            return y if bias is None else y + bias  # fp32 add of the rounded output, rounded again
         xf = x.float()  # reference: each row its own mask, fp32 accumulate, rounded like a GEMV output
-        return ((xf * (xf.abs() > thr)) @ layer[site].float()).to(x.dtype)
+        y = (xf * (xf.abs() > thr)) @ layer[site].float()
+        return (y if bias is None else y + bias.float()).to(x.dtype)
 
     def _forward_torch(self, ids: torch.Tensor, pos: torch.Tensor, mode: str) -> torch.Tensor:
         """ids [B, T] at positions pos..pos+T-1 (pos [1] on the device) -> logits [B, T, V] fp32; plain PyTorch,
@@ -274,7 +290,8 @@ class Decoder:
         h = self._embed(ids)  # [B, T, H]
         for i, layer in enumerate(self.layers):
             x = self._rms_norm(h, layer["attn_norm"])
-            q, k, v = self._linear(x, layer, "qkv", mode, i).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            qkv = self._linear(x, layer, "qkv", mode, i, layer["qkv_bias"])
+            q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
             q = self._rope(q.view(B, T, nh, hd).transpose(1, 2), cos, sin)
             k_cache, v_cache = self.kv[i, 0, :B], self.kv[i, 1, :B]  # [B, nkv, max_len, hd]
             k_cache.index_copy_(2, positions, self._rope(k.view(B, T, nkv, hd).transpose(1, 2), cos, sin))
@@ -327,9 +344,12 @@ class Decoder:
         delta = None
         for i, layer in enumerate(self.layers):
             x = add_rms_norm(h, delta, layer["attn_norm"], s.norm_eps)
-            qkv = self._linear(x, layer, "qkv", mode, i)[0]
+            # the bias: in cuBLAS's epilogue for "dense", in the RoPE kernel (fp32 add, rounded again) for "sparse"
+            bias, kernel_bias = (layer["qkv_bias"], None) if mode == "dense" else (None, layer["qkv_bias"])
+            qkv = self._linear(x, layer, "qkv", mode, i, bias)[0]
             cache = self.kv[i, :, 0]
-            q = rope_and_cache(qkv, self.rope_cos, self.rope_sin, pos, cache[0], cache[1], s.n_heads, s.n_kv_heads)
+            q = rope_and_cache(qkv, self.rope_cos, self.rope_sin, pos, cache[0], cache[1], s.n_heads, s.n_kv_heads,
+                               bias=kernel_bias)
             attn = decode_attention(q, cache[0], cache[1], pos)
             o = self._linear(attn, layer, "o", mode, i)
             x = add_rms_norm(h, o, layer["mlp_norm"], s.norm_eps)
@@ -357,7 +377,7 @@ class Decoder:
             indexed_gemv(x, layer["qkv"], sites["qkv"], clear=sites["down"].acc if i else None)
             cache = self.kv[i, :, 0]
             q = rope_and_cache_from_acc(sites["qkv"], self.rope_cos, self.rope_sin, pos, cache[0], cache[1],
-                                        s.n_heads, s.n_kv_heads)
+                                        s.n_heads, s.n_kv_heads, bias=layer["qkv_bias"])
             attn = decode_attention(q, cache[0], cache[1], pos, pdl=pipelined.USE_PDL)
             indexed_gemv(attn, layer["o"], sites["o"], thr["o"])
             x = add_rms_norm_split(h, h_next, sites["o"], layer["mlp_norm"], s.norm_eps, thr["gate_up"],

@@ -1,6 +1,7 @@
-"""kernels/runtime.py's Decoder on CUDA against a small randomly initialised HF LlamaForCausalLM: greedy
-generation replayed from one CUDA graph per mode, fp32 token for token, fp16 / bf16 against HF's own
-logits on the generated sequence. Skipped without a CUDA GPU (or when Triton is being interpreted)."""
+"""kernels/runtime.py's Decoder on CUDA against a small randomly initialised HF LlamaForCausalLM and
+Qwen2ForCausalLM (q|k|v biases, randomised): greedy generation replayed from one CUDA graph per mode, fp32 token
+for token, fp16 / bf16 against HF's own logits on the generated sequence; the graph-replayed fused step with
+thresholds against the reference. Skipped without a CUDA GPU (or when Triton is being interpreted)."""
 
 from __future__ import annotations
 
@@ -21,17 +22,23 @@ pytestmark = [
 MARGIN = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}  # of HF's max |logit|
 
 
-def small_hf(dtype):
-    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=8,
-                                   num_key_value_heads=2, head_dim=32, num_hidden_layers=3, vocab_size=211,
-                                   max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.05,
-                                   rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+def small_hf(dtype, family: str = "llama"):
+    """hidden 256, 8 heads, 2 kv heads, head_dim 32, 3 layers; family "qwen2": q|k|v biases, randomised."""
+    sizes = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
+                 num_hidden_layers=3, vocab_size=211, max_position_embeddings=64, rms_norm_eps=1e-5,
+                 initializer_range=0.05, rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
+    if family == "qwen2":  # head_dim = 256 / 8 = 32
+        cfg, cls = transformers.Qwen2Config(tie_word_embeddings=False, **sizes), transformers.Qwen2ForCausalLM
+    else:
+        cfg, cls = transformers.LlamaConfig(head_dim=32, **sizes), transformers.LlamaForCausalLM
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = cls(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):  # HF may initialise them to zero
+                p.uniform_(-0.5, 0.5)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.to("cuda", dtype)
@@ -43,11 +50,17 @@ def decoder(model, **kw) -> Decoder:
     def t(*linears):
         return torch.cat([lin.weight for lin in linears], dim=0).T.contiguous().detach()
 
+    def bias(*linears):  # q|k|v bias (Qwen2), None without
+        return torch.cat([lin.bias for lin in linears]).detach() if linears[0].bias is not None else None
+
     layers = [LayerWeights(blk.input_layernorm.weight.detach(), blk.post_attention_layernorm.weight.detach(),
                            t(blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj), t(blk.self_attn.o_proj),
-                           t(blk.mlp.gate_proj, blk.mlp.up_proj), t(blk.mlp.down_proj)) for blk in m.layers]
+                           t(blk.mlp.gate_proj, blk.mlp.up_proj), t(blk.mlp.down_proj),
+                           qkv_bias=bias(blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj))
+              for blk in m.layers]
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     shape = DecoderShape(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                         cfg.num_hidden_layers, cfg.vocab_size, norm_eps=cfg.rms_norm_eps, head_dim=cfg.head_dim)
+                         cfg.num_hidden_layers, cfg.vocab_size, norm_eps=cfg.rms_norm_eps, head_dim=head_dim)
     weights = DecoderWeights(m.embed_tokens.weight.detach(), model.lm_head.weight.detach(), m.norm.weight.detach(),
                              layers, inv_freq=m.rotary_emb.inv_freq.detach().clone(),
                              attention_scaling=float(m.rotary_emb.attention_scaling))
@@ -67,11 +80,26 @@ def _greedy_within_margin(model, seq, T, dtype):
     assert float(gap.max()) <= MARGIN[dtype] * float(logits.abs().max()), gap
 
 
+GENERATE_MODES = [("fused_pdl", 1), ("fused", 1), ("sparse", 1), ("dense", 1), ("sparse", 2), ("reference", 2)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode,B", [("fused_pdl", 1), ("fused", 1), ("sparse", 1), ("dense", 1), ("sparse", 2),
-                                    ("reference", 2)])
+@pytest.mark.parametrize("mode,B", GENERATE_MODES)
 def test_graph_generate_matches_hf(dtype, mode, B):
-    model = small_hf(dtype)
+    _check_graph_generate(small_hf(dtype), dtype, mode, B)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode,B", GENERATE_MODES)
+def test_qwen2_graph_generate_matches_hf(dtype, mode, B):
+    """Qwen2's q|k|v biases in every mode: addmm (dense, prefill), the fp32 accumulator (reference, fused*),
+    the rounded GEMV output plus a second rounding (sparse)."""
+    model = small_hf(dtype, "qwen2")
+    assert all(float(blk.self_attn.v_proj.bias.detach().abs().min()) > 0 for blk in model.model.layers)
+    _check_graph_generate(model, dtype, mode, B)
+
+
+def _check_graph_generate(model, dtype, mode, B):
     dec = decoder(model, max_batch=2)
     prompt = _prompt(B, 11)
     got = dec.generate(prompt, 12, mode=mode, cuda_graph=True)
@@ -93,7 +121,16 @@ def test_graph_generate_matches_hf(dtype, mode, B):
 def test_graph_fused_with_thresholds_matches_reference(dtype):
     """Non-zero thresholds (40% of each site's inputs on a prefill): the graph-replayed fused_pdl step and the
     eager reference step agree on the logits of three teacher-forced steps, and the accumulators end at zero."""
-    model = small_hf(dtype)
+    _check_fused_with_thresholds(small_hf(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_qwen2_graph_fused_with_thresholds_matches_reference(dtype):
+    """As above with Qwen2's q|k|v biases (added to the fused step's fp32 accumulator in the RoPE kernel)."""
+    _check_fused_with_thresholds(small_hf(dtype, "qwen2"), dtype)
+
+
+def _check_fused_with_thresholds(model, dtype):
     dec = decoder(model)
     prompt = _prompt(1, 20)
     dec.record = [{} for _ in dec.layers]
