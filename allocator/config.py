@@ -73,6 +73,9 @@ class ProfileConfig:
     batch_size: int = 8
     cache: Any = True                   # true: ~/.cache/allocator/profiles; false; or a directory
     progress: bool = True
+    distributed: str = "auto"           # auto (torchrun's ranks when WORLD_SIZE > 1) | on | off (README: Scale-out)
+    gpus_per_rank: int = 1              # GPUs of one rank under torchrun: 1 a replica per GPU, k a device_map group
+    distributed_timeout: float = 86400.0  # seconds a rank waits for the others at a row exchange
 
 
 @dataclass
@@ -139,6 +142,7 @@ CHOICES = {("method", "calibration"): ("dense", "sequential"), ("profile", "mode
            ("profile", "metric"): ("kl", "ppl"), ("profile", "unit"): ("layer", "block", "input", "projection"),
            ("budget", "kind"): ("sparsity", "delta", "budget"), ("evaluator", "speed"): ("auto", "on", "off"),
            ("problem", "latency_path"): ("fused", "standalone"),
+           ("profile", "distributed"): ("auto", "on", "off"),
            ("model", "dtype"): (
                "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")}
 
@@ -158,6 +162,8 @@ RANGES = {("model", "threads"): (1, None, "torch CPU threads (null: torch's defa
           ("data", "batch_size"): (1, None, "windows per forward"),
           ("profile", "window"): (0.0, 1.0, "trust region around the budget sparsity"),
           ("profile", "batch_size"): (1, None, "windows per profiling forward"),
+          ("profile", "gpus_per_rank"): (1, None, "GPUs of one torchrun rank (a device_map shard group when > 1)"),
+          ("profile", "distributed_timeout"): (1.0, None, "seconds a rank waits for the others"),
           ("evaluator", "batch_size"): (1, None, "windows per forward"),
           ("evaluator", "score_last"): (1e-9, 1.0, "share of each window's predictions scored"),
           ("evaluator", "speed_prompt"): (1, None, "prompt tokens before the timed decode steps"),
@@ -323,7 +329,8 @@ def check_overrides(argv: list[str]) -> None:
     overrides = {k.lstrip("+~"): v for k, v in pairs}
     for key in overrides:
         parts = key.split(".")
-        if parts[0] == "hydra" or (len(parts) == 1 and parts[0] in (*GROUPS, "experiment", *TOP_LEVEL)):
+        if parts[0] == "hydra" or parts[0].startswith("hydra/") or (    # hydra/launcher=local: Hydra's groups
+                len(parts) == 1 and parts[0] in (*GROUPS, "experiment", *TOP_LEVEL)):
             continue
         cls = _schema_of(parts[0], overrides)
         if cls is None:

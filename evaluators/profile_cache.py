@@ -7,7 +7,8 @@ One cache directory holds:
 - ``rows.lock``: ``flock``'d by every reader and writer, so a row is never read half-written by a live run;
 - ``claims/``: one file per row being measured (``O_CREAT | O_EXCL``), holding the owner's pid and start time.
   A second run on the same cache skips rows claimed by a live run and waits for their results; a claim whose
-  process is gone (killed) is taken over.
+  process is gone (killed) is taken over, and so is one left by an earlier attempt of the same torchrun job
+  (``TORCHELASTIC_RUN_ID``: ``--rdzv-id``), on any host, since a job's ranks claim disjoint rows.
 
 Damage is repaired, not fatal: an unreadable line (a middle line edited by hand, a last line cut short by a kill)
 is dropped and the file rewritten atomically with the valid rows; of two rows for the same (unit, level) the
@@ -54,7 +55,7 @@ class RowCache:
         self._n_levels = 0
         self._claimed: set[Row] = set()
         self._owner = {"pid": os.getpid(), "started": _process_start(os.getpid()), "host": socket.gethostname(),
-                       "token": uuid.uuid4().hex}
+                       "token": uuid.uuid4().hex, "job": os.environ.get("TORCHELASTIC_RUN_ID")}
         self._memo: tuple[tuple, dict] | None = None
         self._last_wait_log = 0.0
         self.claims_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +98,18 @@ class RowCache:
                 logger.warning("profile cache %s already holds a different row for %s (written by another run); "
                                "the first one is kept", self.rows_path, row_key)
             self._release(row_key)
+
+    def extend(self, rows: list[dict]) -> int:
+        """Append the rows the file lacks (other ranks' rows, say), under one lock; returns how many were added."""
+        with self._locked():
+            stored = self._read_rows()
+            new = [row for row in rows if (row["unit"], int(row["level"])) not in stored]
+            if new:
+                with open(self.rows_path, "ab") as f:
+                    f.write(b"".join(json.dumps(row).encode() + b"\n" for row in new))
+                    f.flush()
+                    os.fsync(f.fileno())
+        return len(new)
 
     def _read_rows(self) -> dict[Row, dict]:
         """Valid rows by (unit, level), first one wins; damaged or duplicate lines are dropped from the file.
@@ -205,6 +218,8 @@ class RowCache:
         host that no longer exists (or whose pid now belongs to a younger process)."""
         if not owner:
             return True
+        if owner.get("job") and owner.get("job") == self._owner["job"] and owner.get("token") != self._owner["token"]:
+            return True     # an earlier attempt of this torchrun job: its ranks' rows are disjoint, so it is gone
         if owner.get("host") != self._owner["host"]:
             return False                                  # cannot check another machine's processes
         if owner.get("pid") == self._owner["pid"]:

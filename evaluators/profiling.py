@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from allocator.levels import Level
 
+from .distributed import resolve as resolve_ranks
 from .methods import Method
 from .metrics import token_losses
 from .models import cache_dir, decoder_layers, find_projections, model_id, weights_fingerprint
@@ -139,9 +140,11 @@ def as_targets(units) -> list[Target]:
 def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.DataFrame, units: list, *,
             mode: str = "isolated", operating_level: dict | None = None, batch_size: int = 8,
             score_last: float = 1.0, cache: Path | str | bool | None = True, progress: bool = True,
-            on_row: Callable[[str, int], None] | None = None) -> Profile:
+            on_row: Callable[[str, int], None] | None = None, distributed="off") -> Profile:
     """Measure every (unit, level) row; ``units``: a table's ``Unit`` objects (or ``Target`` objects);
-    ``cache=True`` uses ``~/.cache/allocator/profiles/<key>``."""
+    ``cache=True`` uses ``~/.cache/allocator/profiles/<key>``. ``distributed``: "auto" / "on" (torchrun's ranks,
+    ``evaluators.distributed``) or a ``Ranks``: row ``k`` of the rows to measure goes to rank ``k % world``, and
+    the ranks exchange their rows, so each returns the single-process table (and each cache holds it)."""
     if mode not in MODES:
         raise ValueError(f"unknown profiling mode '{mode}'; use one of {MODES}")
     if mode == "operating_point" and operating_level is None:
@@ -166,6 +169,10 @@ def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.
     todo = [(u, j) for u in units for j, lv in enumerate(level_dicts)
             if (u, j) not in done and not _is_base_level(lv, mode, operating_level)]
     need_base = (BASE, 0) not in done
+    ranks = resolve_ranks(distributed)
+    if ranks.active:                                   # rank 0's list, so the split agrees on every rank
+        todo, need_base = ranks.broadcast((todo, need_base))
+        todo = ranks.shard(todo)
     logger.info("profiling %s (%s): %d units x %d levels, %d rows to compute, %d cached", method.name, mode,
                 len(units), len(level_dicts), len(todo), len(done))
 
@@ -187,7 +194,7 @@ def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.
             if need_base:
                 row = {"unit": BASE, "level": 0, "kl": base_kl, "nll": base_nll, "dense_nll": dense_nll}
                 done[(BASE, 0)] = row
-                if rows:
+                if ranks.main and rows:                # rank 0's base row is the one every rank keeps
                     rows.append(row)
             claimed = rows.claim_each(todo, done) if rows else todo    # rows another live run measures are awaited
             for unit, j in tqdm(claimed, total=len(todo), desc=f"profile {method.name}/{mode}", disable=not progress):
@@ -205,6 +212,9 @@ def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.
         restore_(model)
         if rows:
             rows.release_claims()                      # an interrupted row goes back to any other run
+    if ranks.active:                                   # every rank's rows on every rank (and in every host's cache)
+        mine = [done[r] for r in todo if r in done] + ([done[(BASE, 0)]] if ranks.main and need_base else [])
+        done.update(exchange_rows(ranks, mine, rows))
 
     b = done[(BASE, 0)]
     kl = np.full((len(units), len(level_dicts)), b["kl"])
@@ -218,6 +228,17 @@ def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.
                   "data_hash": key["data"], "tokens": int(windows.numel()), "windows": key["windows"],
                   "operating_level": key["operating_level"], "seed": method.seed}
     return Profile(units, levels, kl, nll, b["kl"], b["nll"], b["dense_nll"], mode, provenance)
+
+
+def exchange_rows(ranks, mine: list[dict], rows: RowCache | None) -> dict:
+    """The rows of each rank's share, merged in rank order on every rank; a host whose cache lacks some gets them."""
+    merged = {}
+    for part in ranks.gather(mine):
+        for row in part:
+            merged.setdefault((row["unit"], int(row["level"])), row)
+    if rows:
+        rows.extend(list(merged.values()))
+    return merged
 
 
 def group_degradation(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.DataFrame,

@@ -209,13 +209,13 @@ def run_main_job(config: JobConfig | dict, output_dir: Path) -> dict:
     from .report import write_report
 
     config = config if isinstance(config, JobConfig) else load_config(config)
+    ranks = distributed.setup(config)               # torchrun's ranks (README: Scale-out), before CUDA starts
     check_solver_options(config.solver)
     check_cost(config)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     watch = Stopwatch()
     grid = level_grid(config)
-    ranks = distributed.setup(config)               # torchrun's ranks (README: Scale-out), before CUDA starts
     model, tokenizer = load(config)
     watch.lap("load")
     windows = data(config, tokenizer)

@@ -132,20 +132,50 @@ class Scorer:
                 values[i] = self._memo[key]
             else:
                 todo.append(i)
+        if self._batched and self.uses_measured:
+            for i in self._measure_batch(X, units, ev, todo, fidelity, stop_on_budget, full):
+                values[i] = self._memo[(units[i].tobytes(), fidelity)]
+            return values, ev.violation
         for i in todo:  # repeated candidates within X hit the memo after their first measurement
             if stop_on_budget and self.exhausted:
                 break
             key = (units[i].tobytes(), fidelity if self.uses_measured else None)
             if key not in self._memo:
                 self._memo[key] = self._measure(units[i], ev.objective[i], fidelity)
-                self.n_evals += 1
-                self.evals_by_fidelity[str(fidelity)] = self.evals_by_fidelity.get(str(fidelity), 0) + 1
-                if self._bar is not None:
-                    self._bar.update(1)
-                if full:
-                    self._record(X[i], units[i], self._memo[key], bool(ev.feasible[i]))
+                self._count(X[i], units[i], self._memo[key], bool(ev.feasible[i]), fidelity, full)
             values[i] = self._memo[key]
         return values, ev.violation
+
+    def _count(self, x_vars, unit_levels, value, feasible, fidelity, full):
+        self.n_evals += 1
+        self.evals_by_fidelity[str(fidelity)] = self.evals_by_fidelity.get(str(fidelity), 0) + 1
+        if self._bar is not None:
+            self._bar.update(1)
+        if full:
+            self._record(x_vars, unit_levels, value, feasible)
+
+    def _measure_batch(self, X, units, ev, todo, fidelity, stop_on_budget, full) -> list[int]:
+        """A batched objective (one spread across ranks, say) gets the distinct new candidates in one call, at
+        most the evaluations left in ``max_evals``; the time budget is checked before the call. Returns the indices
+        of ``todo`` now in the memo (the others, past the budget, stay NaN)."""
+        pending, keys = [], set()
+        for i in todo:
+            key = (units[i].tobytes(), fidelity)
+            if key in self._memo or key in keys:
+                continue
+            left = None if self.max_evals is None else self.max_evals - self.n_evals - len(pending)
+            if stop_on_budget and ((left is not None and left <= 0) or
+                                   (self.max_time is not None and self.elapsed >= self.max_time)):
+                break
+            pending.append(i)
+            keys.add(key)
+        if pending:
+            kwargs = {"fidelity": fidelity} if self._fid_kw else {}
+            out = np.asarray(self.measured_objective(np.stack([units[i] for i in pending]), **kwargs), dtype=float)
+            for i, value in zip(pending, out.ravel()):
+                self._memo[(units[i].tobytes(), fidelity)] = float(value)
+                self._count(X[i], units[i], float(value), bool(ev.feasible[i]), fidelity, full)
+        return [i for i in todo if (units[i].tobytes(), fidelity) in self._memo]
 
     def _measure(self, unit_levels: np.ndarray, table_value: float, fidelity) -> float:
         if not self.uses_measured:

@@ -7,8 +7,12 @@ constraint (``Trial.set_constraint`` / ``constraints_func``; > 0 = violated; opt
 the worst value measured so far (no outlier penalty that would wreck a GP's scaling); with ``repair=True``
 (default) the budget repair of ``_repair`` projects it onto the budget and the repaired vector is
 measured and added to the study as its own trial, so the sampler learns from feasible points. Warm starts (``dp`` / ``greedy`` answers, or vectors) are queued with ``enqueue_trial``.
-``storage`` takes any optuna storage URL (``sqlite:///study.db``, ``postgresql://...``): several processes or
-machines running the same ``study_name`` share one study (optuna's distributed mode), each with its own budget.
+``storage`` takes any optuna storage URL (``sqlite:///study.db``, ``postgresql://...``, ``mysql+pymysql://...``,
+or ``journal:///path/study.log`` for optuna's JournalStorage where no database runs): several processes or
+machines running the same ``study_name`` share one study (optuna's distributed mode), each with its own budget;
+each trial records the ``worker`` (host:pid) that told it. ``batch=k`` asks k trials before telling any and
+scores them in one call (a batched objective, e.g. ``evaluators.distributed.RankObjective``, spreads them over
+torchrun's ranks); TPE then uses optuna's constant liar.
 
 Validation (``validation=callable`` on windows disjoint from the fitness windows and from any test text): after
 the search the ``validation_top`` best measured trials (plus the study's shared best) and the warm start are
@@ -26,6 +30,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import socket
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +49,8 @@ from .options import BOOL, NONE, TEXT, SolverOptionError, integer, one_of, optio
 logger = logging.getLogger(__name__)
 
 PENALTY = 1e12  # objective told for an over-budget proposal (plus its violation): never measured
+STORAGE_RETRIES = 5   # opening a new database that another worker is creating (its schema) is retried
+WORKER = f"{socket.gethostname()}:{os.getpid()}"   # user attribute of every trial this process tells
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,8 @@ class BayesOptions(SearchOptions):
     storage: object = option(None, NONE | storage_url(), "shared optuna storage, e.g. 'sqlite:///search.db'")
     study_name: str | None = option(None, NONE | TEXT, "None: derived from the tables hash and the limit")
     load_if_exists: bool = option(True, BOOL, "join an existing study of that name in the storage")
+    batch: int = option(1, integer(1), "trials asked before any is told, scored in one call (a RankObjective "
+                                       "spreads them across torchrun's ranks); TPE then lies constantly")
 
 
 def _optuna():
@@ -104,8 +115,9 @@ class BayesSolver(Solver):
             else:
                 return optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials,
                                                  deterministic_objective=True, **cons), "gp"
+        liar = {"constant_liar": True} if cfg.batch > 1 else {}   # pending trials repel the next proposals
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True,
-                                          **cons), "tpe"
+                                          **cons, **liar), "tpe"
 
     def _solve(self, problem, rng) -> SolveOutput:
         optuna = _optuna()
@@ -133,36 +145,28 @@ class BayesSolver(Solver):
         worst = None  # worst measured value: what an over-budget proposal is told (GP-friendly, no outliers)
         try:
             while n_asked < cfg.n_trials and not scorer.exhausted:
-                trial = study.ask(dists)
-                n_asked += 1
-                x = np.array([trial.params[f"x{i}"] for i in range(n)], dtype=int)
-                viol = float(scorer.violation(x[None])[0])
-                if viol > 0:  # known over budget from the tables: never measured
-                    n_penalised += 1
+                asked = []  # (trial or None when repaired, raw proposal, its violation, the vector to score)
+                while len(asked) < cfg.batch and n_asked < cfg.n_trials and not scorer.exhausted:
+                    trial = study.ask(dists)
+                    n_asked += 1
+                    trial.set_user_attr("worker", WORKER)
+                    x = np.array([trial.params[f"x{i}"] for i in range(n)], dtype=int)
+                    viol = float(scorer.violation(x[None])[0])
+                    if viol <= 0:
+                        asked.append((trial, None, 0.0, x))
+                        continue
+                    n_penalised += 1  # known over budget from the tables: never measured
                     if repair is None:
                         _set_constraint(trial, viol, native)
                         study.tell(trial, worst if worst is not None else PENALTY)
                         continue
-                    raw, raw_viol = trial, viol
-                    x, trial = repair.repair_one(x, rng), None
-                value, viol = scorer.score(x[None], fidelity=fid)
-                value, viol = float(value[0]), float(viol[0])
-                if np.isnan(value):  # the budget ran out before this one was measured
-                    study.tell(trial if trial is not None else raw, state=optuna.trial.TrialState.FAIL)
+                    asked.append((None, trial, viol, repair.repair_one(x, rng)))
+                if not asked:
+                    continue
+                values, viols = scorer.score(np.stack([a[3] for a in asked]), fidelity=fid)
+                worst, stopped = self._tell(optuna, study, asked, values, viols, dists, native, problem, worst)
+                if stopped:  # the budget ran out before some were measured
                     break
-                told = value if np.isfinite(value) else (worst if worst is not None else PENALTY)
-                if np.isfinite(value):
-                    worst = value if worst is None else max(worst, value)
-                units = problem.expand(x[None])[0].tolist()
-                if trial is None:  # the raw proposal: its violation, and a value no better than its repair
-                    _set_constraint(raw, raw_viol, native)
-                    study.tell(raw, max(told, worst if worst is not None else told))
-                    study.add_trial(_created_trial(optuna, native, {f"x{i}": int(v) for i, v in enumerate(x)}, dists,
-                                                   told, viol, {"x_units": units, "repaired": True}))
-                else:
-                    trial.set_user_attr("x_units", units)
-                    _set_constraint(trial, viol, native)
-                    study.tell(trial, told)
         finally:
             scorer.close()
 
@@ -186,6 +190,32 @@ class BayesSolver(Solver):
                 "best_value": float(best_value), "fidelity": fid, "validation": validation}
         return SolveOutput(best_units, n_evals=scorer.n_evals, history=scorer.history, info=info)
 
+    @staticmethod
+    def _tell(optuna, study, asked, values, viols, dists, native, problem, worst):
+        """Tell the study each scored trial of a batch; returns the worst measured value and whether the budget
+        ran out (NaN: not measured; those trials are told as failed)."""
+        stopped = False
+        for (trial, raw, raw_viol, x), value, viol in zip(asked, values, viols):
+            value, viol = float(value), float(viol)
+            if np.isnan(value):
+                study.tell(trial if trial is not None else raw, state=optuna.trial.TrialState.FAIL)
+                stopped = True
+                continue
+            told = value if np.isfinite(value) else (worst if worst is not None else PENALTY)
+            if np.isfinite(value):
+                worst = value if worst is None else max(worst, value)
+            units = problem.expand(x[None])[0].tolist()
+            if trial is None:  # the raw proposal: its violation, and a value no better than its repair
+                _set_constraint(raw, raw_viol, native)
+                study.tell(raw, max(told, worst if worst is not None else told))
+                study.add_trial(_created_trial(optuna, native, {f"x{i}": int(v) for i, v in enumerate(x)}, dists,
+                                               told, viol, {"x_units": units, "repaired": True, "worker": WORKER}))
+            else:
+                trial.set_user_attr("x_units", units)
+                _set_constraint(trial, viol, native)
+                study.tell(trial, told)
+        return worst, stopped
+
     def _storage(self, optuna):
         """The optuna storage to open: None (in memory), a storage object, or a URL opened here so that a bad one
         is reported as this option (not as a database driver's error)."""
@@ -193,7 +223,17 @@ class BayesSolver(Solver):
         if not isinstance(url, str):
             return url
         try:
-            return optuna.storages.RDBStorage(url)
+            if url.startswith("journal://"):    # an append-only log file, for where no database server runs
+                from optuna.storages.journal import JournalFileBackend
+                return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal://"):]))
+            for attempt in range(STORAGE_RETRIES):
+                try:
+                    return optuna.storages.RDBStorage(url)
+                except Exception as exc:  # workers starting at once race to create a new database's schema
+                    racing = type(exc).__name__ in ("IntegrityError", "OperationalError")
+                    if not racing or attempt == STORAGE_RETRIES - 1:
+                        raise
+                    time.sleep(0.1 * (attempt + 1))
         except Exception as exc:  # sqlalchemy parse errors, missing drivers, unreachable servers
             raise SolverOptionError(f"solver '{self.name}' option storage={url!r} could not be opened "
                                     f"({type(exc).__name__}: {exc}); expected a database URL such as "
