@@ -68,6 +68,8 @@ class DataConfig:
 class ProfileConfig:
     mode: str = "isolated"              # isolated (ASAF: the rest dense) | operating_point (the rest at the budget)
     metric: str = "kl"                  # kl | ppl
+    kl_top_k: int = 4096                # above kl_exact_vocab tokens: KL on the dense top-k + a tail bucket (0: exact)
+    kl_exact_vocab: int = 65536         # vocabularies up to this size get the exact full-vocabulary KL
     unit: str = "input"                 # layer | block | input (q+k+v, o, gate+up, down) | projection
     window: Optional[float] = 0.2       # only levels with |s - budget sparsity| <= window (null: the whole grid)
     batch_size: int = 8
@@ -162,6 +164,8 @@ RANGES = {("model", "threads"): (1, None, "torch CPU threads (null: torch's defa
           ("data", "batch_size"): (1, None, "windows per forward"),
           ("profile", "window"): (0.0, 1.0, "trust region around the budget sparsity"),
           ("profile", "batch_size"): (1, None, "windows per profiling forward"),
+          ("profile", "kl_top_k"): (0, None, "dense top-k tokens the profiling KL keeps exactly (0: the full KL)"),
+          ("profile", "kl_exact_vocab"): (0, None, "largest vocabulary profiled with the exact full KL"),
           ("profile", "gpus_per_rank"): (1, None, "GPUs of one torchrun rank (a device_map shard group when > 1)"),
           ("profile", "distributed_timeout"): (1.0, None, "seconds a rank waits for the others"),
           ("evaluator", "batch_size"): (1, None, "windows per forward"),

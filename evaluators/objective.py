@@ -16,7 +16,7 @@ from torch import nn
 from allocator.levels import Level
 
 from .methods import Method, get_method
-from .metrics import logits_of, token_losses
+from .metrics import kl_top_k_for, logits_of, reference_logprobs, token_losses
 from .plan import CompressionPlan, Target, allocation_targets, compressed, temporarily_dense
 
 logger = logging.getLogger(__name__)
@@ -28,11 +28,13 @@ class MeasuredObjective:
     Accepts an ``Allocation``, ``(Target, Level)`` pairs, or a vector of level indices when ``tables`` is given
     (``objective.batch(X)`` for a population, shape (P, n_units)). ``objective(x, fidelity=k)`` scores the first
     ``k`` windows only (None: all); the memo keys include the fidelity. ``per_window=True`` returns one value per
-    window (an array: what the search solvers' validation step uses for its paired test).
+    window (an array: what the search solvers' validation step uses for its paired test). Above ``kl_exact_vocab``
+    tokens the KL is the top-``kl_top_k`` one of profiling (``metrics.kl_top_k_for``; defaults ``ProfileConfig``).
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, method: Method | str, metric: str = "kl", *,
-                 tables=None, batch_size: int = 8, score_last: float = 1.0, per_window: bool = False):
+                 tables=None, batch_size: int = 8, score_last: float = 1.0, per_window: bool = False,
+                 kl_top_k="auto", kl_exact_vocab: int | None = None):
         if metric not in ("kl", "ppl", "perplexity", "nll"):
             raise ValueError(f"unknown metric '{metric}'; use 'kl', 'ppl' or 'nll'")
         self.model, self.windows, self.metric, self.tables = model, windows, metric, tables
@@ -44,7 +46,8 @@ class MeasuredObjective:
         self.seconds = 0.0
         self._batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
         with temporarily_dense(model):
-            self._ref = [logits_of(model, ids)[:, :-1].log_softmax(-1) for ids in self._batches]
+            self.kl_top_k = kl_top_k_for(model, kl_top_k, kl_exact_vocab)   # None: the exact KL
+            self._ref = [reference_logprobs(logits_of(model, ids), self.kl_top_k) for ids in self._batches]
 
     def _pairs(self, candidate) -> list[tuple[Target, Level]]:
         if hasattr(candidate, "units") and hasattr(candidate, "levels") or isinstance(candidate, list) and \

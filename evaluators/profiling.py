@@ -32,7 +32,7 @@ from allocator.levels import Level
 
 from .distributed import resolve as resolve_ranks
 from .methods import Method
-from .metrics import token_losses
+from .metrics import kl_top_k_for, reference_logprobs, token_losses
 from .models import cache_dir, decoder_layers, find_projections, model_id, weights_fingerprint
 from .plan import Target, apply_levels, restore_
 from .profile_cache import ProfileCacheError, RowCache  # noqa: F401 - ProfileCacheError is re-exported
@@ -81,6 +81,8 @@ def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
 
 
 def _final_norm(model: nn.Module) -> nn.Module:
+    """The norm the model's forward applies after its last layer (Gemma's RMSNorm scales by 1 + weight: the module
+    is called as it is, so its own formula holds)."""
     inner = model.model
     for name in ("norm", "final_layernorm", "final_norm"):
         if hasattr(inner, name):
@@ -96,9 +98,11 @@ def run_from_layer(model: nn.Module, first: int, inputs: LayerInputs, batch: int
     for j in range(first, len(layers)):
         out = layers[j](h, **inputs.kwargs[batch][j])
         h = out[0] if isinstance(out, tuple) else out
-    logits = model.get_output_embeddings()(_final_norm(model)(h)).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+    logits = model.get_output_embeddings()(_final_norm(model)(h))
+    cap = getattr(model.config, "final_logit_softcapping", None)     # Gemma-2 (Gemma-3 configs: null)
+    if cap:                                                          # in the model's dtype, as HF's forward does
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
 
 
 # ---------------------------------------------------------------------------------------------- profile
@@ -140,11 +144,14 @@ def as_targets(units) -> list[Target]:
 def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.DataFrame, units: list, *,
             mode: str = "isolated", operating_level: dict | None = None, batch_size: int = 8,
             score_last: float = 1.0, cache: Path | str | bool | None = True, progress: bool = True,
-            on_row: Callable[[str, int], None] | None = None, distributed="off") -> Profile:
+            on_row: Callable[[str, int], None] | None = None, distributed="off", kl_top_k="auto",
+            kl_exact_vocab: int | None = None) -> Profile:
     """Measure every (unit, level) row; ``units``: a table's ``Unit`` objects (or ``Target`` objects);
     ``cache=True`` uses ``~/.cache/allocator/profiles/<key>``. ``distributed``: "auto" / "on" (torchrun's ranks,
     ``evaluators.distributed``) or a ``Ranks``: row ``k`` of the rows to measure goes to rank ``k % world``, and
-    the ranks exchange their rows, so each returns the single-process table (and each cache holds it)."""
+    the ranks exchange their rows, so each returns the single-process table (and each cache holds it).
+    ``kl_top_k`` / ``kl_exact_vocab`` (``metrics.kl_top_k_for``; defaults ``ProfileConfig``): above that vocabulary
+    the KL of every row is taken on the dense model's top-k tokens plus a tail bucket (``TopKReference``)."""
     if mode not in MODES:
         raise ValueError(f"unknown profiling mode '{mode}'; use one of {MODES}")
     if mode == "operating_point" and operating_level is None:
@@ -158,6 +165,9 @@ def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.
            "mode": mode, "operating_level": operating_level if mode == "operating_point" else None,
            "data": windows_hash(windows), "windows": list(windows.shape), "score_last": score_last,
            "batch_size": batch_size, "weights": weights_fingerprint(model)}
+    top_k = kl_top_k_for(model, kl_top_k, kl_exact_vocab)
+    if top_k is not None:                              # exact-KL keys (every vocabulary up to 64k) stay as they were
+        key["kl_top_k"] = top_k
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     rows = None
     if cache:
@@ -180,7 +190,7 @@ def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.
     try:
         if todo or need_base:
             dense_inputs, dense_logits = capture_layer_inputs(model, windows, batch_size)
-            ref = [l[:, :-1].log_softmax(-1) for l in dense_logits]
+            ref = [reference_logprobs(l, top_k) for l in dense_logits]
             batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
             dense_nll = _sum_losses(dense_logits, batches, None, score_last)[0]
             inputs, base_nll, base_kl = dense_inputs, dense_nll, 0.0
@@ -226,7 +236,8 @@ def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.
             kl[i, j], nll[i, j] = done[(u, j)]["kl"], done[(u, j)]["nll"]
     provenance = {"profile_mode": mode, "profile_key": digest, "model": key["model"], "method": key["method"],
                   "data_hash": key["data"], "tokens": int(windows.numel()), "windows": key["windows"],
-                  "operating_level": key["operating_level"], "seed": method.seed}
+                  "operating_level": key["operating_level"], "seed": method.seed,
+                  **({"kl_top_k": top_k} if top_k is not None else {})}    # the KL is a top-k lower bound
     return Profile(units, levels, kl, nll, b["kl"], b["nll"], b["dense_nll"], mode, provenance)
 
 

@@ -115,9 +115,35 @@ def _token_ids(tokenizer, source: str) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
+_PROBE = "The quick brown fox."
+
+
+def window_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer's own ``add_special_tokens=True`` puts before a text (Gemma's and
+    Llama-3's BOS; nothing for SmolLM2, GPT-2 or Qwen2): every window starts with them, since these models were
+    trained on sequences that do and their first positions (attention sinks) misbehave without. Tokens it appends
+    (an EOS) are not used: a window is a slice of running text, not a finished document."""
+    plain = list(tokenizer(_PROBE, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    bos = getattr(tokenizer, "bos_token_id", None)    # the text tokenizes differently beside its specials
+    return [bos] if bos is not None and full[:1] == [bos] else []
+
+
 def token_windows(tokenizer, source: str | list[str], n: int, length: int, seed: int = 0) -> torch.Tensor:
-    """``n x length`` token ids: non-overlapping windows drawn reproducibly (``seed``), spread evenly over sources."""
+    """``n x length`` token ids: non-overlapping windows drawn reproducibly (``seed``), spread evenly over sources.
+
+    A window is the tokenizer's own prefix (``window_prefix``: ``[BOS]`` where it adds one) followed by
+    ``length - len(prefix)`` consecutive text tokens, so every window has ``length`` tokens and scores
+    ``length - 1`` predictions, each of a text token; a tokenizer that adds nothing gives plain text slices."""
     _check_window_shape(n, length)
+    prefix = np.asarray(window_prefix(tokenizer), dtype=np.int64)
+    text_length = length - len(prefix)
+    if text_length < 1:
+        raise TextError(f"token_windows: length={length} leaves no room for text after the tokenizer's "
+                        f"{len(prefix)} leading special token(s) {prefix.tolist()}; use a length >= {len(prefix) + 2}")
     parts = sources_of(source)
     counts = [n // len(parts) + (i < n % len(parts)) for i in range(len(parts))]
     rows = []
@@ -125,14 +151,16 @@ def token_windows(tokenizer, source: str | list[str], n: int, length: int, seed:
         if count == 0:
             continue
         ids = _token_ids(tokenizer, part)
-        slots = len(ids) // length
+        slots = len(ids) // text_length
         if slots < count:
             raise TextError(f"'{part}' has {len(ids)} tokens: not enough for {count} windows of {length} (n={n}, "
-                            f"length={length}); lower n (data.*_windows) or length (data.*_length) so that "
-                            f"windows x length <= {len(ids)} per source, or use a longer text")
+                            f"length={length}{f' including {len(prefix)} leading special token(s)' if len(prefix) else ''}"
+                            f"); lower n (data.*_windows) or length (data.*_length) so that windows x "
+                            f"{'length' if not len(prefix) else f'(length - {len(prefix)})'} <= {len(ids)} per source, "
+                            "or use a longer text")
         rng = np.random.default_rng([seed, int(hashlib.sha256(part.encode()).hexdigest()[:8], 16)])
         for slot in sorted(rng.choice(slots, size=count, replace=False)):
-            rows.append(ids[slot * length:(slot + 1) * length])
+            rows.append(np.concatenate([prefix, ids[slot * text_length:(slot + 1) * text_length]]))
     return torch.from_numpy(np.stack(rows))
 
 
