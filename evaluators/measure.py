@@ -24,6 +24,7 @@ class Measurements:
     memory: dict = field(default_factory=dict)
     zeroshot: dict = field(default_factory=dict)
     speed: dict | str = ""                   # decode_speed's rows, or why it was not measured
+    per_window: dict = field(default_factory=dict)   # {source: {allocation: (n_windows, 3) nll, kl, tokens}}
 
 
 def decode_speed_or_reason(config, model, plans: dict[str, CompressionPlan]) -> dict | str:
@@ -43,26 +44,36 @@ def decode_speed_or_reason(config, model, plans: dict[str, CompressionPlan]) -> 
         return f"not measured: {exc}"
 
 
+def _rows(logits, ids, ref, score_last: float) -> np.ndarray:
+    """(nll, kl, tokens) of every window of a batch: the per-window numbers the paired error bars need."""
+    return np.array([token_losses(logits[r:r + 1], ids[r:r + 1], None if ref is None else ref[r:r + 1], score_last)
+                     for r in range(len(ids))], dtype=float)
+
+
 @torch.no_grad()
 def compare(model, windows: torch.Tensor, plans: dict[str, CompressionPlan], batch_size: int = 4,
             score_last: float = 1.0) -> dict[str, dict]:
-    """``{name: {perplexity, kl, tokens, realized_sparsity}}`` for "dense" and every plan, on the same windows."""
-    sums = {name: np.zeros(3) for name in ["dense", *plans]}
+    """``{name: {perplexity, kl, tokens, realized_sparsity, per_window}}`` for "dense" and every plan, on the same
+    windows; ``per_window`` lists (summed NLL, summed KL, scored tokens) per window."""
+    rows = {name: [] for name in ["dense", *plans]}
     meters = {name: None for name in plans}
     with temporarily_dense(model):
         for start in range(0, len(windows), batch_size):
             ids = windows[start:start + batch_size]
             dense = logits_of(model, ids)
             ref = dense[:, :-1].log_softmax(-1)
-            nll, _, n = token_losses(dense, ids, None, score_last)
-            sums["dense"] += (nll, 0.0, n)
+            rows["dense"].append(_rows(dense, ids, None, score_last))
             del dense
             for name, plan in plans.items():
                 meters[name] = meters[name] or SparsityMeter(model)
                 with compressed(model, plan), meters[name]:
-                    sums[name] += token_losses(logits_of(model, ids), ids, ref, score_last)
-    out = {name: {"perplexity": math.exp(s[0] / s[2]), "kl": s[1] / s[2], "tokens": int(s[2])}
-           for name, s in sums.items()}
+                    rows[name].append(_rows(logits_of(model, ids), ids, ref, score_last))
+    out = {}
+    for name, parts in rows.items():
+        per_window = np.concatenate(parts)
+        nll, kl, n = per_window.sum(axis=0)
+        out[name] = {"perplexity": math.exp(nll / n), "kl": kl / n, "tokens": int(n),
+                     "per_window": per_window.tolist()}       # JSON-able (studies save these results)
     out["dense"]["realized_sparsity"] = 0.0
     for name, meter in meters.items():
         out[name]["realized_sparsity"] = meter.share() if meter is not None else float("nan")
@@ -97,7 +108,8 @@ def measure(config, model, tokenizer, plans: dict[str, CompressionPlan], windows
             row.update({f"ppl_{src}": res[name]["perplexity"], f"kl_{src}": res[name]["kl"],
                         f"realized_{src}": res[name]["realized_sparsity"]})
         rows.append(row)
-    out = Measurements(pd.DataFrame(rows))
+    out = Measurements(pd.DataFrame(rows), per_window={src: {name: r["per_window"] for name, r in res.items()}
+                                                       for src, res in held_out.items()})
     out.speed = decode_speed_or_reason(config, model, plans)
     if isinstance(out.speed, dict):
         for column in ("tokens_per_s", "speedup", "step_ms"):

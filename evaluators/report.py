@@ -5,9 +5,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from allocator.gains import describe_gain
+from allocator.gains import describe_gain, paired_difference, verdict
 
 from .models import model_id
 
@@ -20,6 +21,23 @@ def gains(frame: pd.DataFrame) -> list[str]:
     name = [n for n in rows.index if n not in ("dense", "uniform")][0]
     return [describe_gain(col[4:], name, rows.loc["dense", col], rows.loc["uniform", col], rows.loc[name, col])
             for col in frame.columns if col.startswith("ppl_")]
+
+
+def paired_lines(per_window: dict) -> list[str]:
+    """Per held-out source: the allocation against uniform, paired over the windows (per-token NLL and KL, mean of
+    the per-window differences +- its standard error; "tie" within two standard errors)."""
+    out = []
+    for src, runs in per_window.items():
+        name = next((n for n in runs if n not in ("dense", "uniform")), None)
+        if name is None or "uniform" not in runs:
+            continue
+        parts = []
+        for column, what in ((0, "NLL"), (1, "KL")):
+            a, b = (np.asarray(runs[n])[:, column] / np.asarray(runs[n])[:, 2] for n in (name, "uniform"))
+            mean, se, n = paired_difference(a, b)
+            parts.append(f"{what} {mean:+.4f} +- {se:.4f} ({verdict(mean, se)})")
+        out.append(f"{src}: {name} - uniform per token, paired over {n} windows: {', '.join(parts)}")
+    return out
 
 
 def speed_line(speed) -> str:
@@ -59,13 +77,14 @@ def write_report(out: Path, config, model, method, tables, prof, solution, measu
                "profile_mode": prof.mode, "metric": config.profile.metric, "solver": result.summary(),
                "measurements": frame.to_dict(orient="records"), "memory": measurements.memory,
                "zeroshot": measurements.zeroshot, "speed": measurements.speed, "timings": timings,
+               "paired": paired_lines(measurements.per_window),
                "config": asdict(config)}
     watch.lap("report")
     summary["timings"]["report"] = watch.timings["report"]
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     _markdown(out, summary, frame, result, tables)
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print("\n".join(gains(frame)))
+    print("\n".join(gains(frame) + summary["paired"]))
     print(f"decode speed: {speed_line(measurements.speed)}")
     return summary
 
@@ -79,6 +98,7 @@ def _markdown(out: Path, summary: dict, frame: pd.DataFrame, result, tables) -> 
              f"- solver: {summary['solver']}",
              f"- thresholds: `{summary['calibration']}` calibration; the plan (thresholds, factors) is in `plan/`",
              *[f"- {line}" for line in gains(frame)],
+             *[f"- {line}" for line in summary["paired"]],
              f"- decode speed: {speed_line(summary['speed'])}", "",
              "## Held-out measurements and the additivity audit", "",
              f"`predicted` is the table's sum for the allocation; `measured_{metric}_calib` is the same quantity "

@@ -90,3 +90,11 @@ def test_latency_cost_without_a_gpu_is_a_clear_error_before_loading(tmp_path):
     proc = run_cli("problem.cost=latency_decode", "model.max_layers=2", tmp_path=tmp_path)
     assert proc.returncode != 0 and "use budget=delta" in proc.stderr
     assert "loading" not in proc.stderr.lower()
+
+
+def test_paired_differences_and_their_verdict():
+    from allocator.gains import paired_difference, share_removed, verdict
+    mean, se, n = paired_difference([1.0, 2.0, 3.0, 4.0], [1.5, 2.4, 3.6, 4.5])
+    assert n == 4 and mean == pytest.approx(-0.5) and se == pytest.approx(0.0408248, rel=1e-5)
+    assert verdict(mean, se) == "better" and verdict(-mean, se) == "worse" and verdict(0.05, 0.03) == "tie"
+    assert share_removed(44.4, 75.3, 58.2) == pytest.approx((75.3 - 58.2) / (75.3 - 44.4))
