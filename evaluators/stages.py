@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,6 @@ class Grid:
     """The level grid the job profiles, and the operating level (the budget's uniform level) when there is one."""
     levels: object
     operating: Level | None = None
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- stages
