@@ -156,7 +156,7 @@ def decode_speed(model: nn.Module, *, plans: dict[str, CompressionPlan] | None =
     for name, plan in {"dense": None, **(plans or {})}.items():
         decoder = decoder_from_hf(model, plan, max_len=prompt_len + 64, max_batch=batch, weights=weights)
         prefill_ms = do_bench(lambda: (decoder.reset(), decoder.prefill(prompt)), warmup=5, rep=40)
-        step_ms = _graph_step_ms(decoder, prompt, mode if plan is not None else "dense")
+        step_ms = graph_step_ms(decoder, prompt, mode if plan is not None else "dense")
         out[name] = {"tokens_per_s": batch * 1e3 / step_ms, "step_ms": step_ms, "prefill_ms": prefill_ms,
                      "mode": mode if plan is not None else "dense", "batch": batch, "prompt_len": prompt_len}
     dense_ms = out["dense"]["step_ms"]
@@ -165,7 +165,8 @@ def decode_speed(model: nn.Module, *, plans: dict[str, CompressionPlan] | None =
     return out
 
 
-def _graph_step_ms(decoder, prompt: torch.Tensor, mode: str) -> float:
+def graph_step_ms(decoder, prompt: torch.Tensor, mode: str) -> float:
+    """Median ms of one decode step after ``prompt`` (prefilled), replayed from a CUDA graph (do_bench)."""
     from triton.testing import do_bench
 
     decoder.reset()
@@ -178,4 +179,4 @@ def _graph_step_ms(decoder, prompt: torch.Tensor, mode: str) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         decoder.decode_step(tokens, pos, mode)
-    return do_bench(graph.replay, warmup=10, rep=100)
+    return float(do_bench(graph.replay, warmup=25, rep=200, return_mode="median"))

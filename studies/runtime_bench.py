@@ -61,19 +61,8 @@ def plans_at(model, sparsities, seed: int):
 
 
 def step_ms(decoder, batch: int, context: int, mode: str, vocab: int) -> float:
-    from triton.testing import do_bench
-
-    prompt = torch.randint(0, vocab, (batch, context), device="cuda")
-    decoder.reset()
-    decoder.prefill(prompt)
-    tokens, pos = prompt[:, -1].contiguous(), torch.tensor([context], device="cuda")
-    for _ in range(3):
-        decoder.decode_step(tokens, pos, mode)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        decoder.decode_step(tokens, pos, mode)
-    return float(do_bench(graph.replay, warmup=25, rep=200, return_mode="median"))
+    from allocator.evaluators.runtime import graph_step_ms
+    return graph_step_ms(decoder, torch.randint(0, vocab, (batch, context), device="cuda"), mode)
 
 
 def bench_model(name: str, dtype_name: str, args, cells) -> list[dict]:
