@@ -74,7 +74,7 @@ def measure(layers: int) -> list[dict]:
             launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] \
                 if torchrun else [sys.executable]
             env = {**os.environ, "SCALEOUT_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-            subprocess.run([*launcher, __file__, "--worker", tmp, "--layers", str(layers)], env=env, check=True,
+            subprocess.run([*launcher, __file__, "--worker", tmp, "--out", tmp, "--layers", str(layers)], env=env, check=True,
                            capture_output=True, text=True)
             ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
         seconds = max(r["seconds"] for r in ranks)
@@ -184,11 +184,15 @@ def report(measured: list[dict], layers: int) -> str:
 
 
 def main() -> None:
+    from _common import add_common_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "studies" / "results")
+    add_common_args(p, device=None)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.quick:
+        args.layers = 2
     if args.worker:
         return worker(args.worker, args.layers)
     measured = measure(args.layers)
