@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .cache import cache_dir
 from .costs import projection_costs
 from .tables import Tables, Unit
 
@@ -61,6 +62,14 @@ def cost_provider(name: str) -> Callable[..., np.ndarray]:
 
 def available_cost_kinds() -> list[str]:
     return sorted(_KIND_PROVIDER)
+
+
+def check_available(kind: str, **context) -> None:
+    """Fail early, before any model loads, when cost kind ``kind`` cannot be provided here with ``context``."""
+    if kind not in _KIND_PROVIDER:
+        raise CostProviderError(f"unknown cost kind '{kind}'; the registered providers compute {available_cost_kinds()}")
+    if kind == "latency_decode" and context.get("latency_table") is None:
+        _gpu_name()                          # measuring needs a CUDA GPU: its error says so and names the fix
 
 
 def with_costs(tables: Tables, kind: str, **context) -> Tables:
@@ -159,11 +168,6 @@ def read_latency_table(table) -> pd.DataFrame:
     return frame
 
 
-def latency_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/allocator/latency`` (default ``~/.cache/allocator/latency``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "allocator" / "latency"
-
-
 def _gpu_name() -> str:
     try:
         import torch
@@ -182,7 +186,7 @@ def _measured_or_cached(shapes, tables: Tables, dtype: str, batch: int, path: st
     levels = sorted({(lv.s, lv.rho) for lv in tables.level_objects()})
     key = json.dumps({"gpu": gpu, "dtype": dtype, "batch": batch, "path": path, "levels": levels,
                       "shapes": sorted({tuple(s) for unit in shapes for s in unit})}, sort_keys=True)
-    file = latency_cache_dir() / f"{re.sub(r'[^A-Za-z0-9]+', '-', gpu)}-{dtype}-b{batch}-" \
+    file = cache_dir() / "latency" / f"{re.sub(r'[^A-Za-z0-9]+', '-', gpu)}-{dtype}-b{batch}-" \
                                  f"{hashlib.sha256(key.encode()).hexdigest()[:12]}.csv"
     if cache and file.exists():
         return read_latency_table(file), str(file)

@@ -185,7 +185,8 @@ def _slot(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return parent, attr
 
 
-def _original(module: nn.Module) -> nn.Module:
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The model's own module under any compression wrappers."""
     while isinstance(module, CompressionWrapper):
         module = module.inner
     return module
@@ -194,7 +195,7 @@ def _original(module: nn.Module) -> nn.Module:
 def compress_(model: nn.Module, plan: CompressionPlan) -> nn.Module:
     """Put the plan's wrappers in place (a module already wrapped is first restored); all or nothing."""
     slots = [_slot(model, e.path) for e in plan.entries]          # every target checked before any change
-    built = [e.build(_original(getattr(parent, attr))) for e, (parent, attr) in zip(plan.entries, slots)]
+    built = [e.build(unwrapped(getattr(parent, attr))) for e, (parent, attr) in zip(plan.entries, slots)]
     for (parent, attr), module in zip(slots, built):
         setattr(parent, attr, module)
     return model
@@ -208,7 +209,7 @@ def _wrapped_slots(model: nn.Module) -> list[tuple[nn.Module, str, CompressionWr
 def restore_(model: nn.Module) -> nn.Module:
     """Remove every wrapper: the model's own modules are back and its outputs bit-identical to before."""
     for parent, name, wrapper in _wrapped_slots(model):
-        setattr(parent, name, _original(wrapper))
+        setattr(parent, name, unwrapped(wrapper))
     return model
 
 
@@ -234,7 +235,7 @@ def temporarily_dense(model: nn.Module):
     """Within the block the original modules are back in place; the wrappers return afterwards."""
     swapped = _wrapped_slots(model)
     for parent, name, wrapper in swapped:
-        setattr(parent, name, _original(wrapper))
+        setattr(parent, name, unwrapped(wrapper))
     try:
         yield model
     finally:

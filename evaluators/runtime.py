@@ -23,7 +23,7 @@ from torch import nn
 
 from .metrics import register_evaluator
 from .models import decoder_layers, find_projections
-from .plan import CompressionPlan
+from .plan import CompressionPlan, unwrapped
 from .wrappers import ThresholdLinear
 
 RUNTIME_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -45,18 +45,14 @@ def _check_model(model: nn.Module) -> None:
     if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
         raise RuntimeUnsupported("the runtime's attention is full causal; this model has sliding-window layers "
                                  "(use_sliding_window)")
-    qkv = {id(_unwrapped(p)) for row in find_projections(model) for p in row if p.kind in SITE_KINDS["qkv"]}
+    qkv = {id(unwrapped(getattr(p.parent, p.attr))) for row in find_projections(model) for p in row
+           if p.kind in SITE_KINDS["qkv"]}
     for i, layer in enumerate(decoder_layers(model)):
         biased = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and m.bias is not None
                   and id(m) not in qkv]
         if biased:
             raise RuntimeUnsupported(f"the runtime adds a bias to the q, k, v projections only (Qwen2); layer {i} "
                                      f"has biases in {biased}")
-
-
-def _unwrapped(p) -> nn.Module:
-    module = getattr(p.parent, p.attr)
-    return getattr(module, "linear", module)
 
 
 def _transposed(*linears: nn.Linear) -> torch.Tensor:
@@ -66,7 +62,7 @@ def _transposed(*linears: nn.Linear) -> torch.Tensor:
 def _layer_weights(layer: nn.Module, row) -> "object":
     from allocator.kernels.runtime import LayerWeights
 
-    by_kind = {p.kind: _unwrapped(p) for p in row}
+    by_kind = {p.kind: unwrapped(getattr(p.parent, p.attr)) for p in row}
     q, k, v = (by_kind[kind] for kind in SITE_KINDS["qkv"])
     bias = None
     if any(l.bias is not None for l in (q, k, v)):  # q|k|v bias (Qwen2); a missing one is zero
@@ -166,17 +162,12 @@ def decode_speed(model: nn.Module, *, plans: dict[str, CompressionPlan] | None =
 
 
 def graph_step_ms(decoder, prompt: torch.Tensor, mode: str) -> float:
-    """Median ms of one decode step after ``prompt`` (prefilled), replayed from a CUDA graph (do_bench)."""
-    from triton.testing import do_bench
+    """Median ms of one decode step after ``prompt`` (prefilled), replayed from a CUDA graph
+    (``kernels.latency.graph_time_us``: the project's one graph timing)."""
+    from allocator.kernels.latency import graph_time_us
 
     decoder.reset()
     decoder.prefill(prompt)
     tokens = prompt[:, -1].contiguous()
     pos = torch.tensor([prompt.shape[1]], device=prompt.device)
-    for _ in range(3):                                 # compile and warm the kernels outside the graph
-        decoder.decode_step(tokens, pos, mode)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        decoder.decode_step(tokens, pos, mode)
-    return float(do_bench(graph.replay, warmup=25, rep=200, return_mode="median"))
+    return graph_time_us([lambda: decoder.decode_step(tokens, pos, mode)], rep_ms=200) / 1e3

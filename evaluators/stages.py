@@ -136,18 +136,15 @@ def cost_tables(config: JobConfig, model, grid: Grid):
 
 def check_cost(config: JobConfig) -> None:
     """Fail before loading anything when the problem's cost kind cannot be provided here."""
-    from allocator.cost_providers import NEEDS_GPU, CostProviderError, available_cost_kinds
+    from allocator.cost_providers import CostProviderError, check_available
 
     cost = config.problem.cost
-    if cost not in available_cost_kinds():
-        raise CostProviderError(f"unknown problem.cost '{cost}'; the cost kinds are {available_cost_kinds()}")
     if cost == "latency_decode" and config.budget.kind == "sparsity":
         raise CostProviderError("problem.cost=latency_decode prices time, and the sparsity budget is a share of the "
                                 "dense cost the trust region leaves out: use budget=delta budget.value=<max KL> (the "
                                 "fastest allocation within a degradation budget) or budget=absolute "
                                 "budget.value=<microseconds>")
-    if cost == "latency_decode" and config.problem.latency_table is None and not torch.cuda.is_available():
-        raise CostProviderError(f"{NEEDS_GPU} (no CUDA device is visible to torch here)")
+    check_available(cost, latency_table=config.problem.latency_table)
 
 
 def profile_tables(config: JobConfig, model, method: Method, windows: Windows, tables, grid: Grid):
