@@ -25,6 +25,7 @@ from torch import nn
 from .methods import SAMPLES_PER_TENSOR, Method, _Sampler
 from .models import decoder_layers, find_projections
 from .plan import CompressionPlan, Target, allocation_targets, apply_levels, compressed, restore_, temporarily_dense
+from .profiling import capture_layer_inputs
 from .wrappers import ThresholdLinear
 
 logger = logging.getLogger(__name__)
@@ -46,41 +47,10 @@ def allocation_key(allocation) -> str:
     return hashlib.sha256(json.dumps(pairs, default=list).encode()).hexdigest()[:16]
 
 
-@torch.no_grad()
 def _layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, list[dict]]]:
-    """Per batch: the hidden state entering layer 0 and the keyword arguments each layer receives (they differ
-    by layer type: Gemma's sliding-window and global layers get their own mask and rotary embedding)."""
-    layers = decoder_layers(model)
-    out, hidden, kwargs = [], [], []
-
-    def grab(module, args, kw, i):
-        if i == 0:
-            hidden.append((args[0] if args else kw["hidden_states"]).detach())
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
-        if i == len(layers) - 1:
-            raise _StageSampled
-
-    hooks = [layer.register_forward_pre_hook(lambda m, a, k, i=i: grab(m, a, k, i), with_kwargs=True)
-             for i, layer in enumerate(layers)]
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, len(windows), batch_size):
-            hidden.clear()
-            kwargs.clear()
-            try:
-                model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
-            except _StageSampled:
-                pass
-            out.append((hidden[0], list(kwargs)))
-    finally:
-        for h in hooks:
-            h.remove()
-    return out
-
-
-def _first_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
-    """Per batch: the hidden state entering layer 0 and the keyword arguments layer 0 receives."""
-    return [(hidden, kwargs[0]) for hidden, kwargs in _layer_inputs(model, windows, batch_size)]
+    """Per batch: the hidden state entering layer 0 and the keyword arguments each layer receives."""
+    inputs, _ = capture_layer_inputs(model, windows, batch_size, logits=False, first_only=True)
+    return [(hidden[0], kwargs) for hidden, kwargs in zip(inputs.hidden, inputs.kwargs)]
 
 
 def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from .calibration import SparsityMeter
-from .metrics import logits_of, memory, token_losses
+from .metrics import logits_of, memory, window_losses
 from .plan import CompressionPlan, compressed, temporarily_dense
 
 
@@ -44,12 +44,6 @@ def decode_speed_or_reason(config, model, plans: dict[str, CompressionPlan]) -> 
         return f"not measured: {exc}"
 
 
-def _rows(logits, ids, ref, score_last: float) -> np.ndarray:
-    """(nll, kl, tokens) of every window of a batch: the per-window numbers the paired error bars need."""
-    return np.array([token_losses(logits[r:r + 1], ids[r:r + 1], None if ref is None else ref[r:r + 1], score_last)
-                     for r in range(len(ids))], dtype=float)
-
-
 @torch.no_grad()
 def compare(model, windows: torch.Tensor, plans: dict[str, CompressionPlan], batch_size: int = 4,
             score_last: float = 1.0) -> dict[str, dict]:
@@ -62,12 +56,12 @@ def compare(model, windows: torch.Tensor, plans: dict[str, CompressionPlan], bat
             ids = windows[start:start + batch_size]
             dense = logits_of(model, ids)
             ref = dense[:, :-1].log_softmax(-1)
-            rows["dense"].append(_rows(dense, ids, None, score_last))
+            rows["dense"].append(window_losses(dense, ids, None, score_last))
             del dense
             for name, plan in plans.items():
                 meters[name] = meters[name] or SparsityMeter(model)
                 with compressed(model, plan), meters[name]:
-                    rows[name].append(_rows(logits_of(model, ids), ids, ref, score_last))
+                    rows[name].append(window_losses(logits_of(model, ids), ids, ref, score_last))
     out = {}
     for name, parts in rows.items():
         per_window = np.concatenate(parts)

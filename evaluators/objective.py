@@ -16,7 +16,7 @@ from torch import nn
 from allocator.levels import Level
 
 from .methods import Method, get_method
-from .metrics import kl_top_k_for, logits_of, reference_logprobs, token_losses
+from .metrics import kl_top_k_for, logits_of, reference_logprobs, token_losses, window_losses
 from .plan import CompressionPlan, Target, allocation_targets, compressed, temporarily_dense
 
 logger = logging.getLogger(__name__)
@@ -87,8 +87,7 @@ class MeasuredObjective:
                 take = min(len(ids), n_windows - start)  # the last batch is cut at the fidelity
                 logits = logits_of(self.model, ids[:take])
                 if self.per_window:
-                    parts += [token_losses(logits[r:r + 1], ids[r:r + 1], ref[r:r + 1], self.score_last)
-                              for r in range(take)]
+                    parts += [tuple(row) for row in window_losses(logits, ids[:take], ref, self.score_last)]
                 else:
                     parts.append(token_losses(logits, ids[:take], ref[:take], self.score_last))
         nll, kl, count = (np.array(col, dtype=float) for col in zip(*parts))

@@ -28,12 +28,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from allocator.cache import cache_dir
 from allocator.levels import Level
 
 from .distributed import resolve as resolve_ranks
 from .methods import Method
 from .metrics import kl_top_k_for, reference_logprobs, token_losses
-from .models import cache_dir, decoder_layers, find_projections, model_id, weights_fingerprint
+from .models import decoder_layers, model_id, weights_fingerprint
 from .plan import Target, apply_levels, restore_
 from .profile_cache import ProfileCacheError, RowCache  # noqa: F401 - ProfileCacheError is re-exported
 from .text import windows_hash
@@ -52,32 +53,46 @@ class LayerInputs:
     kwargs: list[list[dict]]             # [batch][layer]
 
 
+class _LastLayerReached(Exception):
+    """Raised by the last layer's pre-hook when the logits are not wanted: the rest of the forward need not run."""
+
+
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> tuple[LayerInputs, list]:
-    """One full forward per batch with pre-hooks on every layer; returns the inputs and the float32 logits."""
+def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int, *, logits: bool = True,
+                         first_only: bool = False) -> tuple[LayerInputs, list]:
+    """One forward per batch with pre-hooks on every layer; returns the inputs and the float32 logits.
+
+    ``logits=False`` stops each forward at the last layer's input (no logits returned); ``first_only`` keeps only
+    the hidden state entering layer 0 (``hidden[batch] == [h0]``), with every layer's keyword arguments (they
+    differ by layer type: Gemma's sliding-window and global layers get their own mask and rotary)."""
     layers = decoder_layers(model)
     store: dict[int, tuple] = {}
 
     def pre_hook(module, args, kwargs, index):
         hidden = args[0] if args else kwargs["hidden_states"]
         rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        store[index] = (hidden.detach(), rest)
+        store[index] = (hidden.detach() if index == 0 or not first_only else None, rest)
+        if not logits and index == len(layers) - 1:
+            raise _LastLayerReached
 
     hooks = [layer.register_forward_pre_hook(lambda m, a, k, i=i: pre_hook(m, a, k, i), with_kwargs=True)
              for i, layer in enumerate(layers)]
-    hidden, kwargs, logits = [], [], []
+    hidden, kwargs, out_logits = [], [], []
     device = next(model.parameters()).device
     try:
         for start in range(0, len(windows), batch_size):
             store.clear()
-            out = model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
-            hidden.append([store[i][0] for i in range(len(layers))])
+            try:
+                out = model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
+                out_logits.append(out.logits.float())
+            except _LastLayerReached:
+                pass
+            hidden.append([store[i][0] for i in range(1 if first_only else len(layers))])
             kwargs.append([store[i][1] for i in range(len(layers))])
-            logits.append(out.logits.float())
     finally:
         for h in hooks:
             h.remove()
-    return LayerInputs(hidden, kwargs), logits
+    return LayerInputs(hidden, kwargs), out_logits
 
 
 def _final_norm(model: nn.Module) -> nn.Module:

@@ -4,7 +4,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from allocator.evaluators.calibration import (_first_layer_inputs, _stages, calibrate_sequential,  # noqa: E402
+from allocator.evaluators.calibration import (_layer_inputs, _stages, calibrate_sequential,  # noqa: E402
                                               for_allocations, realized_sparsity)
 from allocator.evaluators.measure import compare  # noqa: E402
 from allocator.evaluators.models import decoder_layers, find_projections  # noqa: E402
@@ -23,7 +23,8 @@ def test_stages_follow_what_each_projection_reads(small_model, calibrated, calib
     method = calibrated["teal"]
     targets = [(key, module, on_output, value, proj) for proj in find_projections(model)[1]
                for key, module, on_output, value in method.stat_targets(proj)]
-    batch = _first_layer_inputs(model, calib_windows, 4)[0]
+    hidden, kwargs = _layer_inputs(model, calib_windows, 4)[0]
+    batch = (hidden, kwargs[0])
     stages = _stages(decoder_layers(model)[1], targets, batch)
     assert [[t[4].kind for t in stage] for stage in stages] == [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]]
 
