@@ -22,10 +22,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class LevelGridConfig:
-    """The product grid of levels a method may apply (``allocator.make_levels``)."""
+    """The product grid of levels a method may apply (``allocator.make_levels``): s x rho x formats."""
     s: List[float] = field(default_factory=lambda: list(DEFAULT_S_GRID))
     rho: List[float] = field(default_factory=lambda: [1.0])
     bits: List[int] = field(default_factory=lambda: [16])
+    fmt: Optional[List[str]] = None     # number formats by name (allocator.formats), e.g. [bf16, w8a8-fp8]; replaces bits
+
+    def make(self):
+        """The level frame of this grid."""
+        from .levels import make_levels
+        return make_levels(s=self.s, rho=self.rho, bits=None if self.fmt else self.bits, fmt=self.fmt)
 
 
 @dataclass
@@ -243,6 +249,15 @@ def _check_levels(grid: LevelGridConfig, where: str) -> None:
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             raise ConfigError(f"{where}.{key}={values!r} must be a non-empty list of numbers, e.g. {where}.{key}="
                               f"{[0.0, 0.5] if key == 's' else [1.0] if key == 'rho' else [16]}")
+    if grid.fmt is not None:
+        from .formats import FORMATS, FormatError, get_format
+        if not isinstance(grid.fmt, (list, tuple)) or not grid.fmt:
+            raise ConfigError(f"{where}.fmt={grid.fmt!r} must be a non-empty list of format names from {sorted(FORMATS)}")
+        for name in grid.fmt:
+            try:
+                get_format(name)
+            except FormatError as exc:
+                raise ConfigError(f"{where}.fmt: {exc}") from exc
 
 
 @dataclass

@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 
 from .cache import cache_dir
-from .costs import projection_costs
+from .costs import COST_KINDS, projection_costs
 from .tables import Tables, Unit
 
-ANALYTIC_KINDS = ("flops_prefill", "flops_decode", "bytes_decode")
+ANALYTIC_KINDS = COST_KINDS
 LATENCY_COLUMNS = ["gpu", "d_out", "d_in", "s", "rho", "dtype", "batch", "latency_us", "dense_us", "path"]
 # projections that read one input run as one fused GEMV in a decode step (q|k|v, gate|up): time them as one
 FUSED_INPUTS = (("q", "k", "v"), ("gate", "up"))
@@ -97,12 +97,12 @@ def with_costs(tables: Tables, kind: str, **context) -> Tables:
 
 # ---------------------------------------------------------------------------------------------- analytic
 @register_cost_provider("analytic", kinds=ANALYTIC_KINDS)
-def analytic_costs(tables: Tables, kind: str, *, tokens: int | None = None, group_size: int = 128) -> np.ndarray:
+def analytic_costs(tables: Tables, kind: str, *, tokens: int | None = None) -> np.ndarray:
     """The analytic cost model (``costs.projection_costs``) summed over each unit's projection shapes."""
     tokens = int(tokens or tables.provenance.get("tokens", 2048))
     _require_shapes(tables, kind, "build the tables with analytic_tables(config, levels) or give the cost column")
     levels = tables.level_objects()
-    return np.array([[sum(projection_costs(d_out, d_in, lv.s, lv.rho, lv.bits, tokens, group_size)[kind]
+    return np.array([[sum(projection_costs(d_out, d_in, lv, tokens)[kind]
                           for d_out, d_in in unit.shapes) for lv in levels] for unit in tables.units])
 
 
@@ -119,9 +119,9 @@ def latency_decode_costs(tables: Tables, kind: str, *, latency_table=None, dtype
                          gpu: str | None = None, path: str = "standalone", with_fallback: bool = True,
                          device: str = "cuda", rep_ms: int = 40, seed: int = 0, cache: bool = True) -> np.ndarray:
     """Measured decode latency (us) per unit and level: from a saved latency table, else measured on this GPU."""
-    compressed_bits = sorted({lv.bits for lv in tables.level_objects() if lv.bits != 16})
-    if compressed_bits:
-        raise CostProviderError(f"latency_decode times 16-bit kernels only; the grid has bits {compressed_bits}: "
+    compressed = sorted({lv.fmt for lv in tables.level_objects() if not lv.format.is_dense})
+    if compressed:
+        raise CostProviderError(f"latency_decode times 16-bit kernels only; the grid has formats {compressed}: "
                                 "drop them from the levels or use problem.cost=bytes_decode")
     _require_shapes(tables, kind, "build the tables with analytic_tables(config, levels)")
     shapes = [decode_gemv_shapes(u) for u in tables.units]

@@ -1,14 +1,19 @@
 """Analytic cost model of a decoder-only transformer, from its Hugging Face config alone (no weights).
 
-Per projection (q, k, v, o, gate, up, down; real GQA shapes) and per level (s, rho, bits) it counts
-FLOPs for a prefill of N tokens, FLOPs per decode token and weight bytes moved per decode token:
+Per projection (q, k, v, o, gate, up, down; real GQA shapes) and per level (s, rho, fmt) it counts
+FLOPs for a prefill of N tokens, FLOPs per decode token, weight bytes moved per decode token and an estimated
+prefill time:
 
 * dense: ``2 d_in d_out`` FLOPs per token, ``d_in d_out bits/8`` weight bytes;
 * activation sparsity ``s`` (``rho = 1``): a share ``1 - s`` of the input channels (rows of W^T) is touched;
 * R-Sparse ``(s, rho)`` (DESIGN.md section 2): ``k = floor(d_in (1 - s) rho)`` exact channels plus a rank
   ``r = floor((d_in d_out (1 - s) - k d_out) / (d_in + d_out))`` correction, i.e. ``k d_out + r (d_in + d_out)``
   weights touched per token;
-* weight bits ``b < 16`` add one fp16 scale per ``group_size`` weights.
+* the level's number format (``allocator.formats``) sets the bytes per weight, scales included (one fp16 scale
+  per group or per output channel); the low-rank factors are counted at the same format;
+* ``time_prefill``: microseconds of the projection's prefill GEMM on an NVIDIA H200, from the measured bf16 rate
+  and the format's measured GEMM speedup (``NumberFormat.prefill_speedup``). Prefill runs dense (a per-token
+  mask saves no GEMM time), so this cost depends on the format only: the second constraint beside decode bytes.
 
 Attention scores (``QK^T`` and ``AV``), activation reads / writes, KV-cache reads, norms, embeddings and the LM
 head are fixed costs, reported in the
@@ -24,7 +29,8 @@ from typing import Mapping
 
 import numpy as np
 
-from .levels import normalize_levels
+from .formats import H200_BF16_PREFILL_TFLOPS
+from .levels import Level, normalize_levels
 from .tables import Tables, TablesError, Unit
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -144,18 +150,18 @@ def touched_weights(d_out: int, d_in: int, s: float, rho: float) -> float:
     return kept * d_out + rank * (d_in + d_out)
 
 
-def weight_bytes_per_element(bits: int, group_size: int = 128) -> float:
-    return bits / 8 + (0.0 if bits >= 16 else 2.0 / group_size)
+COST_KINDS = ("flops_prefill", "flops_decode", "bytes_decode", "time_prefill")
 
 
-def projection_costs(d_out: int, d_in: int, s: float, rho: float, bits: int, tokens: int,
-                     group_size: int = 128) -> dict[str, float]:
-    """flops_prefill (N tokens), flops_decode, bytes_decode of one projection at one level."""
-    touched = touched_weights(d_out, d_in, s, rho)
+def projection_costs(d_out: int, d_in: int, level: Level, tokens: int) -> dict[str, float]:
+    """flops_prefill (N tokens), flops_decode, bytes_decode, time_prefill (us) of one projection at one level."""
+    touched = touched_weights(d_out, d_in, level.s, level.rho)
+    fmt = level.format
     return {
         "flops_prefill": 2.0 * tokens * touched,
         "flops_decode": 2.0 * touched,
-        "bytes_decode": touched * weight_bytes_per_element(bits, group_size),
+        "bytes_decode": touched * fmt.bytes_per_weight(d_in),
+        "time_prefill": 2.0 * tokens * d_in * d_out / (H200_BF16_PREFILL_TFLOPS * 1e6 * fmt.prefill_speedup),
     }
 
 
@@ -177,8 +183,8 @@ def fixed_costs(shape: ModelShape, tokens: int, context: int | None = None) -> d
 
 
 def analytic_tables(config, levels, unit: str = "layer", tokens: int = 2048, context: int | None = None,
-                    group_size: int = 128, projections=PROJECTIONS) -> Tables:
-    """Cost tables (flops_prefill, flops_decode, bytes_decode) for every layer or projection of a model.
+                    projections=PROJECTIONS) -> Tables:
+    """Cost tables (``COST_KINDS``) for every layer or projection of a model.
 
     ``unit="layer"`` makes one unit per decoder layer (all seven projections share its level);
     ``unit="projection"`` one unit per projection; ``unit="block"`` one unit for attention (q,k,v,o) and one
@@ -205,11 +211,11 @@ def analytic_tables(config, levels, unit: str = "layer", tokens: int = 2048, con
     else:
         raise TablesError(f"unknown unit granularity '{unit}'; use 'layer', 'block', 'input' or 'projection'")
 
-    per_proj = {p: {kind: np.array([projection_costs(*pshapes[p], lv.s, lv.rho, int(lv.bits), tokens, group_size)[kind]
-                                    for lv in levels.itertuples()])
-                    for kind in ("flops_prefill", "flops_decode", "bytes_decode")}
+    grid = [Level(**row) for row in levels.to_dict(orient="records")]
+    per_proj = {p: {kind: np.array([projection_costs(*pshapes[p], lv, tokens)[kind] for lv in grid])
+                    for kind in COST_KINDS}
                 for p in projections}
-    units, rows = [], {k: [] for k in ("flops_prefill", "flops_decode", "bytes_decode")}
+    units, rows = [], {k: [] for k in COST_KINDS}
     for layer in range(shape.layers):
         for suffix, members in groups:
             shapes = tuple(pshapes[p] for p in members)
@@ -217,7 +223,7 @@ def analytic_tables(config, levels, unit: str = "layer", tokens: int = 2048, con
                               params=int(sum(o * i for o, i in shapes)), shapes=shapes))
             for kind in rows:
                 rows[kind].append(sum(per_proj[p][kind] for p in members))
-    dense = {kind: [projection_costs(*pshapes[p], 0.0, 1.0, 16, tokens, group_size)[kind] for p in projections]
+    dense = {kind: [projection_costs(*pshapes[p], Level(), tokens)[kind] for p in projections]
              for kind in rows}
     provenance = {"model": shape.name, "cost_model": "analytic", "tokens": tokens, "unit": unit,
                   "fixed_costs": fixed_costs(shape, tokens, context),

@@ -55,12 +55,12 @@ def save_result(result, out: Path) -> None:
 
 def run_synthetic(config: JobConfig, out: Path) -> dict:
     """Analytic cost tables + a seeded synthetic degradation table, solved, with the uniform baseline."""
-    from . import analytic_tables, make_levels, minimize
+    from . import analytic_tables, minimize
     from .plot import plot_allocation
     from .synthetic import synthetic_tables
 
     exp = config.experiment
-    levels = make_levels(s=exp.levels.s, rho=exp.levels.rho, bits=exp.levels.bits)
+    levels = exp.levels.make()
     tables = synthetic_tables(analytic_tables(exp.model_config, levels, unit=exp.unit, tokens=exp.tokens),
                               seed=config.seed)
     tables.save(out / "tables")

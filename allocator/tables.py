@@ -18,6 +18,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from .formats import format_for_bits
 from .levels import LEVEL_COLUMNS, Level, LevelError, make_levels, normalize_levels  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -144,8 +145,8 @@ class Tables:
         return self.costs[kind]
 
     def dense_level(self) -> int | None:
-        """Index of the uncompressed level (s=0, bits>=16), if the grid has one."""
-        hit = np.flatnonzero((self.levels["s"].to_numpy() == 0) & (self.levels["bits"].to_numpy() >= 16))
+        """Index of the uncompressed level (s=0, a dense format), if the grid has one."""
+        hit = np.flatnonzero([lv.is_dense for lv in self.level_objects()])
         return int(hit[0]) if hit.size else None
 
     def dense_cost(self, kind: str) -> np.ndarray:
@@ -174,7 +175,9 @@ class Tables:
     def content_hash(self) -> str:
         h = hashlib.sha256()
         h.update(json.dumps([u.to_dict() for u in self.units]).encode())
-        h.update(self.levels.to_numpy().astype(float).tobytes())
+        h.update(self.levels[["s", "rho", "bits"]].to_numpy().astype(float).tobytes())
+        if any(f != format_for_bits(b) for b, f in zip(self.levels["bits"], self.levels["fmt"])):
+            h.update(json.dumps(list(self.levels["fmt"])).encode())   # only non-default formats: old hashes hold
         for k in sorted(self.costs):
             h.update(k.encode()); h.update(self.costs[k].tobytes())
         if self.degradation is not None:
@@ -235,7 +238,7 @@ class Tables:
 
     @classmethod
     def from_csv(cls, path, cost_columns=None) -> "Tables":
-        """Tables from a long CSV a user wrote: columns ``unit, level`` (or ``s``/``rho``/``bits``), costs, ``degradation``.
+        """Tables from a long CSV a user wrote: columns ``unit``, ``s`` [``rho``, ``bits`` / ``fmt``], costs, ``degradation``.
 
         Optional columns ``layer`` and ``params``. Every (unit, level) pair must appear exactly once. Unit names
         are read as text (``01`` and ``1`` are two units).
@@ -244,13 +247,13 @@ class Tables:
         frame = _read_csv(path)
         level_cols = [c for c in LEVEL_COLUMNS if c in frame.columns]
         if not level_cols:
-            raise TablesError(f"{path} has no level columns; give at least 's' (and optionally 'rho', 'bits')")
+            raise TablesError(f"{path} has no level columns; give at least 's' (and optionally 'rho', 'bits' or 'fmt')")
         reserved = {"unit", "layer", "params", "level", "degradation", *LEVEL_COLUMNS}
         cost_columns = list(cost_columns) if cost_columns else [c for c in frame.columns if c not in reserved]
         if not cost_columns:
             raise TablesError(f"{path} has no cost columns (e.g. flops_decode, bytes_decode)")
         _require_columns(frame, cost_columns, str(path), "name existing columns in cost_columns")
-        for c in level_cols + [c for c in ("layer", "params") if c in frame.columns]:
+        for c in [c for c in level_cols if c != "fmt"] + [c for c in ("layer", "params") if c in frame.columns]:
             _numeric_column(frame, c, path)
         try:
             levels = normalize_levels(frame[level_cols].drop_duplicates().reset_index(drop=True))

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from allocator.costs import projection_costs
+from allocator.levels import Level
 
 from .models import find_projections, model_id
 from .plan import allocation_targets, is_compressed, temporarily_dense
@@ -210,8 +211,8 @@ def allocation_cost(model: nn.Module, allocation, kind: str = "bytes_decode", to
     total = dense = 0.0
     for p in (p for row in rows for p in row):
         lv = level_of.get(p.name)
-        total += projection_costs(p.d_out, p.d_in, *((lv.s, lv.rho, lv.bits) if lv else (0.0, 1.0, 16)), tokens)[kind]
-        dense += projection_costs(p.d_out, p.d_in, 0.0, 1.0, 16, tokens)[kind]
+        total += projection_costs(p.d_out, p.d_in, lv or Level(), tokens)[kind]
+        dense += projection_costs(p.d_out, p.d_in, Level(), tokens)[kind]
     return {kind: total, f"dense_{kind}": dense, "ratio": total / dense, "model_sparsity": 1 - total / dense}
 
 

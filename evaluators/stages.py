@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from allocator import Allocation, analytic_tables, make_levels, minimize
+from allocator import Allocation, analytic_tables, minimize
 from allocator.config import JobConfig, check_solver_options, load_config
 from allocator.experiments import build_problem, save_result
 from allocator.levels import Level
@@ -80,8 +80,7 @@ def load(config: JobConfig):
 
 def level_grid(config: JobConfig) -> Grid:
     """The method's grid cut to the trust region around the budget, and the operating level on it."""
-    lv = config.method.levels
-    levels = make_levels(s=lv.s, rho=lv.rho, bits=lv.bits)
+    levels = config.method.levels.make()
     kind, value = config.budget.kind, float(config.budget.value)
     if kind == "sparsity" and config.profile.window is not None:
         keep = (levels["s"] - value).abs() <= config.profile.window + 1e-9
@@ -105,7 +104,7 @@ def operating_level(levels, sparsity: float, rho: float = 1.0) -> Level:
     if hit.empty:
         raise TablesError(f"budget sparsity {sparsity} (rho {rho}) is not a level of the grid s={s_grid}, "
                           f"rho={sorted(set(levels['rho']))}; add it to method.levels or choose a grid value")
-    return Level(float(sparsity), float(rho), int(hit.iloc[0]["bits"]))
+    return Level(float(sparsity), float(rho), fmt=str(hit.iloc[0]["fmt"]))
 
 
 def data(config: JobConfig, tokenizer) -> Windows:
@@ -118,8 +117,8 @@ def data(config: JobConfig, tokenizer) -> Windows:
 def calibrate(config: JobConfig, model, windows: Windows) -> Method:
     m = config.method
     method = get_method(m.name, sparse_fraction=m.sparse_fraction, seed=config.seed, **m.options)
-    for bits in m.levels.bits:
-        method.check_level(Level(bits=int(bits)))
+    for fmt in sorted(set(m.levels.make()["fmt"])):
+        method.check_level(Level(fmt=fmt))
     return method.calibrate(model, windows.calibration, batch_size=config.data.batch_size)
 
 

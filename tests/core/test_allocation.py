@@ -19,7 +19,7 @@ def test_levels_are_level_objects_and_json_stays_dicts(tmp_path):
     assert alloc.levels[2] == Level(0.7) and alloc.level_of("layers.1") == Level(0.4)
     path = alloc.to_json(tmp_path / "allocation.json")
     stored = json.loads(path.read_text())["_data"]["levels"]
-    assert stored[2] == {"s": 0.7, "rho": 1.0, "bits": 16}
+    assert stored[2] == {"s": 0.7, "rho": 1.0, "bits": 16, "fmt": "bf16"}
     assert Allocation.from_json(path) == alloc
     assert list(alloc.to_frame()["s"]) == [0.0, 0.4, 0.7, 0.4]
 

@@ -34,7 +34,7 @@ def test_unknown_kind_and_option_are_clear():
     t = analytic_tables(TINY, LEVELS)
     with pytest.raises(CostProviderError, match=r"unknown cost kind 'wallclock'.*'latency_decode'"):
         with_costs(t, "wallclock")
-    with pytest.raises(CostProviderError, match=r"takes the options \['tokens', 'group_size'\], not \['latency'\]"):
+    with pytest.raises(CostProviderError, match=r"takes the options \['tokens'\], not \['latency'\]"):
         with_costs(without(t, "flops_decode"), "flops_decode", latency=1)
     with pytest.raises(CostProviderError, match="no cost provider 'nope'"):
         cost_provider("nope")

@@ -4,6 +4,7 @@ import pytest
 
 from allocator import analytic_tables, make_levels, model_shape, shipped_model_configs
 from allocator.costs import fixed_costs, projection_costs, rsparse_split
+from allocator.levels import Level
 
 
 def test_llama2_7b_prefill_2048_by_hand():
@@ -48,7 +49,7 @@ def test_rsparse_split_by_hand():
     # k = floor(4096 * 0.5 * 0.9) = 1843; B = 4096 * 11008 * 0.5 = 22,544,384;
     # r = floor((22,544,384 - 1843 * 11008) / (4096 + 11008)) = floor(2,256,640 / 15104) = 149
     assert rsparse_split(d_out=11008, d_in=4096, s=0.5, rho=0.9) == (1843, 149)
-    c = projection_costs(11008, 4096, 0.5, 0.9, 16, tokens=1)
+    c = projection_costs(11008, 4096, Level(0.5, 0.9), tokens=1)
     assert c["flops_decode"] == 2 * (1843 * 11008 + 149 * 15104)
     # the R-Sparse examples: gate 4096->14336 at s=.5, a=.8 gives k=1638, r=318; q 4096^2 at s=.5, a=.5 k=1024, r=512
     assert rsparse_split(d_out=14336, d_in=4096, s=0.5, rho=0.8) == (1638, 318)

@@ -94,7 +94,7 @@ def test_corrupt_saved_tables(tmp_path):
 
 def test_repr_summarizes():
     t = analytic_tables("smollm2-135m", make_levels(s=[0, 0.5]))
-    assert repr(t) == ("Tables(30 units x 2 levels, costs ['bytes_decode', 'flops_decode', 'flops_prefill'], "
+    assert repr(t) == ("Tables(30 units x 2 levels, costs ['bytes_decode', 'flops_decode', 'flops_prefill', 'time_prefill'], "
                        "no degradation, model HuggingFaceTB/SmolLM2-135M-Instruct)")
     assert "degradation (ppl)" in repr(t.with_degradation(np.zeros((30, 2)), metric="ppl"))
 
