@@ -42,8 +42,11 @@ def build_problem(config: JobConfig, tables, **extra):
     """The ``Problem`` of the budget and problem groups over ``tables``."""
     from .problem import Problem
 
+    side = {kind: float(share) * float(tables.dense_cost(kind).sum()) for kind, share in
+            config.problem.side_limits.items()}
     return Problem(tables, cost=config.problem.cost, grouping=config.problem.grouping,
-                   max_groups=config.problem.max_groups, **{config.budget.kind: float(config.budget.value)}, **extra)
+                   max_groups=config.problem.max_groups, side_limits=side,
+                   **{config.budget.kind: float(config.budget.value)}, **extra)
 
 
 def save_result(result, out: Path) -> None:

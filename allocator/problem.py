@@ -59,7 +59,8 @@ class Problem:
                  max_groups: int | None = None, group_degradation: Mapping | None = None,
                  cost_fn: Callable[[np.ndarray], np.ndarray] | None = None,
                  degradation_fn: Callable[[np.ndarray], np.ndarray] | None = None,
-                 measured_objective: Callable | None = None, tolerance: float = 1e-9):
+                 measured_objective: Callable | None = None, tolerance: float = 1e-9,
+                 side_limits: Mapping[str, float] | None = None):
         if not isinstance(tables, Tables):
             raise TypeError(f"tables must be an allocator.Tables, got {type(tables).__name__}")
         self.tables = tables
@@ -79,6 +80,7 @@ class Problem:
         self.cost_fn, self.degradation_fn = cost_fn, degradation_fn
         self.measured_objective = measured_objective
         self.tolerance = tolerance
+        self.side_limits = self._check_side_limits(side_limits or {})
 
         for name, value in (("delta", delta), ("budget", budget), ("sparsity", sparsity)):
             number = isinstance(value, Real) and not isinstance(value, bool)
@@ -150,6 +152,28 @@ class Problem:
         if not self.is_additive:
             raise TypeError(f"solver '{solver}' needs additive tables; this problem uses user callables "
                             "(cost_fn / degradation_fn): use 'brute', 'uniform', 'greedy', 'evo' or 'bayes'")
+
+    def _check_side_limits(self, limits: Mapping[str, float]) -> dict[str, float]:
+        """Extra constraints ``sum cost_kind <= limit`` (e.g. prefill time beside decode bytes), absolute units."""
+        out = {}
+        for kind, limit in limits.items():
+            if kind not in self.tables.costs:
+                raise TablesError(f"side limit on '{kind}': the tables have no such cost kind; available: "
+                                  f"{sorted(self.tables.costs)}")
+            if isinstance(limit, bool) or not isinstance(limit, Real) or not np.isfinite(limit) or limit < 0:
+                raise ValueError(f"side limit {kind}={limit!r} must be a finite number >= 0 (absolute units)")
+            out[kind] = float(limit)
+        return out
+
+    def side_violation(self, U: np.ndarray) -> np.ndarray:
+        """Largest excess over the side limits per candidate (<= 0: all met), in each kind's own units."""
+        U = np.atleast_2d(U)
+        worst = np.full(len(U), -np.inf)
+        for kind, limit in self.side_limits.items():
+            excess = self.tables.cost(kind)[np.arange(self.n_units), U].sum(axis=1) - limit
+            worst = np.maximum(worst, np.where(excess <= self.tolerance * max(1.0, limit), np.minimum(excess, 0.0),
+                                               excess))
+        return worst
 
     def _check_fixed_groups(self, groups) -> list[np.ndarray]:
         out = [np.asarray(g, dtype=int) for g in groups]
@@ -236,6 +260,9 @@ class Problem:
         if self.max_groups is not None:
             n_groups = np.array([len(self.runs(lv)) for lv in self.layer_levels(U)])
             violation = np.maximum(violation, np.where(n_groups > self.max_groups, n_groups - self.max_groups, violation))
+        if self.side_limits:
+            side = self.side_violation(U)
+            violation = np.where(side > 0, np.maximum(violation, side), violation)
         return Evaluation(cost, deg, violation, objective)
 
     def _grouped_deg(self, unit_levels: np.ndarray) -> float:
@@ -281,9 +308,15 @@ class Problem:
         best = float(self.constrained_matrix().min(axis=1).sum())
         if not self.is_within_limit(best):
             raise self.infeasible(best)
+        for kind, limit in self.side_limits.items():
+            least = float(self.tables.cost(kind).min(axis=1).sum())
+            if least - limit > self.tolerance * max(1.0, limit):
+                raise Infeasible(f"no allocation meets the side limit {kind} <= {limit:.6g}: the least {kind} any "
+                                 f"allocation reaches is {least:.6g}; loosen the limit or add cheaper levels", least)
 
     def describe(self) -> dict:
         return {"direction": self.direction, "cost": self.cost_kind, "limit": self.limit, "delta": self.delta,
                 "budget": self.budget, "sparsity": self.sparsity, "grouping": self.grouping,
                 "max_groups": self.max_groups, "n_units": self.n_units, "n_levels": self.n_levels,
-                "n_layers": self.n_layers, "tables_hash": self.tables.content_hash()}
+                "n_layers": self.n_layers, "tables_hash": self.tables.content_hash(),
+                **({"side_limits": dict(self.side_limits)} if self.side_limits else {})}

@@ -27,7 +27,8 @@ from allocator.levels import Level
 from .models import ModelError, Projection, find_projections
 from .wrappers import WRAPPERS, CompressionWrapper
 
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2          # 2: entries carry the wrappers nested inside them (rotate -> sparsify -> quantize)
+READABLE_PLAN_VERSIONS = (1, 2)
 FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 
 
@@ -86,9 +87,33 @@ def uniform_targets(n_layers: int, level) -> list[tuple[Target, Level]]:
     return [(Target.of(i), Level.from_mapping(level)) for i in range(n_layers)]
 
 
+@dataclass(frozen=True)
+class WrapperState:
+    """One wrapper of a nested stack, as saved: its class name, parameters and tensors."""
+
+    wrapper: str
+    params: dict
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, module: CompressionWrapper) -> "WrapperState":
+        params, tensors = module.state()
+        return cls(type(module).__name__, params, tensors)
+
+
+def _stack(module: CompressionWrapper) -> list[CompressionWrapper]:
+    """The wrappers of a nested stack, outermost first (a sparsity wrapper around a fake-quant linear, ...)."""
+    out = []
+    while isinstance(module, CompressionWrapper):
+        out.append(module)
+        module = module.inner
+    return out
+
+
 @dataclass
 class PlanEntry:
-    """One module replacement: where (``path`` of the replaced module), which wrapper and its state."""
+    """One module replacement: where (``path`` of the replaced module), which wrapper and its state; ``inner``
+    holds the wrappers nested inside it, outermost first (e.g. the fake-quant linear under a threshold)."""
 
     path: str
     unit: str
@@ -97,11 +122,20 @@ class PlanEntry:
     params: dict
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     module: CompressionWrapper | None = field(default=None, repr=False, compare=False)   # built, not saved
+    inner: tuple[WrapperState, ...] = ()
+
+    @classmethod
+    def of(cls, path: str, unit: str, level: Level, module: CompressionWrapper) -> "PlanEntry":
+        outer, *nested = [WrapperState.of(m) for m in _stack(module)]
+        return cls(path, unit, level, outer.wrapper, outer.params, outer.tensors, module, tuple(nested))
 
     def build(self, original: nn.Module) -> CompressionWrapper:
-        if self.module is not None and self.module.inner is original:
+        if self.module is not None and unwrapped(self.module) is original:
             return self.module
-        return WRAPPERS[self.wrapper].from_state(original, self.params, self.tensors)
+        module = original
+        for state in (*reversed(self.inner), WrapperState(self.wrapper, self.params, self.tensors)):
+            module = WRAPPERS[state.wrapper].from_state(module, state.params, state.tensors)
+        return module
 
 
 @dataclass
@@ -120,10 +154,8 @@ class CompressionPlan:
             for target, level in pairs:
                 for proj in target.projections(rows):
                     for parent, attr, module in method.wrap(proj, level):
-                        params, tensors = module.state()
                         path = f"{names[id(parent)]}.{attr}" if names[id(parent)] else attr
-                        entries.append(PlanEntry(path, target.name, level, type(module).__name__, params, tensors,
-                                                 module))
+                        entries.append(PlanEntry.of(path, target.name, level, module))
         return cls(entries, method.options())
 
     def __len__(self) -> int:
@@ -143,10 +175,14 @@ class CompressionPlan:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"{i}/{k}": t.detach().cpu().contiguous() for i, e in enumerate(self.entries)
                    for k, t in e.tensors.items()}
+        tensors.update({f"{i}/inner{j}/{k}": t.detach().cpu().contiguous() for i, e in enumerate(self.entries)
+                        for j, s in enumerate(e.inner) for k, t in s.tensors.items()})
         save_file(tensors, str(directory / "plan.safetensors"))
         meta = {"_type": "allocator.CompressionPlan", "_version": PLAN_FORMAT_VERSION, "method": self.method,
                 "entries": [{"path": e.path, "unit": e.unit, "level": e.level.to_dict(), "wrapper": e.wrapper,
-                             "params": e.params, "tensors": sorted(e.tensors)} for e in self.entries]}
+                             "params": e.params, "tensors": sorted(e.tensors),
+                             "inner": [{"wrapper": s.wrapper, "params": s.params, "tensors": sorted(s.tensors)}
+                                       for s in e.inner]} for e in self.entries]}
         (directory / "plan.json").write_text(json.dumps(meta, indent=1))
         return directory
 
@@ -161,15 +197,19 @@ class CompressionPlan:
         except (OSError, ValueError) as exc:
             raise ValueError(f"no readable compression plan in {directory} ({exc}); write one with plan.save(dir) "
                              "(the main job saves it as plan/ beside allocation.json)") from exc
-        if meta.get("_type") != "allocator.CompressionPlan" or meta.get("_version") != PLAN_FORMAT_VERSION:
-            raise ValueError(f"{directory}/plan.json is not a version-{PLAN_FORMAT_VERSION} allocator.CompressionPlan")
+        if meta.get("_type") != "allocator.CompressionPlan" or meta.get("_version") not in READABLE_PLAN_VERSIONS:
+            raise ValueError(f"{directory}/plan.json is not an allocator.CompressionPlan of a version in "
+                             f"{READABLE_PLAN_VERSIONS}")
         entries = []
         for i, e in enumerate(meta["entries"]):
-            if e["wrapper"] not in WRAPPERS:
-                raise ValueError(f"{directory}/plan.json entry {i} uses unknown wrapper '{e['wrapper']}'; "
-                                 f"known: {sorted(WRAPPERS)}")
+            for w in [e["wrapper"]] + [s["wrapper"] for s in e.get("inner", [])]:
+                if w not in WRAPPERS:
+                    raise ValueError(f"{directory}/plan.json entry {i} uses unknown wrapper '{w}'; known: "
+                                     f"{sorted(WRAPPERS)} (is the module that registers it imported?)")
+            inner = tuple(WrapperState(s["wrapper"], s["params"], {k: tensors[f"{i}/inner{j}/{k}"] for k in s["tensors"]})
+                          for j, s in enumerate(e.get("inner", [])))
             entries.append(PlanEntry(e["path"], e["unit"], Level.from_mapping(e["level"]), e["wrapper"], e["params"],
-                                     {k: tensors[f"{i}/{k}"] for k in e["tensors"]}))
+                                     {k: tensors[f"{i}/{k}"] for k in e["tensors"]}, inner=inner))
         return cls(entries, meta.get("method", {}))
 
 

@@ -53,8 +53,12 @@ class CompressionWrapper(nn.Module):
         self.inner = inner
 
     @property
-    def linear(self) -> nn.Module:    # projection discovery sees through wrappers
-        return self.inner
+    def linear(self) -> nn.Module:
+        """The model's own module under this wrapper and any nested inside it."""
+        module = self.inner
+        while isinstance(module, CompressionWrapper):
+            module = module.inner
+        return module
 
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(JSON-able parameters, tensors) from which ``from_state`` rebuilds this wrapper."""
@@ -126,7 +130,7 @@ class ThresholdLinear(_ProtocolWrapper):
 
     @classmethod
     def from_state(cls, inner, params, tensors):
-        w = inner.weight
+        w = (inner.linear if isinstance(inner, CompressionWrapper) else inner).weight
         return cls(inner, params["threshold"], Protocol(params["sparse_fraction"]), _to(tensors.get("scale"), w),
                    _to(tensors.get("lr_down"), w), _to(tensors.get("lr_up"), w))
 

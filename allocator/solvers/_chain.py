@@ -46,6 +46,20 @@ def chain_items(problem):
     return start, end, level, cons, obj, n
 
 
+def item_values(problem, matrix: np.ndarray, start, end, level) -> np.ndarray:
+    """Per chain item, the sum of a (units x levels) matrix over its units at its level (side-limit rows)."""
+    if problem.grouping == "unit":
+        return matrix[start, level]
+    L, m = problem.n_layers, problem.n_levels
+    layer = np.zeros((L, m))
+    np.add.at(layer, problem.unit_layer_pos, matrix)
+    if problem.grouping == "fixed":
+        rows = np.array([layer[g].sum(0) for g in problem.fixed_groups])
+        return rows[start, level]
+    prefix = np.vstack([np.zeros((1, m)), np.cumsum(layer, axis=0)])
+    return prefix[end, level] - prefix[start, level]
+
+
 def chain_solution(problem, start, end, level, items) -> tuple[np.ndarray, list[tuple[int, int]] | None]:
     """Chosen items -> per-unit levels, plus the layer-position spans when grouping is consecutive."""
     x = np.empty(max(int(end[k]) for k in items), dtype=int)

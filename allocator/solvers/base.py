@@ -30,19 +30,32 @@ class SolveOutput:
     info: dict = field(default_factory=dict)
 
 
+def _solvers_with_side_limits() -> list[str]:
+    from ..registry import available_solvers, get_solver
+    able = []
+    for name in available_solvers():
+        try:
+            able += [name] if get_solver(name).side_limits else []
+        except ImportError:     # an optional extra missing: that solver is not offered
+            pass
+    return able
+
+
 class Solver(abc.ABC):
     """Base class of every solver. Subclasses implement ``_solve`` and are registered with ``@register_solver``.
 
     Class attributes: ``exact`` (returns a certified optimum of the table problem), ``needs_additive`` (reads
     the table matrices directly; refuses problems defined through callables), ``groupings`` (the grouping modes
-    supported), ``Options`` (a ``SolverOptions`` dataclass: the accepted options, their defaults and ranges; a
-    solver without options keeps the empty base).
+    supported), ``side_limits`` (honours ``Problem(side_limits=...)``, the extra cost constraints), ``Options`` (a
+    ``SolverOptions`` dataclass: the accepted options, their defaults and ranges; a solver without options keeps
+    the empty base).
     """
 
     name: str = "abstract"
     exact: bool = False
     needs_additive: bool = True
     groupings: tuple[str, ...] = ("unit", "consecutive", "fixed")
+    side_limits: bool = False
     Options: type[SolverOptions] = SolverOptions
 
     def __init__(self, **options):
@@ -55,6 +68,10 @@ class Solver(abc.ABC):
                              f"(supports {list(self.groupings)})")
         if self.needs_additive:
             problem.require_additive(self.name)
+        if problem.side_limits and not self.side_limits:
+            able = _solvers_with_side_limits()
+            raise ValueError(f"solver '{self.name}' cannot honour side limits {sorted(problem.side_limits)} (a second "
+                             f"constraint); use one of {able} or drop the side limits")
         problem.check_feasible_bound()
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
@@ -67,6 +84,8 @@ class Solver(abc.ABC):
             feasible = problem.is_within_limit(deg if problem.direction == "min_cost" else cost)
             if problem.max_groups is not None:
                 feasible = feasible and len(out.groups) <= problem.max_groups
+            if problem.side_limits:
+                feasible = feasible and bool(problem.side_violation(unit_levels[None])[0] <= 0)
         else:
             ev = problem.evaluate_units(unit_levels[None])
             cost, deg, feasible = float(ev.cost[0]), float(ev.degradation[0]), bool(ev.feasible[0])

@@ -102,6 +102,7 @@ class BayesSolver(Solver):
     """optuna TPE / GP with table-known constraints, repair, warm start and shared storage."""
 
     needs_additive = False
+    side_limits = True
     Options = BayesOptions
 
     def _sampler(self, optuna, cfg, measured, seed):

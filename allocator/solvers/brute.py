@@ -39,6 +39,7 @@ def _digits(index: np.ndarray, width: int, base: int) -> np.ndarray:
 class BruteSolver(Solver):
     exact = True
     needs_additive = False
+    side_limits = True
     Options = BruteOptions
 
     def _solve(self, problem, rng) -> SolveOutput:

@@ -166,6 +166,7 @@ class EvoSolver(Solver):
     """pymoo GA with budget repair, level-switch mutation, multi-step selection and warm start."""
 
     needs_additive = False
+    side_limits = True
     Options = EvoOptions
 
     def _solve(self, problem, rng) -> SolveOutput:

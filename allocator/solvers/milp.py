@@ -4,7 +4,8 @@ Formulation (the chain of ``_chain.chain_items``): one binary y[k] per item k = 
 fixed group) the items are (u, u+1, l), i.e. x[u, l] with one level per unit; with consecutive grouping they are
 the spans i..j at level l (cost / degradation from the span tables, so measured group rows are used). Flow
 conservation over the node boundaries (one unit of flow leaves node 0, in = out at every inner node) makes the
-chosen items a partition; one knapsack row ``sum cons[k] y[k] <= limit``; with ``max_groups`` also
+chosen items a partition; one knapsack row ``sum cons[k] y[k] <= limit``; one more row per side limit
+(``Problem(side_limits=...)``, e.g. prefill time beside decode bytes); with ``max_groups`` also
 ``sum y <= max_groups``. Variables: n m per unit, L (L+1) m / 2 grouped. Consecutive grouping *without* a measured
 group table uses a compact model instead (the group rows are then sums of layer rows, so at most G groups is at
 most G runs of equal levels): x[p, l] per layer, z[p] >= x[p, l] - x[p-1, l] marks a level change,
@@ -26,7 +27,7 @@ from ..problem import Problem
 from ..registry import register_solver
 from ..tables import Tables, Unit
 from .base import Solver, SolveOutput
-from ._chain import chain_items, chain_solution
+from ._chain import chain_items, chain_solution, item_values
 from .options import BOOL, NONE, SolverOptions, option, real
 
 
@@ -50,6 +51,7 @@ class MILPSolver(Solver):
     """The certificate: HiGHS on the chain ILP; options: ``MILPSolver.Options``."""
 
     exact = True
+    side_limits = True
     Options = MILPOptions
 
     def _solve(self, problem, rng) -> SolveOutput:
@@ -58,7 +60,13 @@ class MILPSolver(Solver):
             start, end, level, cons, obj, n = chain_items(_per_layer(problem))
         else:
             start, end, level, cons, obj, n = chain_items(problem)
-        model = dict(start=start, end=end, n=n, max_groups=problem.max_groups, runs=runs, m=problem.n_levels)
+        if problem.side_limits and runs:
+            raise ValueError("milp honours side limits per unit, fixed group or measured span; with consecutive "
+                             "grouping and no group table give grouping=None or use evo")
+        side = [(item_values(problem, problem.tables.cost(kind), start, end, level), limit)
+                for kind, limit in problem.side_limits.items()]
+        model = dict(start=start, end=end, n=n, max_groups=problem.max_groups, runs=runs, m=problem.n_levels,
+                     side=side)
         limit = problem.limit + problem.tolerance * max(1.0, abs(problem.limit))
         history = []
         rhs = limit
@@ -93,7 +101,7 @@ class MILPSolver(Solver):
         return SolveOutput(unit_levels, n_evals=int(getattr(res, "mip_node_count", 0) or 0), history=history,
                            groups=groups, info=info)
 
-    def _model(self, objective, cons, rhs, start, end, n, max_groups, runs, m):
+    def _model(self, objective, cons, rhs, start, end, n, max_groups, runs, m, side=()):
         """Solve min objective.y over chain partitions (with the knapsack row when ``cons`` is given)."""
         k = len(objective)
         extra = n - 1 if runs and max_groups is not None else 0          # z[p]: the level changes at layer p
@@ -106,6 +114,11 @@ class MILPSolver(Solver):
         if cons is not None:
             scale = _scale(np.append(cons, rhs))
             constraints.append(LinearConstraint(np.append(cons, np.zeros(extra))[None, :] / scale, -np.inf, rhs / scale))
+        for values, limit in side:
+            scale = _scale(np.append(values, limit))
+            slack = 1e-9 * max(1.0, abs(limit))
+            constraints.append(LinearConstraint(np.append(values, np.zeros(extra))[None, :] / scale, -np.inf,
+                                                (limit - slack) / scale))
         if max_groups is not None and not runs:
             constraints.append(LinearConstraint(np.ones((1, k)), 0, max_groups))
         if extra:     # z[p-1] >= x[p, l] - x[p-1, l] for every level; sum z <= max_groups - 1
