@@ -51,6 +51,8 @@ class MethodConfig:
     sparse_fraction: float = 1.0        # share of each window's last tokens run sparse (R-Sparse 0.1, TEAL 0.5)
     operating_rho: float = 1.0          # rho of the uniform baseline / operating point
     calibration: str = "dense"          # dense | sequential (thresholds re-taken on the compressed model)
+    quantizer: str = "rtn"              # rtn | gptq: the weights of levels with a quantized format
+    rotation: str = "none"              # none | hadamard (QuaRot) | pca (LaRoSA): a transform before sparsify + quantize
     levels: LevelGridConfig = field(default_factory=LevelGridConfig)
     options: Dict[str, Any] = field(default_factory=dict)   # the method's own options (its Options dataclass)
 
@@ -148,7 +150,8 @@ GROUPS: dict[str, type] = {"model": ModelConfig, "method": MethodConfig, "data":
                            "budget": BudgetConfig, "problem": ProblemConfig}
 EXPERIMENT_SCHEMAS: dict[str, type] = {"smollm2": MainJobConfig, "synthetic": SyntheticJobConfig}
 TOP_LEVEL = {"seed": 0, "print_allocation": True}
-CHOICES = {("method", "calibration"): ("dense", "sequential"), ("profile", "mode"): ("isolated", "operating_point"),
+CHOICES = {("method", "calibration"): ("dense", "sequential"), ("method", "quantizer"): ("rtn", "gptq"),
+           ("method", "rotation"): ("none", "hadamard", "pca"), ("profile", "mode"): ("isolated", "operating_point"),
            ("profile", "metric"): ("kl", "ppl"), ("profile", "unit"): ("layer", "block", "input", "projection"),
            ("budget", "kind"): ("sparsity", "delta", "budget"), ("evaluator", "speed"): ("auto", "on", "off"),
            ("problem", "latency_path"): ("fused", "standalone"),

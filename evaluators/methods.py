@@ -14,6 +14,13 @@ Methods (``get_method(name, sparse_fraction=..., seed=..., **options)``):
 - ``griffin``: per sequence, keep the top ``(1-s)`` MLP neurons by their prompt statistic (the MLP only).
 - ``oracle_topk``: per token exact top-k input channels by ``|x|`` (the Deja Vu oracle upper bound).
 
+Number formats (a level's ``fmt``: ``allocator.formats``): ``teal``, ``rsparse`` and ``oracle_topk`` put the
+projection in its format under the sparsity wrapper (``ThresholdLinear(FakeQuantLinear(linear))``: the mask
+first, then the quantized activations and weights, i.e. rotate -> sparsify -> quantize); the weights come from
+the method's ``quantizer`` (``rtn``, or ``gptq`` with Hessians of the calibration inputs taken in the same pass
+as the thresholds, on the dense model: one Hessian per distinct input, shared by q|k|v and by gate|up). R-Sparse's
+low-rank factors stay in the activation dtype. ``cats`` and ``griffin`` apply dense formats only.
+
 A new method is one registered handler: subclass ``Method``, give it an ``Options`` dataclass for its own
 options, implement ``stat_targets`` (what calibration samples) and ``wrap``; ``@register_method("name")``.
 """
@@ -39,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 METHODS: dict[str, type["Method"]] = {}
 SAMPLES_PER_TENSOR = 1 << 16
+QUANTIZERS = ("rtn", "gptq")    # evaluators.quantize.METHODS (imported late: quantize -> profiling -> methods)
 
 
 class MethodError(ValueError):
@@ -58,10 +66,15 @@ class NoOptions:
     """A method without options of its own."""
 
 
-def get_method(name: str, *, sparse_fraction: float = 1.0, seed: int = 0, **options) -> "Method":
-    """The handler of method ``name``; ``options`` are checked against its ``Options`` dataclass."""
+def get_method(name: str, *, sparse_fraction: float = 1.0, seed: int = 0, quantizer: str = "rtn",
+               **options) -> "Method":
+    """The handler of method ``name``; ``options`` are checked against its ``Options`` dataclass; ``quantizer``
+    makes the weights of levels with a quantized format (rtn | gptq)."""
     if name not in METHODS:
         raise MethodError(f"unknown compression method '{name}'; registered: {sorted(METHODS)}")
+    if quantizer not in QUANTIZERS:
+        raise MethodError(f"unknown quantizer '{quantizer}'; use one of {list(QUANTIZERS)}")
+
     cls = METHODS[name]
     valid = [f.name for f in fields(cls.Options)]
     unknown = [k for k in options if k not in valid]
@@ -69,7 +82,8 @@ def get_method(name: str, *, sparse_fraction: float = 1.0, seed: int = 0, **opti
         close = difflib.get_close_matches(unknown[0], valid, n=1)
         raise MethodError(f"method '{name}' has no option '{unknown[0]}'" + (f" (did you mean '{close[0]}'?)" if close
                           else "") + f"; its options: {valid or 'none'}")
-    return cls(protocol=Protocol(float(sparse_fraction)), seed=int(seed), config=cls.Options(**options))
+    return cls(protocol=Protocol(float(sparse_fraction)), seed=int(seed), config=cls.Options(**options),
+               quantizer=quantizer)
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -107,15 +121,19 @@ class Method:
     seed: int = 0
     config: object = field(default_factory=NoOptions)
     stats: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    quantizer: str = "rtn"
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    qweights: dict[tuple[str, str], object] = field(default_factory=dict, repr=False)
     name = "base"
     needs_calibration = True
-    bits_supported = (16,)
+    quantizes = False             # puts projections in quantized formats (under its own wrapper)
     Options = NoOptions
 
     def options(self) -> dict:
         """What changes the method's numbers (cache keys, provenance)."""
-        return {"name": self.name, "sparse_fraction": self.protocol.sparse_fraction, "seed": self.seed,
-                **{f.name: getattr(self.config, f.name) for f in fields(self.config)}}
+        out = {"name": self.name, "sparse_fraction": self.protocol.sparse_fraction, "seed": self.seed,
+               **{f.name: getattr(self.config, f.name) for f in fields(self.config)}}
+        return out if self.quantizer == "rtn" else {**out, "quantizer": self.quantizer}
 
     # --- calibration: one pass over calibration windows with forward hooks
     def stat_targets(self, proj: Projection) -> list[tuple[str, nn.Module, bool, Callable]]:
@@ -125,29 +143,34 @@ class Method:
     @torch.no_grad()
     def calibrate(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> "Method":
         from .plan import temporarily_dense
+        from .quantize import HessianCollector
         from .text import windows_hash
         self.calibration_hash = windows_hash(windows)
         self.calibration_windows = windows          # for sequential calibration (evaluators.calibration)
-        if not self.needs_calibration:
+        if not self.needs_calibration and self.quantizer != "gptq":
             return self
         gen = torch.Generator().manual_seed(self.seed)
         n_calls = math.ceil(len(windows) / batch_size)
         samplers, hooks = {}, []
         with temporarily_dense(model):
-            for row in find_projections(model):
-                for proj in row:
-                    for key, module, on_output, value in self.stat_targets(proj):
-                        sampler = samplers.setdefault(key, _Sampler(SAMPLES_PER_TENSOR // n_calls + 1, gen, value))
-                        hooks.append(module.register_forward_hook(
-                            lambda mod, args, out, s=sampler, o=on_output: s.add(out if o else args[0])))
+            rows = find_projections(model)
+            for proj in (p for row in rows for p in row if self.needs_calibration):
+                for key, module, on_output, value in self.stat_targets(proj):
+                    sampler = samplers.setdefault(key, _Sampler(SAMPLES_PER_TENSOR // n_calls + 1, gen, value))
+                    hooks.append(module.register_forward_hook(
+                        lambda mod, args, out, s=sampler, o=on_output: s.add(out if o else args[0])))
+            firsts = {input_key(p): getattr(p.parent, p.attr) for row in rows for p in reversed(row)}
+            collector = HessianCollector(firsts if self.quantizer == "gptq" else {})
             try:
                 device = next(model.parameters()).device
                 for start in range(0, len(windows), batch_size):
                     model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
             finally:
+                collector.remove()
                 for h in hooks:
                     h.remove()
         self.stats = {k: s.sorted() for k, s in samplers.items()}
+        self.hessians, self.qweights = {k: h.cpu() for k, h in collector.hessians.items()}, {}
         logger.info("%s: calibrated %d tensors on %d x %d tokens", self.name, len(self.stats), *windows.shape)
         return self
 
@@ -159,9 +182,30 @@ class Method:
 
     def check_level(self, level: Level) -> None:
         """A level this method cannot apply is an error (not a silently dense or mispriced unit)."""
-        if level.bits not in self.bits_supported:
-            raise MethodError(f"method '{self.name}' cannot apply bits={level.bits} (it applies {self.bits_supported});"
-                              " remove the bits from method.levels.bits or choose a method that quantizes")
+        if not level.format.is_dense and not self.quantizes:
+            raise MethodError(f"method '{self.name}' cannot apply the format {level.fmt} (it applies bf16 only); "
+                              "remove it from method.levels.fmt / bits or use teal, rsparse or oracle_topk")
+
+    def formatted(self, proj: Projection, linear: nn.Module, level: Level) -> nn.Module:
+        """``linear`` in the level's number format: itself when dense, else a ``FakeQuantLinear`` (cached)."""
+        from .quantize import FakeQuantLinear, gptq, quantize_weight_rtn
+        fmt = level.format
+        if fmt.is_dense:
+            return linear
+        key = (proj.name, fmt.name)
+        if key not in self.qweights:
+            if not fmt.quantizes_weights:
+                raise MethodError(f"format {fmt.name} quantizes activations only; no such format is registered")
+            self.qweights[key] = (gptq(linear.weight, self._hessian(proj), fmt) if self.quantizer == "gptq"
+                                  else quantize_weight_rtn(linear.weight, fmt))
+        return FakeQuantLinear(linear, self.qweights[key])
+
+    def _hessian(self, proj: Projection) -> torch.Tensor:
+        key = input_key(proj)
+        if key not in self.hessians:
+            raise RuntimeError(f"quantizer gptq has no Hessian for {key}: call method.calibrate(model, windows) "
+                               "first")
+        return self.hessians[key].to(getattr(proj.parent, proj.attr).weight.device)
 
     def wrap(self, proj: Projection, level: Level) -> list[tuple[nn.Module, str, nn.Module]]:
         """(parent, attribute, new module) replacements for one projection at one level."""
@@ -191,6 +235,7 @@ class TealOptions:
 @dataclass
 class Teal(Method):
     Options = TealOptions
+    quantizes = True
 
     def _key(self, proj: Projection) -> str:
         return input_key(proj) if self.config.shared_inputs else proj.name
@@ -202,7 +247,7 @@ class Teal(Method):
     def wrap(self, proj, level):
         self.check_level(level)
         thr = -math.inf if level.s <= 0 else quantile(self._stat(self._key(proj)), level.s)
-        linear = getattr(proj.parent, proj.attr)
+        linear = self.formatted(proj, getattr(proj.parent, proj.attr), level)
         return [(proj.parent, proj.attr, ThresholdLinear(linear, thr, self.protocol))]
 
 
@@ -212,6 +257,7 @@ class RSparse(Method):
     """The SVD of each weight is computed once per method object and truncated per level."""
 
     svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    quantizes = True
 
     def stat_targets(self, proj):
         linear = getattr(proj.parent, proj.attr)
@@ -228,7 +274,8 @@ class RSparse(Method):
         self.check_level(level)
         linear = getattr(proj.parent, proj.attr)
         if level.s <= 0:
-            return [(proj.parent, proj.attr, ThresholdLinear(linear, -math.inf, self.protocol))]
+            return [(proj.parent, proj.attr, ThresholdLinear(self.formatted(proj, linear, level), -math.inf,
+                                                             self.protocol))]
         scale = linear.weight.float().norm(dim=0).to(linear.weight.dtype)
         thr = quantile(self._stat(proj.name), 1 - (1 - level.s) * level.rho)
         _, rank = rsparse_split(d_out=proj.d_out, d_in=proj.d_in, s=level.s, rho=level.rho)
@@ -238,7 +285,8 @@ class RSparse(Method):
             dtype, device = linear.weight.dtype, linear.weight.device
             down = (vh[:rank].T * sv[:rank]).to(device, dtype)           # (d_in, r)
             up = u[:, :rank].T.contiguous().to(device, dtype)            # (r, d_out)
-        return [(proj.parent, proj.attr, ThresholdLinear(linear, thr, self.protocol, scale, down, up))]
+        return [(proj.parent, proj.attr, ThresholdLinear(self.formatted(proj, linear, level), thr, self.protocol,
+                                                         scale, down, up))]
 
 
 def _mlp_act(proj: Projection) -> tuple[nn.Module, str]:
@@ -298,10 +346,11 @@ class Griffin(Method):
 @dataclass
 class OracleTopK(Method):
     needs_calibration = False
+    quantizes = True
 
     def wrap(self, proj, level):
         self.check_level(level)
-        linear = getattr(proj.parent, proj.attr)
+        linear = self.formatted(proj, getattr(proj.parent, proj.attr), level)
         return [(proj.parent, proj.attr, TopKLinear(linear, _kept(proj.d_in, level.s), self.protocol))]
 
 

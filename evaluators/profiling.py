@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from allocator.cache import cache_dir
-from allocator.levels import Level
+from allocator.levels import Level, normalize_levels
 
 from .distributed import resolve as resolve_ranks
 from .methods import Method
@@ -147,8 +147,7 @@ class Profile:
 
 
 def _level_dicts(levels: pd.DataFrame) -> list[dict]:
-    return [{"s": float(r.s), "rho": float(getattr(r, "rho", 1.0)), "bits": int(getattr(r, "bits", 16))}
-            for r in levels.itertuples()]
+    return [Level(**row).to_dict() for row in normalize_levels(levels).to_dict(orient="records")]
 
 
 def as_targets(units) -> list[Target]:

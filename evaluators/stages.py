@@ -116,7 +116,7 @@ def data(config: JobConfig, tokenizer) -> Windows:
 
 def calibrate(config: JobConfig, model, windows: Windows) -> Method:
     m = config.method
-    method = get_method(m.name, sparse_fraction=m.sparse_fraction, seed=config.seed, **m.options)
+    method = get_method(m.name, sparse_fraction=m.sparse_fraction, seed=config.seed, quantizer=m.quantizer, **m.options)
     for fmt in sorted(set(m.levels.make()["fmt"])):
         method.check_level(Level(fmt=fmt))
     return method.calibrate(model, windows.calibration, batch_size=config.data.batch_size)
@@ -171,7 +171,8 @@ def solve(config: JobConfig, model, method: Method, windows: Windows, tables, gr
         getattr(shared, "close", lambda: None)()   # releases the serving ranks
     if grid.operating is not None:
         j = int(np.flatnonzero((grid.levels["s"].sub(grid.operating.s).abs() < 1e-9)
-                               & (grid.levels["rho"].sub(grid.operating.rho).abs() < 1e-9))[0])
+                               & (grid.levels["rho"].sub(grid.operating.rho).abs() < 1e-9)
+                               & (grid.levels["fmt"] == grid.operating.fmt))[0])
         uniform = Allocation.from_levels(tables, [j] * tables.n_units, solver="uniform")
         uniform_pred = float(tables.degradation[:, j].sum())
     else:
