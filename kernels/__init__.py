@@ -2,6 +2,8 @@
 
 - `sparse_gemv_triton` / `sparse_gemv_reference`: y = (x * m) @ Wt, m = score(x) > threshold, Wt [K, N].
 - `rsparse_gemv_triton` / `rsparse_gemv_reference`: the R-Sparse layer, sparse + low-rank of the dropped part.
+- `lowbit_gemv_triton` / `lowbit_gemv_reference`: y = (x * m) @ dequant(Wq), INT4-g128 / INT8 / FP8 weights
+  (`pack_int4`, `pack_int8`, `pack_fp8`), sparse or dense (threshold None).
 - `torch.ops.allocator.sparse_gemv` / `rsparse_gemv`: the same as custom ops (CUDA graphs, torch.compile).
 - `allocator.kernels.latency`: the latency evaluator and `latency_cost_matrix` (cost kind `latency_decode`).
 - `allocator.kernels.runtime`: `Decoder` over given weights (`DecoderWeights`, `LayerWeights`): dense prefill,
@@ -19,6 +21,15 @@ from .rsparse import (
     rsparse_gemv_two_launch_triton,
 )
 from .gemv import GemvConfig, keep_mask, sparse_gemv_reference, sparse_gemv_triton
+from .lowbit_gemv import (
+    LowbitConfig,
+    LowbitWeight,
+    lowbit_gemv_reference,
+    lowbit_gemv_triton,
+    pack_fp8,
+    pack_int4,
+    pack_int8,
+)
 from .runtime import Decoder, DecoderShape, DecoderWeights, LayerWeights
 
 __all__ = [
@@ -27,9 +38,16 @@ __all__ = [
     "DecoderWeights",
     "GemvConfig",
     "LayerWeights",
+    "LowbitConfig",
+    "LowbitWeight",
     "keep_mask",
     "kernel_pays",
     "low_rank_factors",
+    "lowbit_gemv_reference",
+    "lowbit_gemv_triton",
+    "pack_fp8",
+    "pack_int4",
+    "pack_int8",
     "rsparse_gemv",
     "rsparse_gemv_reference",
     "rsparse_gemv_triton",
