@@ -279,10 +279,13 @@ def truncate_layers_(model: nn.Module, n: int) -> nn.Module:
 
 def model_id(model: nn.Module) -> str:
     """A short, stable name for cache keys and reports: the embedded name, hub id or folder the model came from,
-    with ``[:N]`` when it runs another number of decoder layers than its checkpoint's config.json says (or that
-    file cannot be read, e.g. a GGUF folder). Derived from ``config._name_or_path``, nothing stored on the model."""
+    with ``+rot:<tag>`` when a rotation was applied (``evaluators.rotation``) and ``[:N]`` when it runs another
+    number of decoder layers than its checkpoint's config.json says (or that file cannot be read, e.g. a GGUF
+    folder). Derived from ``config._name_or_path``, nothing stored on the model."""
     source = str(model.config._name_or_path or model.config.model_type)
     name = _embedded_name(source) or source
+    rotation = getattr(model.config, "allocator_rotation", None)     # evaluators.rotation.ROTATION_ATTR
+    name = f"{name}+rot:{rotation}" if rotation else name
     try:
         n_layers = len(decoder_layers(model))
     except ModelError:
@@ -400,6 +403,8 @@ def find_projections(model: nn.Module, mapping: dict[str, str] | None = None) ->
                 module = getattr(parent, attr)
             except AttributeError:
                 module = None
+            if getattr(module, "permanent", False):      # a model transform (online rotation): wrap inside it
+                parent, attr, module = module, "inner", module.inner    # the projection keeps its name
             linear = getattr(module, "linear", module)   # already wrapped by a compression method
             if not isinstance(linear, nn.Linear):
                 raise ModelError(f"layer {i} of the '{model_type}' model has no linear '{path}' for projection "

@@ -104,7 +104,7 @@ class WrapperState:
 def _stack(module: CompressionWrapper) -> list[CompressionWrapper]:
     """The wrappers of a nested stack, outermost first (a sparsity wrapper around a fake-quant linear, ...)."""
     out = []
-    while isinstance(module, CompressionWrapper):
+    while _removable(module):
         out.append(module)
         module = module.inner
     return out
@@ -140,8 +140,13 @@ class PlanEntry:
 
 @dataclass
 class CompressionPlan:
+    """The entries, the method's options and the rotation the model had when the plan was built (its tag, and
+    its state once ``attach_rotation`` is called, so a saved plan can rotate a fresh model: ``rotate_``)."""
+
     entries: list[PlanEntry]
     method: dict = field(default_factory=dict)
+    rotation: dict = field(default_factory=dict)                  # {"tag", "kind", "seed", "online"} or {}
+    rotation_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, model: nn.Module, method, allocation) -> "CompressionPlan":
@@ -156,7 +161,29 @@ class CompressionPlan:
                     for parent, attr, module in method.wrap(proj, level):
                         path = f"{names[id(parent)]}.{attr}" if names[id(parent)] else attr
                         entries.append(PlanEntry.of(path, target.name, level, module))
-        return cls(entries, method.options())
+        tag = _rotation_tag(model)
+        return cls(entries, method.options(), {"tag": tag} if tag else {})
+
+    def attach_rotation(self, applied) -> "CompressionPlan":
+        """Record the ``evaluators.rotation.AppliedRotation`` the plan was built on, so ``save`` carries it."""
+        if applied is not None and applied.config.kind != "none":
+            params, self.rotation_tensors = applied.state()
+            if self.rotation.get("tag") not in (None, applied.tag()):
+                raise ModelError(f"the plan was built on a model rotated by {self.rotation['tag']}, not by "
+                                 f"{applied.tag()}")
+            self.rotation = {**params, "tag": applied.tag()}
+        return self
+
+    def rotate_(self, model: nn.Module):
+        """Apply the plan's rotation to a fresh, unrotated model (before ``compress_``); returns the
+        ``AppliedRotation`` (its ``restore_`` undoes it), or None when the plan has no rotation."""
+        if not self.rotation:
+            return None
+        if "kind" not in self.rotation:
+            raise ModelError(f"the plan records rotation {self.rotation['tag']} but not its state: build it in the "
+                             "main job (or call plan.attach_rotation(applied)) before saving")
+        from .rotation import apply_state_
+        return apply_state_(model, self.rotation, self.rotation_tensors)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -177,9 +204,10 @@ class CompressionPlan:
                    for k, t in e.tensors.items()}
         tensors.update({f"{i}/inner{j}/{k}": t.detach().cpu().contiguous() for i, e in enumerate(self.entries)
                         for j, s in enumerate(e.inner) for k, t in s.tensors.items()})
+        tensors.update({f"rotation/{k}": t.detach().cpu().contiguous() for k, t in self.rotation_tensors.items()})
         save_file(tensors, str(directory / "plan.safetensors"))
         meta = {"_type": "allocator.CompressionPlan", "_version": PLAN_FORMAT_VERSION, "method": self.method,
-                "entries": [{"path": e.path, "unit": e.unit, "level": e.level.to_dict(), "wrapper": e.wrapper,
+                "rotation": self.rotation, "entries": [{"path": e.path, "unit": e.unit, "level": e.level.to_dict(), "wrapper": e.wrapper,
                              "params": e.params, "tensors": sorted(e.tensors),
                              "inner": [{"wrapper": s.wrapper, "params": s.params, "tensors": sorted(s.tensors)}
                                        for s in e.inner]} for e in self.entries]}
@@ -210,7 +238,8 @@ class CompressionPlan:
                           for j, s in enumerate(e.get("inner", [])))
             entries.append(PlanEntry(e["path"], e["unit"], Level.from_mapping(e["level"]), e["wrapper"], e["params"],
                                      {k: tensors[f"{i}/{k}"] for k in e["tensors"]}, inner=inner))
-        return cls(entries, meta.get("method", {}))
+        rotation_tensors = {k.removeprefix("rotation/"): v for k, v in tensors.items() if k.startswith("rotation/")}
+        return cls(entries, meta.get("method", {}), meta.get("rotation", {}), rotation_tensors)
 
 
 # ---------------------------------------------------------------------------------------------- verbs
@@ -225,15 +254,35 @@ def _slot(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return parent, attr
 
 
+def _removable(module: nn.Module) -> bool:
+    return isinstance(module, CompressionWrapper) and not module.permanent
+
+
 def unwrapped(module: nn.Module) -> nn.Module:
-    """The model's own module under any compression wrappers."""
-    while isinstance(module, CompressionWrapper):
+    """The model's own module under any compression wrappers (a permanent transform stays)."""
+    while _removable(module):
         module = module.inner
     return module
 
 
+def _rotation_tag(model: nn.Module) -> str | None:
+    return getattr(model.config, "allocator_rotation", None) if hasattr(model, "config") else None
+
+
+def _check_rotation(model: nn.Module, plan: CompressionPlan) -> None:
+    """A plan built on a rotated model applies only to the same rotation (else a silently wrong model)."""
+    want, have = plan.rotation.get("tag"), _rotation_tag(model)
+    if want != have:
+        fix = ("rotate it first: plan.rotate_(model)" if want and not have else
+               "restore the model's rotation first (AppliedRotation.restore_)" if have and not want else
+               "load a fresh model and plan.rotate_(model)")
+        raise ModelError(f"the plan was built on a model {'rotated by ' + want if want else 'without rotation'}, "
+                         f"this model is {'rotated by ' + have if have else 'not rotated'}: {fix}")
+
+
 def compress_(model: nn.Module, plan: CompressionPlan) -> nn.Module:
     """Put the plan's wrappers in place (a module already wrapped is first restored); all or nothing."""
+    _check_rotation(model, plan)
     slots = [_slot(model, e.path) for e in plan.entries]          # every target checked before any change
     built = [e.build(unwrapped(getattr(parent, attr))) for e, (parent, attr) in zip(plan.entries, slots)]
     for (parent, attr), module in zip(slots, built):
@@ -242,8 +291,8 @@ def compress_(model: nn.Module, plan: CompressionPlan) -> nn.Module:
 
 
 def _wrapped_slots(model: nn.Module) -> list[tuple[nn.Module, str, CompressionWrapper]]:
-    return [(parent, name, child) for parent in model.modules() if not isinstance(parent, CompressionWrapper)
-            for name, child in parent.named_children() if isinstance(child, CompressionWrapper)]
+    return [(parent, name, child) for parent in model.modules() if not _removable(parent)
+            for name, child in parent.named_children() if _removable(child)]
 
 
 def restore_(model: nn.Module) -> nn.Module:
@@ -260,6 +309,7 @@ def is_compressed(model: nn.Module) -> bool:
 @contextlib.contextmanager
 def compressed(model: nn.Module, plan: CompressionPlan):
     """Apply ``plan`` within the block; afterwards every targeted module is what it was before."""
+    _check_rotation(model, plan)
     slots = [_slot(model, e.path) for e in plan.entries]
     before = [(parent, attr, getattr(parent, attr)) for parent, attr in slots]
     compress_(model, plan)

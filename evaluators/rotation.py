@@ -38,6 +38,7 @@ kept (one model's worth of memory) so that ``AppliedRotation.restore_`` gives th
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ from .wrappers import CompressionWrapper, register_wrapper
 logger = logging.getLogger(__name__)
 
 KINDS = ("none", "hadamard", "pca")
+ROTATION_ATTR = "allocator_rotation"     # on model.config: the applied rotation's tag (model_id, plans)
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 #: projection-input groups of one layer: the projections that share an input share its PCA rotation
 GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
@@ -88,6 +90,8 @@ class RotatedLinear(CompressionWrapper):
 
     ``spec``: how ``R`` is rebuilt for a saved state: ``{"rotation": "hadamard", "size": k, "seed": s}``
     (``online_matrix``), or ``{"rotation": "matrix"}`` with ``R`` stored as the tensor ``rotation``."""
+
+    permanent = True     # a model transform: plans wrap inside it, AppliedRotation.restore_ removes it
 
     def __init__(self, inner: nn.Linear, rotation: torch.Tensor, spec: dict):
         super().__init__(inner)
@@ -141,6 +145,17 @@ class AppliedRotation:
         params = {"kind": self.config.kind, "seed": self.config.seed, "online": self.config.online}
         return params, {k: v.detach().cpu() for k, v in self.pca.items()}
 
+    def tag(self) -> str:
+        """A short name of this rotation (cache keys, reports, the plan's check that it fits the model)."""
+        c = self.config
+        tag = f"{c.kind}:{c.seed}" + ("" if c.online else ":offline")
+        if self.pca:
+            h = hashlib.sha256()
+            for key in sorted(self.pca):
+                h.update(key.encode()); h.update(self.pca[key].detach().float().cpu().numpy().tobytes())
+            tag += ":" + h.hexdigest()[:10]
+        return tag
+
     def restore_(self, model: nn.Module) -> nn.Module:
         """Remove the online wrappers and put the original parameters (and the embedding tie) back."""
         for parent, name, wrapper in _rotated_slots(model):
@@ -150,6 +165,8 @@ class AppliedRotation:
         if self._tied:
             model.config.tie_word_embeddings = True
         self._original.clear()
+        if hasattr(model.config, ROTATION_ATTR):
+            delattr(model.config, ROTATION_ATTR)
         return model
 
 
@@ -181,8 +198,14 @@ def apply_state_(model: nn.Module, params: dict, tensors: dict[str, torch.Tensor
             _quarot_(model, applied)
         else:
             _pca_(model, applied)
+    setattr(model.config, ROTATION_ATTR, applied.tag())
     logger.info("rotated the model: %s, %d online rotations", config, len(_rotated_slots(model)))
     return applied
+
+
+def rotation_of(model: nn.Module) -> str | None:
+    """The tag of the rotation applied to ``model`` (``AppliedRotation.tag``), or None."""
+    return getattr(model.config, ROTATION_ATTR, None)
 
 
 def pca_rotation(inputs: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,16 @@ def data(config: JobConfig, tokenizer) -> Windows:
                    {src: token_windows(tokenizer, src, d.eval_windows, d.eval_length, seed) for src in d.evaluation})
 
 
+def rotate(config: JobConfig, model, windows: Windows):
+    """``method.rotation``: rotate the model in place before calibration (rotate -> sparsify -> quantize); the
+    ``AppliedRotation`` (saved with the plan), or None."""
+    if config.method.rotation == "none":
+        return None
+    from .rotation import RotationConfig, rotate_
+    return rotate_(model, RotationConfig(config.method.rotation, seed=config.seed), windows.calibration,
+                   config.data.batch_size)
+
+
 def calibrate(config: JobConfig, model, windows: Windows) -> Method:
     m = config.method
     method = get_method(m.name, sparse_fraction=m.sparse_fraction, seed=config.seed, quantizer=m.quantizer, **m.options)
@@ -191,11 +201,13 @@ def measured_objective(config: JobConfig, model, method: Method, windows: Window
                              kl_top_k=config.profile.kl_top_k, kl_exact_vocab=config.profile.kl_exact_vocab)
 
 
-def plan(config: JobConfig, model, method: Method, solution: Solution) -> dict[str, CompressionPlan]:
-    """One compression plan per allocation (sequential calibration re-takes the thresholds per allocation)."""
+def plan(config: JobConfig, model, method: Method, solution: Solution, rotation=None) -> dict[str, CompressionPlan]:
+    """One compression plan per allocation (sequential calibration re-takes the thresholds per allocation), each
+    carrying the model's rotation."""
     methods = for_allocations(model, method, solution.allocations, config.method.calibration,
                               config.data.batch_size)
-    return {name: CompressionPlan.build(model, methods[name], alloc) for name, alloc in solution.allocations.items()}
+    return {name: CompressionPlan.build(model, methods[name], alloc).attach_rotation(rotation)
+            for name, alloc in solution.allocations.items()}
 
 
 def run_main_job(config: JobConfig | dict, output_dir: Path) -> dict:
@@ -216,6 +228,7 @@ def run_main_job(config: JobConfig | dict, output_dir: Path) -> dict:
     watch.lap("load")
     windows = data(config, tokenizer)
     watch.lap("data")
+    rotation = rotate(config, model, windows)
     method = calibrate(config, model, windows)
     watch.lap("calibrate")
     tables, prof = profile_tables(config, model, method, windows, cost_tables(config, model, grid), grid)
@@ -226,7 +239,7 @@ def run_main_job(config: JobConfig | dict, output_dir: Path) -> dict:
     solution = solve(config, model, method, windows, tables, grid)
     save_result(solution.result, out)
     watch.lap("solve")
-    plans = plan(config, model, method, solution)
+    plans = plan(config, model, method, solution, rotation)
     plans[config.solver.name].save(out / "plan")
     watch.lap("plan")
     measurements = measure(config, model, tokenizer, plans, windows, tables, solution)

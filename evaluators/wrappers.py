@@ -46,7 +46,13 @@ class Protocol:
 
 
 class CompressionWrapper(nn.Module):
-    """Base: ``inner`` is the module replaced; ``state()`` is what a saved plan stores for this wrapper."""
+    """Base: ``inner`` is the module replaced; ``state()`` is what a saved plan stores for this wrapper.
+
+    ``permanent`` wrappers are model transforms (the online rotations of ``evaluators.rotation``): plans do not
+    remove them but wrap inside them (``find_projections`` puts the projection's slot at their ``inner``), so
+    the order stays rotate -> sparsify -> quantize; only the transform's own ``restore_`` takes them out."""
+
+    permanent = False
 
     def __init__(self, inner: nn.Module):
         super().__init__()
