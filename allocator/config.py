@@ -125,8 +125,8 @@ class ProblemConfig:
     tokens: int = 2048                  # prefill length of flops_prefill
     latency_table: Optional[str] = None  # a measured latency CSV for cost=latency_decode without a GPU
     latency_path: str = "fused"         # which kernels latency_decode times: fused (the runtime's decode step) | standalone
-    side_limits: Dict[str, float] = field(default_factory=dict)   # a second constraint: {cost kind: max share of
-                                        # its dense total}, e.g. {time_prefill: 0.7}; solvers milp / evo / bayes / brute
+    side_limits: Dict[str, float] = field(default_factory=dict)   # +problem.side_limits.<cost kind>=<max share of
+                                        # its dense total>, e.g. time_prefill=0.7: a second constraint (milp, evo, bayes, brute)
 
 
 @dataclass

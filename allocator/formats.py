@@ -3,7 +3,9 @@
 A format names how a projection is stored and fed at inference: the weight type and width, how weight scales
 are grouped (one per output channel, or one per ``group`` consecutive input channels of an output channel),
 and the type the input activations are quantized to per token before the GEMM (``bf16``: not quantized).
-Algorithms (RTN, GPTQ) are not formats: the same ``w4a16-g128`` tensor can come from either.
+Algorithms (RTN, GPTQ) are not formats: the same ``w4a16-g128`` tensor can come from either. A group that does
+not divide ``d_in`` (128 and SmolLM2's 576) leaves a shorter last group: fake quantization handles it,
+compressed-tensors cannot store it (``evaluators.export`` says so; the ``-g64`` formats fit).
 
 What each format costs is stated here, once:
 
@@ -68,7 +70,9 @@ FORMATS: dict[str, NumberFormat] = {f.name: f for f in (
     NumberFormat("w8a8-int8", "int", 8, PER_CHANNEL, "int8", 0.18),
     NumberFormat("w4a16", "int", 4, PER_CHANNEL, "bf16", 1.0),
     NumberFormat("w4a16-g128", "int", 4, 128, "bf16", 1.0),
+    NumberFormat("w4a16-g64", "int", 4, 64, "bf16", 1.0),      # g = 64 divides SmolLM2's 576 (g = 128 does not)
     NumberFormat("w3a16-g128", "int", 3, 128, "bf16", 1.0),
+    NumberFormat("w3a16-g64", "int", 3, 64, "bf16", 1.0),
     NumberFormat("w4a4", "int", 4, PER_CHANNEL, "int4", 1.0),
 )}
 DENSE_FORMAT = "bf16"
