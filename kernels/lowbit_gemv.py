@@ -36,6 +36,19 @@ Algorithm (gemv.py's, with the dequantization in registers). Grid (N stripes, K 
    the loop.
 3. Split-K reduction by the last program to arrive, deterministic (gemv.py's ``_write_out``, same workspace).
 
+Batch 1 (INT4 group 128 / INT8, rows of whole 32-bit words): the word-FMA kernel ``_word_gemv_kernel``
+(``LowbitConfig(kernel="words")``), no tensor cores. Each thread loads 16-byte vectors of packed words and
+dequantizes every field exactly in fp32 with one LOP3 ((w & mask) | 0x4B000000, magic passed at run time so it
+stays in a register) and one FADD (minus 2**23 + offset, a power-of-two factor folded into the scale), then one
+FFMA with x: ~3.6 SASS instructions per weight in the loop (Triton 3.6, counted on the cubin). The
+accumulators keep the rows dimension (no reduction inside the loop), per scale group t_i, scaled into a_i when the
+group ends. Two loop forms: per-group loops (INT4 sparse: compaction per group, then its kept rows) or one flat
+loop software-pipelined by Triton (``pipe``: tl.range num_stages, cp.async into shared memory; the compaction
+stores each kept row's x beside its index and pads each group to whole steps; dense 16-bit x is read as 4-byte
+pairs so it is pipelined too). K splits reduce by fp32 atomics into a zeroed accumulator whose last program
+writes y and re-zeroes it (``reduce="ordered"``: gemv.py's deterministic last-arriver sum instead). Measured
+variants, winners and losers: kernels/NOTES.md, "lowbit GEMV on the H200".
+
 Complexity per call: weight bytes (1 - s) K N b / 8 (b = 4 or 8) + scale bytes 2 N ceil(K / 128) (INT4, every
 group touched unless all its channels are dropped) + O(K B) for the scan + 8 B N n_splits for the partials;
 arithmetic 2 (1 - s) K N B (negligible: the kernel is bound by bytes and latency). Same per-call latency chain
@@ -55,7 +68,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import MAX_BATCH, GemvConfig, _compact_kept, _pick_splits, _workspace, _write_out, sparse_gemv_reference
+from .gemv import (MAX_BATCH, GemvConfig, _compact_kept, _pick_splits, _sm_count, _workspace, _write_out,
+                   sparse_gemv_reference)
 
 GROUP = 128
 FORMATS = ("int4", "int8", "fp8")
@@ -65,13 +79,29 @@ FORMATS = ("int4", "int8", "fp8")
 class LowbitConfig(GemvConfig):
     """gemv.py's launch parameters plus swap_ab: with use_dot, compute y^T = W^T x^T so that the dequantized
     weight tile is the MMA's A operand (Hopper's wgmma takes A from registers and needs M >= 64; with the
-    batch as M = 16 Triton uses the Ampere MMA)."""
+    batch as M = 16 Triton uses the Ampere MMA); and the word-FMA kernel's (kernel="words", batch 1): block_n
+    output columns (block_n / 8 INT4 or / 4 INT8 words), block_k rows per step in ``sub`` loads of
+    block_k / sub rows (one 16-byte vector per thread when (block_k / sub) * words = 128 * num_warps), num_stages
+    the pipeline depth with ``pipe``; n_splits 0: about four programs per SM, K splits of whole 128-row groups."""
 
     swap_ab: bool = False
+    kernel: str = "tile"  # "tile": _int4 / _channel_gemv_kernel; "words": _word_gemv_kernel (batch 1, FMA)
+    sub: int = 1  # words: independent 16-byte loads per thread per step (block_k / sub rows per load)
+    reduce: str = "atomic"  # words, K splits > 1: "atomic" (fp32 atomics, self-cleaning) | "ordered"
+    prefetch: bool = False  # words, rows in order: the next step's loads issued before this step's FMAs
+    pipe: bool = False  # words: one flat loop pipelined by Triton (num_stages deep) instead of per-group loops
+    spre: bool = False  # words, pipe, one group per K split: the group's scales loaded before the loop
+    pairx: bool = True  # words, pipe, dense, 16-bit x, even sub: x of two rows per 4-byte load (pipelined)
 
 
 INT4_GPU_CONFIG = LowbitConfig(block_n=256, block_k=64, use_dot=True, num_warps=4, num_stages=3)
 CHANNEL_GPU_CONFIG = LowbitConfig(block_n=128, block_k=64, use_dot=True, num_warps=4, num_stages=3)
+# Batch 1 untuned defaults (kernels/NOTES.md, "lowbit GEMV on the H200"): INT4 sparse and INT8 run the word-FMA
+# kernel (INT4: per-group compaction loops; INT8: the flat loop software-pipelined by Triton); INT4 dense keeps the
+# tensor-core tile, which the word kernel did not beat.
+INT4_WORD_CONFIG = LowbitConfig(block_n=512, block_k=32, num_warps=4, num_stages=1, kernel="words", sub=4)
+INT8_WORD_CONFIG = LowbitConfig(block_n=256, block_k=16, num_warps=4, num_stages=4, kernel="words", sub=2, pipe=True)
+WORD_CHUNK = 128  # words kernel: rows per scale flush (the INT4 group; INT8: a chunk) and K-split unit
 
 # Launch parameters per (fmt, dense, K, N, batch), measured by `studies/lowbit_bench.py` (its `tuned.json`;
 # `load_tuned` fills this). Absent shapes: INT4_GPU_CONFIG / CHANNEL_GPU_CONFIG with automatic K splits.
@@ -325,15 +355,463 @@ def _channel_gemv_kernel(
                BATCH, BATCH_PAD, BLOCK_N, REDUCE)
 
 
-def default_lowbit_config(fmt: str, K: int, N: int, batch: int, dense: bool) -> LowbitConfig:
-    """Tuned launch parameters if measured, else a tensor-core tile (block_n halved for narrow outputs)."""
-    tuned = TUNED_CONFIGS.get((fmt, dense, K, N, batch)) or TUNED_CONFIGS.get((fmt, dense, K, N, 1))
-    if tuned is not None:
-        return tuned
+@triton.jit
+def _word_value(w, I: tl.constexpr, magic, INT8: tl.constexpr):
+    """Field I (bits up to 19; the caller passes the word shifted for the high fields) of every 32-bit word of w,
+    exactly, in fp32, times a power of two (`_word_factor`): the field is masked into the mantissa of 2**23
+    (one LOP3: (w & mask) | magic, magic = 0x4B000000 passed at run time so that it stays in one register and
+    the masks are immediates) and 2**23 + offset subtracted (one FADD); no integer-to-float conversion.
+    INT4: nibble I -> (code) * 16**I (I <= 4); INT8 (w XOR 0x80808080: bytes = code + 128): byte I -> code * 256**I."""
+    if INT8:
+        if I == 0:
+            return ((w & 0xFF) | magic).to(tl.float32, bitcast=True) - 8388736.0  # 2**23 + 128
+        else:
+            return ((w & 0xFF00) | magic).to(tl.float32, bitcast=True) - 8421376.0  # 2**23 + 128 * 256
+    else:
+        if I == 0:
+            return ((w & 0xF) | magic).to(tl.float32, bitcast=True) - 8388616.0  # 2**23 + 8
+        elif I == 1:
+            return ((w & 0xF0) | magic).to(tl.float32, bitcast=True) - 8388736.0  # 2**23 + 8 * 16
+        elif I == 2:
+            return ((w & 0xF00) | magic).to(tl.float32, bitcast=True) - 8390656.0  # 2**23 + 8 * 16**2
+        elif I == 3:
+            return ((w & 0xF000) | magic).to(tl.float32, bitcast=True) - 8421376.0  # 2**23 + 8 * 16**3
+        else:
+            return ((w & 0xF0000) | magic).to(tl.float32, bitcast=True) - 8912896.0  # 2**23 + 8 * 16**4
+
+
+@triton.jit
+def _word_factor(I: tl.constexpr, INT8: tl.constexpr):
+    """2**-shift undoing `_word_value`'s power of two for value I of a word (columns VALS * c + I)."""
+    if INT8:
+        if I % 2 == 0:
+            return 1.0
+        else:
+            return 0.00390625  # 2**-8
+    else:
+        if I == 0:
+            return 1.0
+        elif I == 1 or I == 4:
+            return 0.0625
+        elif I == 2 or I == 5:
+            return 0.00390625
+        elif I == 3 or I == 6:
+            return 0.000244140625
+        else:
+            return 1.52587890625e-05
+
+
+@triton.jit
+def _word_fma(w, xb, t0, t1, t2, t3, t4, t5, t6, t7, magic, INT8: tl.constexpr):
+    """t_i += value_i(w) * x (per value: one LOP3, one FADD, one FFMA; per word one shift); INT8 uses t0..t3."""
+    if INT8:
+        w = w ^ -2139062144  # 0x80808080: signed bytes -> code + 128
+        wh = w >> 16
+        t0 += _word_value(w, 0, magic, True) * xb
+        t1 += _word_value(w, 1, magic, True) * xb
+        t2 += _word_value(wh, 0, magic, True) * xb
+        t3 += _word_value(wh, 1, magic, True) * xb
+    else:
+        wh = w >> 12  # nibbles 4..7 at bits 4..19 (a mask at bits 0..3 after a shift becomes a bit-field extract)
+        t0 += _word_value(w, 0, magic, False) * xb
+        t1 += _word_value(w, 1, magic, False) * xb
+        t2 += _word_value(w, 2, magic, False) * xb
+        t3 += _word_value(w, 3, magic, False) * xb
+        t4 += _word_value(wh, 1, magic, False) * xb
+        t5 += _word_value(wh, 2, magic, False) * xb
+        t6 += _word_value(wh, 3, magic, False) * xb
+        t7 += _word_value(wh, 4, magic, False) * xb
+    return t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@triton.jit
+def _word_scale(s_ptr, g, N, cw, c_in, I: tl.constexpr, VALS: tl.constexpr):
+    """fp32 scale of value I of words cw in scale row g (INT4: fp16 [groups, N]; INT8: fp32 [N], g = 0),
+    times `_word_factor`; 0 past N."""
+    n = VALS * cw + I
+    return tl.load(s_ptr + g * N + n, mask=c_in & (n < N), other=0.0).to(tl.float32) * _word_factor(I, VALS == 4)
+
+
+@triton.jit
+def _word_flush(a0, a1, a2, a3, a4, a5, a6, a7, t0, t1, t2, t3, t4, t5, t6, t7, s_ptr, g, N, cw, c_in,
+                INT8: tl.constexpr):
+    """End of a scale group: a_i += t_i * scale (INT4); INT8 (scale per column, applied at the end): a_i += t_i."""
+    if INT8:
+        a0 += t0
+        a1 += t1
+        a2 += t2
+        a3 += t3
+    else:
+        a0 += t0 * _word_scale(s_ptr, g, N, cw, c_in, 0, 8)[None, :]
+        a1 += t1 * _word_scale(s_ptr, g, N, cw, c_in, 1, 8)[None, :]
+        a2 += t2 * _word_scale(s_ptr, g, N, cw, c_in, 2, 8)[None, :]
+        a3 += t3 * _word_scale(s_ptr, g, N, cw, c_in, 3, 8)[None, :]
+        a4 += t4 * _word_scale(s_ptr, g, N, cw, c_in, 4, 8)[None, :]
+        a5 += t5 * _word_scale(s_ptr, g, N, cw, c_in, 5, 8)[None, :]
+        a6 += t6 * _word_scale(s_ptr, g, N, cw, c_in, 6, 8)[None, :]
+        a7 += t7 * _word_scale(s_ptr, g, N, cw, c_in, 7, 8)[None, :]
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
+def _compact_chunks(x_ptr, scratch_row, ends_row, k_lo, k_hi, thr, CHUNK: tl.constexpr):
+    """Kept channels (|x| > thr) of [k_lo, k_hi) in order into scratch_row, unpadded; ends_row[j] = number of
+    slots up to the end of chunk j (chunks of CHUNK channels from k_lo)."""
+    count = 0
+    lane = tl.arange(0, CHUNK)
+    for k0 in range(k_lo, k_hi, CHUNK):
+        k_offs = k0 + lane
+        k_in = k_offs < k_hi
+        keep = (tl.abs(tl.load(x_ptr + k_offs, mask=k_in, other=0.0).to(tl.float32)) > thr) & k_in
+        keep_i = keep.to(tl.int32)
+        tl.store(scratch_row + count + tl.cumsum(keep_i, axis=0) - 1, k_offs, mask=keep)
+        count += tl.sum(keep_i, axis=0)
+        tl.store(ends_row + (k0 - k_lo) // CHUNK, count)
+    tl.debug_barrier()  # scratch written by all threads of the program before any reads it
+
+
+@triton.jit
+def _compact_steps(x_ptr, idx_row, xs_row, gid_row, k_lo, k_hi, thr, CHUNK: tl.constexpr, STEP: tl.constexpr):
+    """Kept channels (|x| > thr) of [k_lo, k_hi) in order: idx_row[slot] = channel, xs_row[slot] = its x (fp32
+    bits); each chunk's list padded with (-1, 0) to a multiple of STEP slots, so that no step of STEP slots
+    spans two chunks (scale groups); gid_row[step] = the chunk of each step, then -1. -> number of steps."""
+    count = 0
+    lane = tl.arange(0, CHUNK)
+    for k0 in range(k_lo, k_hi, CHUNK):
+        k_offs = k0 + lane
+        k_in = k_offs < k_hi
+        xv = tl.load(x_ptr + k_offs, mask=k_in, other=0.0).to(tl.float32)
+        keep = (tl.abs(xv) > thr) & k_in
+        keep_i = keep.to(tl.int32)
+        pos = count + tl.cumsum(keep_i, axis=0) - 1
+        tl.store(idx_row + pos, k_offs, mask=keep)
+        tl.store(xs_row + pos, xv.to(tl.int32, bitcast=True), mask=keep)
+        n_keep = tl.sum(keep_i, axis=0)
+        n_steps = tl.cdiv(n_keep, STEP)
+        pad = count + n_keep + lane
+        pad_in = lane < n_steps * STEP - n_keep
+        tl.store(idx_row + pad, -1, mask=pad_in)
+        tl.store(xs_row + pad, 0, mask=pad_in)
+        tl.store(gid_row + count // STEP + lane, k0 // CHUNK, mask=lane < n_steps)
+        count += n_steps * STEP
+    tl.store(gid_row + count // STEP, -1)
+    tl.debug_barrier()  # scratch written by all threads of the program before any reads it
+    return count // STEP
+
+
+@triton.jit
+def _rows_tile(q_ptr, x_ptr, rows, k_hi, NW, cw, c_in):
+    """Words [rows, cw] and x[rows] (fp32, 0 on rows past k_hi, whose words are not read: masked lanes load
+    nothing, and whatever they hold dequantizes to a finite value times x = 0)."""
+    valid = rows < k_hi
+    xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+    w = tl.load(q_ptr + rows[:, None] * NW + cw[None, :], mask=valid[:, None] & c_in[None, :])
+    return w, xv
+
+
+@triton.jit
+def _pair_half(xp, H: tl.constexpr, XDT: tl.constexpr):
+    """Half H of int32 words holding two 16-bit activations (XDT 0: bf16, 1: fp16) -> fp32, exactly."""
+    if XDT == 0:
+        if H == 0:
+            return (xp << 16).to(tl.float32, bitcast=True)
+        else:
+            return (xp & -65536).to(tl.float32, bitcast=True)
+    else:
+        if H == 0:
+            v = xp & 0xFFFF
+        else:
+            v = (xp >> 16) & 0xFFFF
+        return v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _word_pipe(x_ptr, q_ptr, s_ptr, scratch_ptr, K, N, NW, k_split, n_splits, scratch_stride, thr, magic, pid_n, pid_s,
+               cw, c_in, rr, k_lo, k_hi, INT8: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr,
+               SUB: tl.constexpr, CHUNK: tl.constexpr, DENSE: tl.constexpr, COMPACT: tl.constexpr,
+               STAGES: tl.constexpr, ONE_GROUP: tl.constexpr, PAIRX: tl.constexpr,
+               XDT: tl.constexpr, SPRE: tl.constexpr):
+    """The main loop as one flat loop over steps of SUB tiles [ROWS, BLOCK_W], software-pipelined by Triton
+    (tl.range num_stages: the weight tiles, and the kept-row lists, go through shared memory by cp.async, STAGES
+    deep). A step never spans two scale groups; the group's sums t_i are scaled into a_i when the next step's
+    group differs (known one step ahead). ONE_GROUP (the split is one group) or INT8 (scales per column, at the
+    end): no a_i, no flush."""
+    STEP: tl.constexpr = ROWS * SUB
+    NO_FLUSH: tl.constexpr = ONE_GROUP or INT8
+    if COMPACT:
+        scratch_row = scratch_ptr + (pid_n * n_splits + pid_s).to(tl.int64) * scratch_stride
+        R = k_split + (k_split // CHUNK) * STEP
+        n_steps = _compact_steps(x_ptr, scratch_row, scratch_row + R, scratch_row + 2 * R, k_lo, k_hi, thr, CHUNK,
+                                 STEP)
+        g_this = tl.load(scratch_row + 2 * R)
+    else:
+        n_steps = tl.cdiv(k_hi - k_lo, STEP)
+        g_this = k_lo // CHUNK
+    if NO_FLUSH and SPRE and not INT8:  # the one group's scales, loaded while the first tiles are in flight
+        g1 = k_lo // CHUNK
+        s0 = _word_scale(s_ptr, g1, N, cw, c_in, 0, 8)
+        s1 = _word_scale(s_ptr, g1, N, cw, c_in, 1, 8)
+        s2 = _word_scale(s_ptr, g1, N, cw, c_in, 2, 8)
+        s3 = _word_scale(s_ptr, g1, N, cw, c_in, 3, 8)
+        s4 = _word_scale(s_ptr, g1, N, cw, c_in, 4, 8)
+        s5 = _word_scale(s_ptr, g1, N, cw, c_in, 5, 8)
+        s6 = _word_scale(s_ptr, g1, N, cw, c_in, 6, 8)
+        s7 = _word_scale(s_ptr, g1, N, cw, c_in, 7, 8)
+    t0 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+    t1 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+    t2 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+    t3 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+    t4 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+    t5 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+    t6 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+    t7 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+    if not NO_FLUSH:
+        a0 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+        a1 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+        a2 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+        a3 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+        a4 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+        a5 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+        a6 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+        a7 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+    for j in tl.range(0, n_steps, num_stages=STAGES):
+        if not NO_FLUSH:
+            if COMPACT:
+                g_next = tl.load(scratch_row + 2 * R + j + 1)  # used after this step's FMAs
+            else:
+                g_next = tl.where(j + 1 < n_steps, (k_lo + (j + 1) * STEP) // CHUNK, -1)
+        for r in tl.static_range(SUB):
+            if COMPACT:
+                slots = j * STEP + r * ROWS + rr
+                rows = tl.load(scratch_row + slots)
+                xv = tl.load(scratch_row + R + slots).to(tl.float32, bitcast=True)
+                offs = rows[:, None] * NW + cw[None, :]
+                wm = (rows >= 0)[:, None] & c_in[None, :]
+                w = tl.load(q_ptr + offs, mask=wm)
+            elif PAIRX:  # rows of sub-tiles (2q, 2q + 1) interleaved: x of both from one 4-byte (pipelined) load
+                rows = k_lo + j * STEP + (r // 2) * (2 * ROWS) + 2 * rr + (r % 2)
+                if r % 2 == 0:
+                    xp = tl.load(x_ptr + (k_lo + j * STEP + (r // 2) * (2 * ROWS)) // 2 + rr,
+                                 mask=rows < k_hi, other=0)
+                xv = _pair_half(xp, r % 2, XDT)
+                offs = rows[:, None] * NW + cw[None, :]
+                wm = (rows < k_hi)[:, None] & c_in[None, :]
+                w = tl.load(q_ptr + offs, mask=wm)
+            else:
+                w, xv = _rows_tile(q_ptr, x_ptr, k_lo + j * STEP + r * ROWS + rr, k_hi, NW, cw, c_in)
+            t0, t1, t2, t3, t4, t5, t6, t7 = _word_fma(w, xv[:, None], t0, t1, t2, t3, t4, t5, t6, t7, magic, INT8)
+        if not NO_FLUSH:
+            if g_next != g_this:  # the last step of group g_this
+                a0, a1, a2, a3, a4, a5, a6, a7 = _word_flush(a0, a1, a2, a3, a4, a5, a6, a7, t0, t1, t2, t3, t4,
+                                                             t5, t6, t7, s_ptr, g_this, N, cw, c_in, INT8)
+                t0 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t1 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t2 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t3 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t4 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t5 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t6 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t7 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+            g_this = g_next
+    if NO_FLUSH:  # one scale group (INT4), or scales per column (INT8: applied by the caller)
+        if SPRE and not INT8:  # scales loaded before the loop
+            a0 = t0 * s0[None, :]
+            a1 = t1 * s1[None, :]
+            a2 = t2 * s2[None, :]
+            a3 = t3 * s3[None, :]
+            a4 = t4 * s4[None, :]
+            a5 = t5 * s5[None, :]
+            a6 = t6 * s6[None, :]
+            a7 = t7 * s7[None, :]
+        else:
+            z = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _word_flush(z, z, z, z, z, z, z, z, t0, t1, t2, t3, t4, t5, t6, t7,
+                                                         s_ptr, k_lo // CHUNK, N, cw, c_in, INT8)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
+def _word_gemv_kernel(
+    x_ptr, q_ptr, s_ptr, y_ptr, scratch_ptr, partial_ptr, acc_ptr, counter_ptr,
+    K, N, NW,  # NW = 32-bit words per packed row
+    k_split, n_splits, scratch_stride, thr, magic,  # magic = 0x4B000000 (run time: see _word_value)
+    INT8: tl.constexpr, VALS: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr, SUB: tl.constexpr,
+    CHUNK: tl.constexpr, DENSE: tl.constexpr, COMPACT: tl.constexpr, REDUCE: tl.constexpr,
+    PREFETCH: tl.constexpr, PIPE: tl.constexpr, STAGES: tl.constexpr, ONE_GROUP: tl.constexpr,
+    PAIRX: tl.constexpr, XDT: tl.constexpr, SPRE: tl.constexpr,
+):
+    """Batch-1 low-bit GEMV on 32-bit words with FMAs (see `lowbit_gemv_triton`). Program (n, s): words
+    [n * BLOCK_W, (n + 1) * BLOCK_W) of every row (VALS * BLOCK_W output columns), input channels of K split s.
+    Each step loads SUB tiles [ROWS, BLOCK_W] of words (one 16-byte load per thread each when
+    ROWS * BLOCK_W = 4 * 32 * num_warps); the accumulators keep the ROWS dimension (no reduction in the loop):
+    t_i per scale chunk, a_i over the split, reduced over ROWS once at the end."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cw = pid_n * BLOCK_W + tl.arange(0, BLOCK_W)
+    c_in = cw < NW
+    rr = tl.arange(0, ROWS)
+    k_lo = pid_s * k_split
+    k_hi = tl.minimum(k_lo + k_split, K)
+    if PIPE:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _word_pipe(
+            x_ptr, q_ptr, s_ptr, scratch_ptr, K, N, NW, k_split, n_splits, scratch_stride, thr, magic, pid_n, pid_s,
+            cw, c_in, rr, k_lo, k_hi, INT8, BLOCK_W, ROWS, SUB, CHUNK, DENSE, COMPACT, STAGES, ONE_GROUP,
+            PAIRX, XDT, SPRE)
+    else:
+        a0 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+        a1 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+        a2 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+        a3 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+        a4 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+        a5 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+        a6 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+        a7 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+        if COMPACT:
+            scratch_row = scratch_ptr + (pid_n * n_splits + pid_s).to(tl.int64) * scratch_stride
+            ends_row = scratch_row + k_split
+            _compact_chunks(x_ptr, scratch_row, ends_row, k_lo, k_hi, thr, CHUNK)
+            start = 0
+            for g0 in range(k_lo, k_hi, CHUNK):
+                end = tl.load(ends_row + (g0 - k_lo) // CHUNK)
+                t0 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t1 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t2 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t3 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t4 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t5 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t6 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t7 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                for t in range(start, end, ROWS * SUB):
+                    for r in tl.static_range(SUB):
+                        slots = t + r * ROWS + rr
+                        valid = slots < end
+                        rows = tl.load(scratch_row + slots, mask=valid, other=0)
+                        xv = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+                        offs = rows[:, None] * NW + cw[None, :]
+                        wm = valid[:, None] & c_in[None, :]
+                        w = tl.load(q_ptr + offs, mask=wm)
+                        t0, t1, t2, t3, t4, t5, t6, t7 = _word_fma(w, xv[:, None], t0, t1, t2, t3, t4, t5, t6, t7, magic,
+                                                                    INT8)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _word_flush(a0, a1, a2, a3, a4, a5, a6, a7, t0, t1, t2, t3, t4, t5,
+                                                             t6, t7, s_ptr, g0 // CHUNK, N, cw, c_in, INT8)
+                start = end
+        else:  # dense: rows in order
+            STEP: tl.constexpr = ROWS * SUB
+            if PREFETCH:  # the next step's SUB tiles are loaded before this step's FMAs (registers, distance 1)
+                w0, x0 = _rows_tile(q_ptr, x_ptr, k_lo + rr, k_hi, NW, cw, c_in)
+                if SUB >= 2:
+                    w1, x1 = _rows_tile(q_ptr, x_ptr, k_lo + ROWS + rr, k_hi, NW, cw, c_in)
+                if SUB >= 4:
+                    w2, x2 = _rows_tile(q_ptr, x_ptr, k_lo + 2 * ROWS + rr, k_hi, NW, cw, c_in)
+                    w3, x3 = _rows_tile(q_ptr, x_ptr, k_lo + 3 * ROWS + rr, k_hi, NW, cw, c_in)
+            for g0 in range(k_lo, k_hi, CHUNK):
+                t0 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t1 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t2 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t3 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t4 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t5 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t6 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                t7 = tl.zeros([ROWS, BLOCK_W], dtype=tl.float32)
+                for k0 in range(g0, g0 + CHUNK, STEP):
+                    if PREFETCH:
+                        kn = k0 + STEP + rr
+                        n0, y0 = _rows_tile(q_ptr, x_ptr, kn, k_hi, NW, cw, c_in)
+                        if SUB >= 2:
+                            n1, y1 = _rows_tile(q_ptr, x_ptr, kn + ROWS, k_hi, NW, cw, c_in)
+                        if SUB >= 4:
+                            n2, y2 = _rows_tile(q_ptr, x_ptr, kn + 2 * ROWS, k_hi, NW, cw, c_in)
+                            n3, y3 = _rows_tile(q_ptr, x_ptr, kn + 3 * ROWS, k_hi, NW, cw, c_in)
+                        t0, t1, t2, t3, t4, t5, t6, t7 = _word_fma(w0, x0[:, None], t0, t1, t2, t3, t4, t5, t6, t7,
+                                                                   magic, INT8)
+                        w0, x0 = n0, y0
+                        if SUB >= 2:
+                            t0, t1, t2, t3, t4, t5, t6, t7 = _word_fma(w1, x1[:, None], t0, t1, t2, t3, t4, t5, t6, t7,
+                                                                       magic, INT8)
+                            w1, x1 = n1, y1
+                        if SUB >= 4:
+                            t0, t1, t2, t3, t4, t5, t6, t7 = _word_fma(w2, x2[:, None], t0, t1, t2, t3, t4, t5, t6, t7,
+                                                                       magic, INT8)
+                            t0, t1, t2, t3, t4, t5, t6, t7 = _word_fma(w3, x3[:, None], t0, t1, t2, t3, t4, t5, t6, t7,
+                                                                       magic, INT8)
+                            w2, x2 = n2, y2
+                            w3, x3 = n3, y3
+                    else:
+                        for r in tl.static_range(SUB):
+                            w, xv = _rows_tile(q_ptr, x_ptr, k0 + r * ROWS + rr, k_hi, NW, cw, c_in)
+                            t0, t1, t2, t3, t4, t5, t6, t7 = _word_fma(w, xv[:, None], t0, t1, t2, t3, t4, t5, t6, t7,
+                                                                       magic, INT8)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _word_flush(a0, a1, a2, a3, a4, a5, a6, a7, t0, t1, t2, t3, t4, t5,
+                                                             t6, t7, s_ptr, g0 // CHUNK, N, cw, c_in, INT8)
+    # reduce over ROWS, interleave the VALS values of each word into columns VALS * c + i
+    if INT8:
+        o0 = tl.sum(a0, axis=0) * _word_scale(s_ptr, 0, N, cw, c_in, 0, 4)
+        o1 = tl.sum(a1, axis=0) * _word_scale(s_ptr, 0, N, cw, c_in, 1, 4)
+        o2 = tl.sum(a2, axis=0) * _word_scale(s_ptr, 0, N, cw, c_in, 2, 4)
+        o3 = tl.sum(a3, axis=0) * _word_scale(s_ptr, 0, N, cw, c_in, 3, 4)
+        acc = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), [VALS * BLOCK_W])
+    else:
+        o0 = tl.sum(a0, axis=0)
+        o1 = tl.sum(a1, axis=0)
+        o2 = tl.sum(a2, axis=0)
+        o3 = tl.sum(a3, axis=0)
+        o4 = tl.sum(a4, axis=0)
+        o5 = tl.sum(a5, axis=0)
+        o6 = tl.sum(a6, axis=0)
+        o7 = tl.sum(a7, axis=0)
+        acc = tl.reshape(tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7))),
+                         [VALS * BLOCK_W])
+    n_offs = pid_n * (VALS * BLOCK_W) + tl.arange(0, VALS * BLOCK_W)
+    n_mask = n_offs < N
+    if REDUCE == 2:  # fp32 atomics into a zeroed accumulator; the last program to arrive writes y and re-zeroes it
+        tl.atomic_add(acc_ptr + n_offs, acc, mask=n_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's atomics issued before the arrival is published
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == n_splits - 1:
+            total = tl.load(acc_ptr + n_offs, mask=n_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + n_offs, total.to(y_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(acc_ptr + n_offs, tl.zeros_like(total), mask=n_mask)
+            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed")
+    elif REDUCE == 1:
+        b_offs = tl.arange(0, 1)
+        _write_out(acc[None, :], y_ptr, partial_ptr, counter_ptr, pid_n, pid_s, n_splits, N, n_offs, n_mask, b_offs,
+                   b_offs < 1, 1, 1, VALS * BLOCK_W, True)
+    else:
+        tl.store(y_ptr + n_offs, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+def words_apply(packed: LowbitWeight, batch: int) -> bool:
+    """Whether the word-FMA kernel can run this call: batch 1, INT4 / INT8, rows a whole number of 32-bit words."""
+    if batch != 1 or packed.fmt not in ("int4", "int8") or (packed.fmt == "int4" and packed.group != WORD_CHUNK):
+        return False
+    return packed.qweight.shape[1] % 4 == 0
+
+
+def _tile_default(fmt: str, K: int, N: int, batch: int, dense: bool) -> LowbitConfig:
+    for key in ((fmt, dense, K, N, batch), (fmt, dense, K, N, 1)):
+        tuned = TUNED_CONFIGS.get(key)
+        if tuned is not None and tuned.kernel == "tile":
+            return tuned
     cfg = INT4_GPU_CONFIG if fmt == "int4" else CHANNEL_GPU_CONFIG
     if N <= 1024:
         cfg = dataclasses.replace(cfg, block_n=64)
     return cfg
+
+
+def default_lowbit_config(fmt: str, K: int, N: int, batch: int, dense: bool) -> LowbitConfig:
+    """Tuned launch parameters if measured (a batch-1 word config is not used at batch > 1), else at batch 1 the
+    word-FMA kernel for INT4 sparse and INT8 (rows of whole 32-bit words; INT4 group 128, checked at launch), else a
+    tensor-core tile (block_n halved for narrow outputs)."""
+    tuned = TUNED_CONFIGS.get((fmt, dense, K, N, batch)) or TUNED_CONFIGS.get((fmt, dense, K, N, 1))
+    if tuned is not None and (batch == 1 or tuned.kernel == "tile"):
+        return tuned
+    row_bytes = (N + 1) // 2 if fmt == "int4" else N
+    if batch == 1 and (fmt == "int8" or (fmt == "int4" and not dense)) and row_bytes % 4 == 0:
+        cfg = INT4_WORD_CONFIG if fmt == "int4" else INT8_WORD_CONFIG
+        if N <= 1024:
+            cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 4, block_k=cfg.block_k * 4)
+        return cfg
+    return _tile_default(fmt, K, N, batch, dense)
 
 
 def load_tuned(path) -> None:
@@ -347,12 +825,71 @@ def load_tuned(path) -> None:
 
 
 def launch_geometry(packed: LowbitWeight, cfg: GemvConfig, device: torch.device) -> tuple[int, int]:
-    """(n_splits, k_split): K splits as gemv.py picks them, each a whole number of scale groups (int4) or tiles."""
-    unit = packed.group if packed.fmt == "int4" else cfg.block_k
+    """(n_splits, k_split): K splits as gemv.py picks them, each a whole number of scale groups (int4), word
+    chunks (words kernel) or tiles."""
+    words = getattr(cfg, "kernel", "tile") == "words"
+    unit = packed.group if packed.fmt == "int4" else (WORD_CHUNK if words else cfg.block_k)
     units = triton.cdiv(packed.k, unit)
-    n_splits = min(_pick_splits(packed.k, packed.n, cfg, device), units)
+    if words and cfg.n_splits <= 0:  # about four programs per SM
+        stripes = triton.cdiv(packed.n, cfg.block_n)
+        n_splits = max(1, min(units, round(4 * _sm_count(device) / stripes)))
+    else:
+        n_splits = min(_pick_splits(packed.k, packed.n, cfg, device), units)
     k_split = triton.cdiv(units, n_splits) * unit
     return triton.cdiv(packed.k, k_split), k_split
+
+
+_ACCUMULATORS: dict[torch.device, torch.Tensor] = {}
+_LAST_LAUNCH: list = [None]  # the last word-kernel launch handle (registers / spills, read by studies)
+
+
+def _accumulator(device: torch.device, n: int) -> torch.Tensor:
+    """fp32 zeros of the atomic split-K reduction, >= n long; zero at rest (the kernel's last program re-zeroes
+    what it used). Grown outside CUDA-graph capture by the first (warm-up) call of a shape."""
+    acc = _ACCUMULATORS.get(device)
+    if acc is None or acc.numel() < n:
+        acc = torch.zeros(max(n, 1 << 16), dtype=torch.float32, device=device)
+        _ACCUMULATORS[device] = acc
+    return acc
+
+
+def _launch_words(x2: torch.Tensor, packed: LowbitWeight, threshold: float | None, cfg: LowbitConfig,
+                  y: torch.Tensor) -> None:
+    K, N = packed.k, packed.n
+    int8 = packed.fmt == "int8"
+    vals = 4 if int8 else 8
+    q32 = packed.qweight.view(torch.int32)
+    NW = q32.shape[1]
+    assert K * NW < 2**31, "int32 offsets"
+    assert cfg.block_n % vals == 0 and cfg.block_k % cfg.sub == 0, "block_n: whole words, block_k: sub loads"
+    assert not cfg.prefetch or cfg.sub in (1, 2, 4), "prefetch: sub in 1, 2, 4"
+    block_w, rows = cfg.block_n // vals, cfg.block_k // cfg.sub
+    assert WORD_CHUNK % cfg.block_k == 0 and (not int8 or packed.group == 0) and (int8 or packed.group == WORD_CHUNK)
+    n_splits, k_split = launch_geometry(packed, cfg, x2.device)
+    stripes = triton.cdiv(NW, block_w)
+    dense = threshold is None
+    compact = not dense
+    step = cfg.block_k
+    if cfg.pipe:  # idx + x (each padded per chunk) + one group id per step
+        r_len = k_split + (k_split // WORD_CHUNK) * step
+        scratch_stride = 2 * r_len + r_len // step + 2
+    else:
+        scratch_stride = k_split + k_split // WORD_CHUNK + 1
+    scratch, partial, counters = _workspace(x2.device).get(
+        stripes * n_splits * scratch_stride if compact else 0,
+        n_splits * N if n_splits > 1 and cfg.reduce == "ordered" else 0, stripes)
+    reduce = 0 if n_splits == 1 else (2 if cfg.reduce == "atomic" else 1)
+    acc = _accumulator(x2.device, stripes * cfg.block_n) if reduce == 2 else scratch
+    pairx = (cfg.pipe and cfg.pairx and dense and x2.dtype in (torch.bfloat16, torch.float16) and K % 2 == 0 and cfg.sub % 2 == 0
+             and x2.data_ptr() % 4 == 0)
+    xk = x2.view(torch.int32) if pairx else x2
+    _LAST_LAUNCH[0] = _word_gemv_kernel[(stripes, n_splits)](
+        xk, q32, packed.scales, y, scratch, partial if reduce == 1 else scratch, acc, counters,
+        K, N, NW, k_split, n_splits, scratch_stride, 0.0 if dense else float(threshold), 0x4B000000,
+        INT8=int8, VALS=vals, BLOCK_W=block_w, ROWS=rows, SUB=cfg.sub, CHUNK=WORD_CHUNK, DENSE=dense,
+        COMPACT=compact, REDUCE=reduce, PREFETCH=cfg.prefetch, PIPE=cfg.pipe,
+        STAGES=cfg.num_stages, ONE_GROUP=k_split == WORD_CHUNK, PAIRX=pairx,
+        XDT=0 if x2.dtype == torch.bfloat16 else 1, SPRE=cfg.spre, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def lowbit_gemv_triton(
@@ -362,7 +899,8 @@ def lowbit_gemv_triton(
     config: GemvConfig | None = None,  # LowbitConfig (or gemv.py's GemvConfig: swap_ab off); None: tuned / default
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Launch the low-bit (sparse) GEMV; returns y [B, N] (or [N] for a 1-D x) in x's dtype."""
+    """Launch the low-bit (sparse) GEMV; returns y [B, N] (or [N] for a 1-D x) in x's dtype. A word-kernel
+    config where that kernel does not apply (batch > 1, FP8, rows not whole words) runs the tile default."""
     assert packed.fmt in FORMATS, packed.fmt
     squeeze = x.dim() == 1
     x2 = x.unsqueeze(0) if squeeze else x
@@ -374,6 +912,12 @@ def lowbit_gemv_triton(
     assert packed.qweight.device == x.device, "weight and x on different devices"
     dense = threshold is None
     cfg = config or default_lowbit_config(packed.fmt, K, N, B, dense)
+    y = torch.empty((B, N), dtype=out_dtype or x.dtype, device=x.device)
+    if getattr(cfg, "kernel", "tile") == "words":
+        if words_apply(packed, B):
+            _launch_words(x2, packed, threshold, cfg, y)
+            return y[0] if squeeze else y
+        cfg = _tile_default(packed.fmt, K, N, B, dense)
     if packed.fmt == "int4":
         assert packed.group % cfg.block_k == 0, f"block_k {cfg.block_k} must divide the group {packed.group}"
         assert cfg.block_n >= (32 if cfg.use_dot else 2), "block_n too small"
@@ -381,7 +925,6 @@ def lowbit_gemv_triton(
     stripes = triton.cdiv(N, cfg.block_n)
     scratch, partial, counters = _workspace(x.device).get(0 if dense else stripes * n_splits * k_split,
                                                           n_splits * B * N if n_splits > 1 else 0, stripes)
-    y = torch.empty((B, N), dtype=out_dtype or x.dtype, device=x.device)
     common = dict(BATCH=B, BATCH_PAD=16 if cfg.use_dot else triton.next_power_of_2(B), BLOCK_N=cfg.block_n,
                   BLOCK_K=cfg.block_k, DENSE=dense, USE_DOT=cfg.use_dot,
                   SWAP_AB=cfg.use_dot and getattr(cfg, "swap_ab", False), REDUCE=n_splits > 1,

@@ -15,8 +15,9 @@ that cycles through >= 300 MB of weight copies (L2 defeated), median of triton.t
 replays; random unstructured masks at exactly s shared by the batch rows. Before any timing every kernel's
 output is checked against its reference (``lowbit_gemv_reference``: dequantize, then the fp32 product); a
 wrong answer stops the run, except tinygemm's (recorded in ``rel_err``). Tuning: for INT4 and INT8, a few tiles
-x K splits per shape, best dense-path config by the dense time, best sparse config by the time at s = 0.5
-(FP8 reuses INT8's; batch 2 / 4 reuse batch 1's); written to DIR/tuned.json
+x K splits and batch-1 word-FMA configs per shape, best dense-path config by the dense time, best sparse config
+by the time at s = 0.5 (batch 2 / 4 and FP8 get the best tensor-core tile: the word kernel is batch 1, INT4 /
+INT8 only); written to DIR/tuned.json
 (``allocator.kernels.lowbit_gemv.load_tuned``).
 
 Columns: ``us``; ``speedup`` = cuBLAS bf16 / us at the same batch; ``bytes`` = weight + scale bytes the call
@@ -71,22 +72,35 @@ def result_row(gpu: str, d_out: int, d_in: int, batch: int, kernel: str, s: floa
 
 
 def tile_candidates(fmt: str, quick: bool = False) -> list:
-    """(block_n, block_k, use_dot, swap_ab, num_warps, num_stages) tried per shape; `tune` adds the K splits."""
+    """Launch configs tried per shape: tensor-core tiles (``tune`` adds the K splits: automatic and twice that) and
+    batch-1 word-FMA configs (kernels/NOTES.md, "lowbit GEMV on the H200"); a negative ``n_splits`` there means
+    K splits of that many scale groups (128 channels) each."""
     from allocator.kernels import LowbitConfig
 
+    w = dict(kernel="words")
     if fmt == "int4":  # block_k must divide the group (128)
-        tiles = [(256, 64, True, False, 4, 3), (256, 64, True, True, 4, 3), (128, 64, True, False, 4, 3),
-                 (128, 64, True, True, 4, 3), (256, 128, True, True, 8, 3), (512, 64, True, False, 8, 3),
-                 (128, 128, True, False, 4, 4), (64, 32, False, False, 2, 2), (128, 32, False, False, 4, 2)]
+        tiles = [LowbitConfig(128, 128, use_dot=True, num_warps=4, num_stages=4),
+                 LowbitConfig(512, 32, sub=4, **w),  # per-group loops, compaction per group (the sparse default)
+                 LowbitConfig(128, 64, use_dot=True, num_warps=4, num_stages=3),
+                 LowbitConfig(512, 32, n_splits=-1, sub=4, num_stages=5, pipe=True, spre=True, **w),
+                 LowbitConfig(1024, 16, n_splits=-1, sub=4, num_stages=5, pipe=True, **w),
+                 LowbitConfig(512, 16, n_splits=-4, sub=2, num_stages=4, pipe=True, **w),
+                 LowbitConfig(1024, 8, n_splits=-1, sub=2, num_stages=4, pipe=True, **w)]
     else:
-        tiles = [(128, 64, True, False, 4, 3), (128, 64, True, True, 4, 3), (256, 64, True, False, 8, 4),
-                 (256, 64, True, True, 8, 4), (128, 128, True, False, 4, 3), (64, 32, False, False, 1, 2)]
-    tiles = tiles[:2] if quick else tiles
-    return [LowbitConfig(block_n=bn, block_k=bk, use_dot=d, swap_ab=sw, num_warps=w, num_stages=st)
-            for bn, bk, d, sw, w, st in tiles]
+        tiles = [LowbitConfig(128, 64, use_dot=True, num_warps=4, num_stages=3),
+                 LowbitConfig(256, 16, n_splits=-4, sub=2, num_stages=4, pipe=True, **w),  # the INT8 default
+                 LowbitConfig(128, 128, use_dot=True, num_warps=4, num_stages=3),
+                 LowbitConfig(256, 16, n_splits=-2, sub=2, num_stages=4, pipe=True, **w),
+                 LowbitConfig(256, 32, n_splits=-4, sub=4, num_stages=5, pipe=True, **w),
+                 LowbitConfig(256, 16, sub=2, **w)]
+    return tiles[:2] if quick else tiles
 
 
 def _cfg_str(cfg) -> str:
+    if getattr(cfg, "kernel", "tile") == "words":
+        kind = "words" + (f" pipe st{cfg.num_stages}" if cfg.pipe else "") + (" pf" if cfg.prefetch else "") + (
+            " spre" if cfg.spre else "") + ("" if cfg.reduce == "atomic" else f" {cfg.reduce}")
+        return f"bn{cfg.block_n} bk{cfg.block_k} sub{cfg.sub} S{cfg.n_splits} w{cfg.num_warps} {kind}"
     kind = ("dot-swap" if getattr(cfg, "swap_ab", False) else "dot") if cfg.use_dot else "fma"
     return f"bn{cfg.block_n} bk{cfg.block_k} S{cfg.n_splits} w{cfg.num_warps} st{cfg.num_stages} {kind}"
 
@@ -121,19 +135,26 @@ def _packed_copies(fmt, d_out, d_in, device):
 
 
 def tune(fmt, packed, xs, refs, quick, rep_ms=10):
-    """Best (dense config, sparse config) for one shape at batch 1, and the rows of the sweep."""
+    """Best config per path for one shape at batch 1, the best tensor-core tile per path (batch 2 / 4 and FP8 run
+    tiles: the word kernel is batch 1, INT4 / INT8 only), and the rows of the sweep."""
     from allocator.kernels import lowbit_gemv_triton
     from allocator.kernels.latency import THRESHOLD, graph_time_us
     from allocator.kernels.lowbit_gemv import launch_geometry
 
-    rows, best = [], {}
+    rows, best, best_tile = [], {}, {}
     device = xs[0.5].device
+    K = packed[0].k
     for path, x, thr in (("dense", xs[0.0], None), ("sparse", xs[0.5], THRESHOLD)):
         scores = []
         for base in tile_candidates(fmt, quick):
-            auto, _ = launch_geometry(packed[0], base, device)
-            for splits in sorted({auto} if quick else {auto, 2 * auto}):
-                cfg = dataclasses.replace(base, n_splits=splits)
+            if base.kernel == "words":
+                if base.n_splits < 0:
+                    base = dataclasses.replace(base, n_splits=max(1, K // (128 * -base.n_splits)))
+                cands = [base]
+            else:
+                auto, _ = launch_geometry(packed[0], base, device)
+                cands = [dataclasses.replace(base, n_splits=n) for n in sorted({auto} if quick else {auto, 2 * auto})]
+            for cfg in cands:
                 try:
                     err = _rel(lowbit_gemv_triton(x, packed[0], thr, config=cfg), refs[path])
                     if err > TOL:
@@ -149,9 +170,11 @@ def tune(fmt, packed, xs, refs, quick, rep_ms=10):
             raise RuntimeError(f"no {fmt} {path} config compiled and passed the check")
         scores.sort(key=lambda r: r[0])
         best[path] = scores[0][1]
+        tiles = [sc for sc in scores if sc[1].kernel == "tile"]
+        best_tile[path] = tiles[0][1] if tiles else scores[0][1]
         print(f"  tune {fmt} {path}: best {_cfg_str(scores[0][1])} {scores[0][0]:.2f} us; next "
               f"{[(round(t, 2), _cfg_str(c)) for t, c in scores[1:3]]}", flush=True)
-    return best, rows
+    return best, best_tile, rows
 
 
 def bench_shape(d_out, d_in, gpu, copy_bw, batches, quick, device, tuned_out, rep_ms=25, dtype=None):
@@ -207,14 +230,20 @@ def bench_shape(d_out, d_in, gpu, copy_bw, batches, quick, device, tuned_out, re
             refs = {"dense": lowbit_gemv_reference(x0, p[0], None)}
             refs["sparse"] = lowbit_gemv_reference(xs[0.5], p[0], THRESHOLD)
             if batch == 1 and fmt != "fp8":
-                best, trows = tune(fmt, p, xs, refs, quick)
+                best, best_tile, trows = tune(fmt, p, xs, refs, quick)
                 tune_rows += [dict(d_out=d_out, d_in=d_in, **r) for r in trows]
+
+                def put(f, path, b, cfg):
+                    lb.TUNED_CONFIGS[(f, path == "dense", d_in, d_out, b)] = cfg
+                    tuned_out[f"{f},{path},{d_in},{d_out},{b}"] = dataclasses.asdict(cfg)
+
                 for path, cfg in best.items():
-                    lb.TUNED_CONFIGS[(fmt, path == "dense", d_in, d_out, 1)] = cfg
-                    tuned_out[f"{fmt},{path},{d_in},{d_out},1"] = dataclasses.asdict(cfg)
-                    if fmt == "int8":  # FP8 runs the same kernel with another element type
-                        lb.TUNED_CONFIGS[("fp8", path == "dense", d_in, d_out, 1)] = cfg
-                        tuned_out[f"fp8,{path},{d_in},{d_out},1"] = dataclasses.asdict(cfg)
+                    put(fmt, path, 1, cfg)
+                    for b in (2, 4):  # the word kernel is batch 1 only: larger batches run the best tile
+                        put(fmt, path, b, best_tile[path])
+                    if fmt == "int8":  # FP8 runs the INT8 tile kernel with another element type
+                        for b in (1, 2, 4):
+                            put("fp8", path, b, best_tile[path])
             cfg = lb.default_lowbit_config(fmt, d_in, d_out, batch, True)
             err = _rel(lowbit_gemv_triton(x0, p[0], None, config=cfg), refs["dense"])
             assert err < TOL, f"{fmt}_dense b{batch}: relative error {err:.2e}"

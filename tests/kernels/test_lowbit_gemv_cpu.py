@@ -112,6 +112,40 @@ def test_lowbit_gemv_matches_reference(case, drop, poisoned):
     _check(y, ref, dtype)
 
 
+W = dict(kernel="words")
+WORD_CASES = [  # (K, N, fmt, dtype, config): the batch-1 word-FMA kernel, every loop form, ragged K / N
+    (300, 199, "int4", torch.float32, LowbitConfig(64, 32, n_splits=2, sub=2, **W)),  # per-group loops, odd N
+    (333, 72, "int8", torch.float16, LowbitConfig(32, 32, sub=4, prefetch=True, reduce="ordered", **W)),
+    (384, 64, "int4", torch.float16, LowbitConfig(64, 16, n_splits=3, sub=2, num_stages=3, pipe=True, **W)),
+    (300, 200, "int4", torch.float32, LowbitConfig(128, 64, n_splits=3, sub=4, num_stages=2, pipe=True, spre=True, **W)),
+    (334, 40, "int8", torch.float32, LowbitConfig(32, 8, n_splits=1, sub=1, num_stages=4, pipe=True, **W)),
+]
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.5, 1.0, None])
+@pytest.mark.parametrize("case", range(len(WORD_CASES)))
+def test_word_kernel_matches_reference(case, drop, poisoned):
+    K, N, fmt, dtype, cfg = WORD_CASES[case]
+    packed = _packed(fmt, N, K, 128)
+    assert lb.words_apply(packed, 1)
+    x = _input(1, K, 0.5 if drop is None else drop, dtype)
+    thr = None if drop is None else THR
+    y = lowbit_gemv_triton(x, packed, thr, config=cfg)
+    _check(y, lowbit_gemv_reference(x, packed, thr), dtype)
+    acc = lb._ACCUMULATORS.get(torch.device("cpu"))
+    assert acc is None or int(acc.abs().sum()) == 0  # the atomic split-K accumulator is zero at rest
+
+
+def test_word_config_falls_back_where_it_does_not_apply(poisoned):
+    """Batch > 1, an INT4 group other than 128, or FP8: a word config runs the tile kernel (same result)."""
+    cfg = LowbitConfig(64, 32, n_splits=2, sub=2, kernel="words")
+    for fmt, group, batch in (("int4", 128, 2), ("int4", 64, 1), ("fp8", 0, 1)):
+        packed = _packed(fmt, 64, 256, group)
+        assert not lb.words_apply(packed, batch)
+        x = _input(batch, 256, 0.5, torch.float32)
+        _check(lowbit_gemv_triton(x, packed, THR, config=cfg), lowbit_gemv_reference(x, packed, THR), torch.float32)
+
+
 def test_one_dimensional_x_and_default_config(poisoned):
     packed = pack_int4(torch.randn(48, 256))
     x = _input(1, 256, 0.5, torch.float32)[0]

@@ -1,5 +1,6 @@
 """GPU correctness of the low-bit (sparse) decode GEMV at real shapes: fp16 and bf16, batch 1..4, INT4 / INT8 /
-FP8, sparse and dense paths, every tile kind; CUDA-graph replay; tinygemm computes the same function.
+FP8, sparse and dense paths, every tile kind and the batch-1 word-FMA kernel's loop forms; CUDA-graph replay;
+tinygemm computes the same function.
 
 Skipped without a CUDA GPU (or when Triton is being interpreted). Fresh random inputs each run; outputs
 poisoned with NaN before each run.
@@ -103,6 +104,31 @@ def test_cuda_graph_replay_follows_new_inputs():
         torch.cuda.synchronize()
         assert _rel(y, lowbit_gemv_reference(x, packed, THRESHOLD)) < TOL[torch.float16]
     assert int(sg._workspace(torch.device("cuda")).counters.abs().sum()) == 0
+    acc = lb._ACCUMULATORS.get(torch.device("cuda", torch.cuda.current_device()))
+    assert acc is None or int(acc.abs().sum()) == 0
+
+
+W = dict(kernel="words")
+WORD_TILES = [LowbitConfig(512, 32, sub=4, **W), LowbitConfig(512, 32, n_splits=8, sub=4, prefetch=True, **W),
+              LowbitConfig(512, 32, sub=4, reduce="ordered", **W),
+              LowbitConfig(512, 32, n_splits=32, sub=4, num_stages=5, pipe=True, spre=True, **W),
+              LowbitConfig(1024, 16, n_splits=32, sub=4, num_stages=5, pipe=True, **W),
+              LowbitConfig(256, 16, n_splits=8, sub=2, num_stages=4, pipe=True, **W)]
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("cfg", range(len(WORD_TILES)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("s", [0.5, None])
+def test_word_kernel_variants(fmt, cfg, dtype, s):
+    packed = _packed(fmt, 14336, 4096)
+    assert lb.words_apply(packed, 1)
+    x = sparse_input(1, 4096, 0.0 if s is None else s, dtype, "cuda")
+    thr = None if s is None else THRESHOLD
+    y = lowbit_gemv_triton(x, packed, thr, config=WORD_TILES[cfg])
+    assert _rel(y, lowbit_gemv_reference(x, packed, thr)) < TOL[dtype]
+    acc = lb._ACCUMULATORS.get(x.device)
+    assert acc is None or int(acc.abs().sum()) == 0
 
 
 @pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336)])
