@@ -2,9 +2,14 @@
 
 ``decoder_from_hf(model, plan)`` is the only place where HF meets ``allocator.kernels.runtime``: it copies the
 weights (q|k|v and gate|up fused, transposed for the GEMV kernels), the RoPE frequencies the HF model computed
-(rope scaling included) and, from the plan, one threshold per decode site and layer (the q|k|v input, the
+(rope scaling included) and, from the plan, the thresholds of each decode site and layer (the q|k|v input, the
 attention output, the gate|up input, the down input). The accuracy path (``compressed(model, plan)``) and the
-speed path then apply the same masks: a channel is kept iff ``|x| > threshold``.
+speed path then apply the same masks: a channel is kept iff ``|x| > threshold``. A fused site (q|k|v, gate|up)
+whose projections carry different thresholds (projection units: q, k, v at their own levels; TEAL with
+``shared_inputs=True`` keeps one |x| statistic per input, so the levels become different thresholds on it) gets
+one threshold per projection, and every decode mode applies each to its own column segment
+(``kernels.runtime``: reference, sparse, fused, fused_pdl; dense ignores thresholds). A projection the plan
+leaves out of a fused site runs dense there (threshold 0).
 
 ``decode_speed(model, plans)`` (the ``decode_speed`` evaluator) times greedy decode steps under CUDA graphs for
 the dense model and each plan, plus a dense prefill, with ``triton.testing.do_bench``.
@@ -94,8 +99,9 @@ def decoder_weights(model: nn.Module):
                           attention_scaling=scaling)
 
 
-def site_thresholds(model: nn.Module, plan: CompressionPlan | None) -> list[dict[str, float]]:
-    """Per layer, one threshold per decode site from the plan (0.0 where the site runs dense)."""
+def site_thresholds(model: nn.Module, plan: CompressionPlan | None) -> list[dict[str, float | tuple[float, ...]]]:
+    """Per layer and decode site, the plan's threshold (0.0 where the site runs dense), or for q|k|v and gate|up
+    one threshold per projection (a tuple in ``SITE_KINDS`` order) when they differ."""
     entries = {e.path: e for e in plan.entries} if plan is not None else {}
     out = []
     for row in find_projections(model):
@@ -105,23 +111,19 @@ def site_thresholds(model: nn.Module, plan: CompressionPlan | None) -> list[dict
     return out
 
 
-def _site_threshold(site: str, projections, entries: dict) -> float:
-    found = [entries.get(p.name) for p in projections]
-    if all(e is None for e in found):
+def _site_threshold(site: str, projections, entries: dict) -> float | tuple[float, ...]:
+    """One number when the site's projections share it, else one per projection (a left-out one: 0.0, dense)."""
+    values = [_plain_threshold(entries.get(p.name)) for p in projections]
+    return values[0] if len(set(values)) == 1 else tuple(values)
+
+
+def _plain_threshold(entry) -> float:
+    if entry is None:
         return 0.0
-    if any(e is None for e in found):
-        raise RuntimeUnsupported(f"site {site} of {projections[0].name.rpartition('.')[0]}: the plan compresses "
-                                 "only some of the projections one fused GEMV reads; use profile.unit=input")
-    for e in found:
-        if e.wrapper != ThresholdLinear.__name__ or e.tensors or e.params.get("sparse_fraction", 1.0) < 1.0:
-            raise RuntimeUnsupported(f"{e.path}: the runtime applies plain thresholds on every token (teal); this "
-                                     f"entry is {e.wrapper} with {sorted(e.tensors) or e.params}")
-    values = {e.params["threshold"] for e in found}
-    if len(values) > 1:
-        raise RuntimeUnsupported(f"site {site} of {projections[0].name.rpartition('.')[0]} has thresholds "
-                                 f"{sorted(values)}: one fused GEMV applies one mask; calibrate with "
-                                 "method.options.shared_inputs=true and give the site's projections one level")
-    value = values.pop()
+    if entry.wrapper != ThresholdLinear.__name__ or entry.tensors or entry.params.get("sparse_fraction", 1.0) < 1.0:
+        raise RuntimeUnsupported(f"{entry.path}: the runtime applies plain thresholds on every token (teal); this "
+                                 f"entry is {entry.wrapper} with {sorted(entry.tensors) or entry.params}")
+    value = entry.params["threshold"]
     return 0.0 if not math.isfinite(value) or value < 0 else float(value)
 
 

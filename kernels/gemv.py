@@ -19,8 +19,10 @@ atomics and needs an output memset: on the H100 that floor is ~40% of the dense 
   fixed order, writes y and resets the counter to zero. No atomics on the data, no memset, deterministic.
 * Batch 1..4 shares the union of the masks (a channel is kept if any row keeps it).
 * Fused projections are plain column concatenations (gate|up, q|k|v): one mask, one launch. Up to three
-  column segments may carry their own threshold (q, k and v calibrated separately); segment boundaries must
-  be multiples of BLOCK_N because each program picks the threshold of its stripe and compacts with it.
+  column segments may carry their own threshold (q, k, v at levels of their own; gate, up: two segments);
+  segment boundaries must be multiples of BLOCK_N because each program picks the threshold of its stripe and
+  compacts with it, so segment p's columns see exactly the channels |x_j| > t_p (`sparse_gemv_reference`
+  masks each segment the same way; `default_config` halves the tile until it divides the boundaries).
 * Extra dense rows (`extra_x @ extra_wt`, all kept) can be appended to the reduction: the R-Sparse kernel
   uses them for the low-rank up-projection U_r z (see rsparse.py).
 

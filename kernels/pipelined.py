@@ -16,13 +16,21 @@ Why: the standalone sparse GEMV (gemv.py) pays a fixed chain of ~9 us per call a
 Protocol of one GEMV site with `n_splits` K splits of `k_split` channels: `idx` int32 holds the kept channel
 indices of split s at `idx[s * k_split:]`, `cnt[s]` their number, `acc` [N] fp32 is zero at rest. A site
 whose input comes from elsewhere (attention output into o) compacts in the GEMV as before (`scan=True`,
-private index rows per program) and still accumulates atomically. Batch 1 (decode). References: the
+private index rows per program) and still accumulates atomically. Batch 1 (decode).
+
+Column segments (fused q|k|v, gate|up with a threshold per projection): a site planned with `segments`
+(the first column of segments 1, 2; multiples of its BLOCK_N) holds up to three kept lists per K split, list l
+of split s at `idx[(l * n_splits + s) * k_split:]`, count `cnt[l * n_splits + s]`. The norm producer writes one
+list per threshold it is given (one more compaction of the split it already holds: no extra read of x), and
+each GEMV program reads the list of its stripe's segment, as the standalone kernel picks its stripe's
+threshold. One threshold: one list, the segments unused (the geometry of the unsegmented site). References: the
 all-PyTorch step in llama_decode.py; tests compare against it. Measured: kernels/NOTES.md, variants 9-12.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import torch
 import triton
@@ -66,6 +74,11 @@ class SitePlan:
     N: int
     cfg: GemvConfig
     n_splits: int
+    segments: tuple[int, ...] = ()  # first columns of segments 1, 2 (each list its own threshold); () one list
+
+    @property
+    def n_lists(self) -> int:
+        return len(self.segments) + 1
 
     @property
     def k_split(self) -> int:
@@ -77,29 +90,48 @@ class SitePlan:
 
 
 def plan_site(K: int, N: int, device: torch.device, n_splits: int | None = None,
-              config: GemvConfig | None = None) -> SitePlan:
+              config: GemvConfig | None = None, segments: tuple[int, ...] = ()) -> SitePlan:
+    """The site's tile and K splits; with `segments` (column starts of segments 1, 2) the tile width is halved
+    until it divides every boundary (a stripe never straddles two thresholds)."""
+    segments = tuple(int(b) for b in segments)
+    if len(segments) > 2 or any(not 0 < b < N for b in segments) or list(segments) != sorted(set(segments)):
+        raise ValueError(f"segments {segments}: at most two increasing column starts inside (0, {N})")
     if config is None and (K, N) not in INDEXED_CONFIGS:
-        base = default_config(K, N, 1, device)
+        base = default_config(K, N, 1, device, segments)
         config = dataclasses.replace(base, n_splits=max(base.n_splits, 8))
-    cfg = config or INDEXED_CONFIGS[(K, N)]
+    cfg = _fit_segments(config or INDEXED_CONFIGS[(K, N)], segments, N)
     n_splits = n_splits or cfg.n_splits or 8
-    return SitePlan(K, N, cfg, max(1, min(n_splits, K // 16)))
+    return SitePlan(K, N, cfg, max(1, min(n_splits, K // 16)), segments)
+
+
+def _fit_segments(cfg: GemvConfig, segments: tuple[int, ...], N: int) -> GemvConfig:
+    block_n = cfg.block_n
+    while block_n > 16 and any(b % block_n for b in segments):
+        block_n //= 2
+    if any(b % block_n for b in segments):
+        raise ValueError(f"column segments {segments} of a {N}-column site are not multiples of 16: one GEMV "
+                         "stripe would straddle two thresholds; give the site one threshold")
+    return cfg if block_n == cfg.block_n else dataclasses.replace(cfg, block_n=block_n)
 
 
 class SiteBuffers:
-    """idx / cnt / acc of one site (acc zeroed once here, then kept at zero by its consumer)."""
+    """idx / cnt / acc of one site (acc zeroed once here, then kept at zero by its consumer). `lists`: how many
+    kept lists per split the producer last wrote (1, or one per column segment), read by `indexed_gemv`."""
 
     def __init__(self, plan: SitePlan, device: torch.device, scan: bool = False):
-        self.plan, self.scan = plan, scan
-        rows = plan.stripes * plan.n_splits if scan else plan.n_splits
+        if scan and plan.segments:
+            raise ValueError("a scanning site (input from elsewhere) compacts with one threshold: plan it "
+                             "without segments")
+        self.plan, self.scan, self.lists = plan, scan, 1
+        rows = plan.stripes * plan.n_splits if scan else plan.n_lists * plan.n_splits
         self.idx = torch.empty(rows * plan.k_split, dtype=torch.int32, device=device)
-        self.cnt = torch.zeros(plan.n_splits, dtype=torch.int32, device=device)
+        self.cnt = torch.zeros(plan.n_lists * plan.n_splits, dtype=torch.int32, device=device)
         self.acc = torch.zeros(plan.N, dtype=torch.float32, device=device)
 
 
 @triton.jit
 def _indexed_gemv_kernel(x_ptr, wt_ptr, acc_ptr, idx_ptr, cnt_ptr, clear_ptr, K, N, k_split, thr, clear_n,
-                         BATCH_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         seg1, seg2, BATCH_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SCAN_BLOCK: tl.constexpr, USE_DOT: tl.constexpr, SCAN: tl.constexpr,
                          CLEAR_BLOCK: tl.constexpr, PDL: tl.constexpr):
     if PDL:
@@ -118,9 +150,11 @@ def _indexed_gemv_kernel(x_ptr, wt_ptr, acc_ptr, idx_ptr, cnt_ptr, clear_ptr, K,
         k_lo = pid_s * k_split
         count = _compact_kept(x_ptr, x_ptr, row, k_lo, tl.minimum(k_lo + k_split, K), K, thr, 1, SCAN_BLOCK,
                               False, False)
-    else:
-        row = idx_ptr + pid_s * k_split
-        count = tl.load(cnt_ptr + pid_s)
+    else:  # the list of this stripe's column segment (list 0 when the producer wrote one: seg1 = seg2 = N)
+        n_start = pid_n * BLOCK_N
+        lst = (n_start >= seg1).to(tl.int32) + (n_start >= seg2).to(tl.int32)
+        row = idx_ptr + (lst * tl.num_programs(1) + pid_s).to(tl.int64) * k_split
+        count = tl.load(cnt_ptr + lst * tl.num_programs(1) + pid_s)
     acc = _gather_rows_product(x_ptr, wt_ptr, row, count, n_offs, n_mask, b_offs, b_mask, N, K,
                                BATCH_PAD, BLOCK_N, BLOCK_K, USE_DOT)
     if PDL:
@@ -131,15 +165,17 @@ def _indexed_gemv_kernel(x_ptr, wt_ptr, acc_ptr, idx_ptr, cnt_ptr, clear_ptr, K,
 
 def indexed_gemv(x: torch.Tensor, wt: torch.Tensor, site: SiteBuffers, threshold: float = 0.0,
                  clear: torch.Tensor | None = None) -> None:
-    """site.acc += (x * m) @ wt for one row x [K] / [1, K]; m from the producer's lists, or from
-    |x| > threshold when the site scans. `clear` (fp32) is zeroed on the way (see add_rms_norm_split)."""
+    """site.acc += (x * m) @ wt for one row x [K] / [1, K]; m from the producer's lists (one per column segment
+    when it wrote several), or from |x| > threshold when the site scans. `clear` (fp32) is zeroed on the way
+    (see add_rms_norm_split)."""
     p = site.plan
     assert x.numel() == p.K and wt.shape == (p.K, p.N) and wt.is_contiguous() and x.is_contiguous()
+    segs = list(p.segments) + [p.N] * (2 - len(p.segments)) if site.lists > 1 else [p.N, p.N]
     n_programs = p.stripes * p.n_splits
     clear_block = triton.next_power_of_2(triton.cdiv(clear.numel(), n_programs)) if clear is not None else 0
     _indexed_gemv_kernel[(p.stripes, p.n_splits)](
         x, wt, site.acc, site.idx, site.cnt, clear if clear is not None else site.acc, p.K, p.N, p.k_split,
-        float(threshold), clear.numel() if clear is not None else 0,
+        float(threshold), clear.numel() if clear is not None else 0, segs[0], segs[1],
         BATCH_PAD=16 if p.cfg.use_dot else 1, BLOCK_N=p.cfg.block_n, BLOCK_K=p.cfg.block_k,
         SCAN_BLOCK=min(p.cfg.scan_block, triton.next_power_of_2(p.k_split)), USE_DOT=p.cfg.use_dot, SCAN=site.scan,
         CLEAR_BLOCK=clear_block, **_pdl(), num_warps=p.cfg.num_warps, num_stages=p.cfg.num_stages,
@@ -167,9 +203,9 @@ def add_rms_norm_from_acc(h: torch.Tensor, delta: SiteBuffers, weight: torch.Ten
 
 
 @triton.jit
-def _add_rms_norm_split_kernel(h_in_ptr, h_out_ptr, acc_ptr, w_ptr, out_ptr, idx_ptr, cnt_ptr, H, eps, thr, k_split,
-                               HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, SEG_BLOCK: tl.constexpr,
-                               PDL: tl.constexpr):
+def _add_rms_norm_split_kernel(h_in_ptr, h_out_ptr, acc_ptr, w_ptr, out_ptr, idx_ptr, cnt_ptr, H, eps, thr0, thr1,
+                               thr2, k_split, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, SEG_BLOCK: tl.constexpr,
+                               N_LISTS: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -191,22 +227,36 @@ def _add_rms_norm_split_kernel(h_in_ptr, h_out_ptr, acc_ptr, w_ptr, out_ptr, idx
     ws = tl.load(w_ptr + so, mask=valid, other=0.0).to(tl.float32)
     x = ((hs.to(tl.float32) * inv).to(hs.dtype).to(tl.float32) * ws).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + so, x, mask=valid)
-    _compact_segment(x, so, valid, thr, idx_ptr, cnt_ptr, seg, k_split)
+    _compact_segment(x, so, valid, thr0, idx_ptr, cnt_ptr, seg, k_split)
+    n_splits = tl.num_programs(0)
+    if N_LISTS > 1:  # the kept list of column segment 1 (its own threshold on the same x), then of segment 2
+        _compact_segment(x, so, valid, thr1, idx_ptr + n_splits * k_split, cnt_ptr + n_splits, seg, k_split)
+    if N_LISTS > 2:
+        _compact_segment(x, so, valid, thr2, idx_ptr + 2 * n_splits * k_split, cnt_ptr + 2 * n_splits, seg,
+                         k_split)
 
 
 def add_rms_norm_split(h_in: torch.Tensor, h_out: torch.Tensor, delta: SiteBuffers | None, weight: torch.Tensor,
-                       eps: float, threshold: float, consumer: SiteBuffers) -> torch.Tensor:
+                       eps: float, threshold: float | Sequence[float], consumer: SiteBuffers) -> torch.Tensor:
     """One program per K split of `consumer`: h_out = h_in + round(delta.acc) and x = rms_norm(h_out) * weight
-    for its split, plus that split's kept list. Every program reads all of h_in and delta.acc, so h is not
+    for its split, plus that split's kept list: one per threshold when `threshold` lists one per column segment
+    of the consumer (its plan's `segments`). Every program reads all of h_in and delta.acc, so h is not
     updated in place (h_in -> h_out, the caller alternates two buffers) and delta.acc is not cleared here:
     pass it as `clear` to the consumer's indexed_gemv, which runs after this kernel has finished."""
+    thr = [float(threshold)] if isinstance(threshold, (int, float)) else [float(t) for t in threshold]
+    if len(thr) > 1 and len(thr) != consumer.plan.n_lists:
+        raise ValueError(f"{len(thr)} thresholds for a site planned with {consumer.plan.n_lists} column segment(s) "
+                         f"(segments {consumer.plan.segments}); plan the site with plan_site(..., segments=)")
+    assert not consumer.scan
+    consumer.lists = len(thr)
+    thr += [thr[-1]] * (3 - len(thr))
     H = h_in.shape[-1]
     out = torch.empty_like(h_in)
     ks = consumer.plan.k_split
     _add_rms_norm_split_kernel[(consumer.plan.n_splits,)](
         h_in, h_out, delta.acc if delta is not None else h_in, weight, out, consumer.idx, consumer.cnt, H, eps,
-        float(threshold), ks, HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(H),
-        SEG_BLOCK=triton.next_power_of_2(ks), **_pdl(), num_warps=4,
+        thr[0], thr[1], thr[2], ks, HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(H),
+        SEG_BLOCK=triton.next_power_of_2(ks), N_LISTS=consumer.lists, **_pdl(), num_warps=4,
     )
     return out
 
@@ -236,6 +286,7 @@ def silu_mul_compact(gate_up: SiteBuffers, dtype: torch.dtype, threshold: float,
     for the down projection's indexed_gemv to clear (`clear=gate_up.acc`)."""
     inter = gate_up.plan.N // 2
     assert consumer.plan.K == inter and not consumer.scan
+    consumer.lists = 1
     out = torch.empty((1, inter), dtype=dtype, device=gate_up.acc.device)
     ks = consumer.plan.k_split
     _silu_mul_compact_kernel[(consumer.plan.n_splits,)](

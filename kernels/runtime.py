@@ -15,6 +15,13 @@ Algorithm (pre-norm Llama block, as HF's LlamaForCausalLM computes it; Qwen2's q
   activation sparsity does not pay there), causal SDPA over the cache; writes cache positions 0..T-1.
 * `decode_step(tokens [B], pos [1])`: one token per row. Each of the four projection inputs of a layer
   (q|k|v, o, gate|up, down: the sites TEAL / R-Sparse sparsify) keeps channel j iff |x_j| > threshold.
+  The fused sites may carry one threshold per projection (`thresholds[i]["qkv"] = (t_q, t_k, t_v)`,
+  `["gate_up"] = (t_gate, t_up)`): column segment p of the fused GEMV keeps |x_j| > t_p, the rule of separate
+  q, k, v (gate, up) modules reading the same x. Every mode honours them: "reference" masks each segment of
+  the product, "sparse" passes them to the GEMV as column segments (each stripe compacts with its segment's
+  threshold; the tile width divides the segment boundaries), "fused*" has the norm producer write one kept
+  list per segment and each GEMV stripe read its segment's list, "dense" ignores every threshold. Equal
+  thresholds run as one (the unsegmented launch).
   Modes: "reference" (the same graph in plain PyTorch, masks per row, fp32 accumulate: the accuracy path's
   rule, any batch), "dense" (no masking; F.linear on row-major copies when `keep_dense_weights`, else
   `x @ Wt`), "sparse" (`torch.ops.allocator.sparse_gemv` per site: the batch shares the union of its rows'
@@ -68,6 +75,7 @@ from .pipelined import (SiteBuffers, add_rms_norm_from_acc, add_rms_norm_split, 
                         rope_and_cache_from_acc, silu_mul_compact)
 
 SITES = ("qkv", "o", "gate_up", "down")
+SEGMENTED_SITES = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}  # one threshold per projection allowed
 MODES = ("reference", "dense", "sparse", "fused", "fused_pdl")
 BATCHED_MODES = ("reference", "dense", "sparse")
 
@@ -112,6 +120,11 @@ class DecoderShape:
     @property
     def qkv_out(self) -> int:
         return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+
+    def segment_starts(self, site: str) -> tuple[int, ...]:
+        """First output column of each projection after the first in the fused site (q|k|v: k, v; gate|up: up)."""
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return {"qkv": (q, q + kv), "gate_up": (self.intermediate,)}.get(site, ())
 
     def site_dims(self) -> dict[str, tuple[int, int]]:
         """(K, N) of each projection site's transposed weight."""
@@ -192,9 +205,11 @@ class Decoder:
     """Prefill, decode steps and greedy generation over given weights (module docstring: algorithm, costs).
 
     thresholds[i][site], site in SITES: channel j of the site's input is kept iff |x_j| > threshold; None or
-    0.0 keeps every nonzero channel (dense). Attributes read by the studies: `layers` (one dict per layer:
-    the LayerWeights fields, plus `<site>_dense` row-major copies with keep_dense_weights), `kv`
-    [L, 2, max_batch, nkv, max_len, hd], `rope_cos` / `rope_sin` [max_len, hd/2] fp32, `thresholds`.
+    0.0 keeps every nonzero channel (dense). "qkv" and "gate_up" also take one threshold per projection (a
+    sequence of 3 / 2, `SEGMENTED_SITES` order): each column segment of the fused GEMV has its own mask.
+    Attributes read by the studies: `layers` (one dict per layer: the LayerWeights fields, plus `<site>_dense`
+    row-major copies with keep_dense_weights), `kv` [L, 2, max_batch, nkv, max_len, hd], `rope_cos` /
+    `rope_sin` [max_len, hd/2] fp32, `thresholds`.
     """
 
     def __init__(self, shape: DecoderShape, weights: DecoderWeights, *,
@@ -234,6 +249,7 @@ class Decoder:
                            for i in range(s.n_layers)]
         self.record: list[dict[str, torch.Tensor]] | None = None  # set to [{}] * L to record each site's input
         self._sites: dict[str, SiteBuffers] | None = None
+        self._site_splits: dict[str, int] = {}
         self._graphs: dict = {}
         self._triton = self.device.type == "cuda" or _interpreting()
 
@@ -260,9 +276,25 @@ class Decoder:
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(self.dtype)
 
+    def site_threshold(self, i: int, site: str) -> tuple[list[float], tuple[int, ...]]:
+        """Layer i's thresholds of `site` and the column starts of their segments: ([t], ()) for one threshold
+        (equal per-projection thresholds included), ([t_q, t_k, t_v], (k0, v0)) / ([t_g, t_u], (u0,)) else."""
+        value = self.thresholds[i][site]
+        if value is None or isinstance(value, (int, float)):
+            return [0.0 if value is None else float(value)], ()
+        values = [0.0 if v is None else float(v) for v in value]
+        kinds = SEGMENTED_SITES.get(site, (site,))
+        if len(values) != len(kinds):
+            raise ValueError(f"thresholds[{i}][{site!r}] = {value!r}: give one number or one per projection "
+                             f"{kinds} ({len(kinds)})")
+        if all(v == values[0] for v in values):
+            return values[:1], ()
+        return values, self.shape.segment_starts(site)
+
     def _linear(self, x: torch.Tensor, layer: dict, site: str, mode: str, i: int,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-        """(x * mask) @ W (+ bias, not masked) as `mode` computes it (module docstring: where the bias rounds)."""
+        """(x * mask) @ W (+ bias, not masked) as `mode` computes it (module docstring: where the bias rounds);
+        one mask per column segment when the site has per-projection thresholds."""
         if self.record is not None:
             self.record[i][site] = x.detach().clone()
         if mode == "dense":
@@ -270,12 +302,13 @@ class Decoder:
             if bias is not None:  # addmm: the bias joins the accumulator before the one rounding (nn.Linear)
                 return F.linear(x, dense if dense is not None else layer[site].T, bias)
             return F.linear(x, dense) if dense is not None else x @ layer[site]
-        thr = self.thresholds[i][site]
+        thr, starts = self.site_threshold(i, site)
         if mode == "sparse":
-            y = torch.ops.allocator.sparse_gemv(x, layer[site], [thr], [], None, None)
+            y = torch.ops.allocator.sparse_gemv(x, layer[site], thr, list(starts), None, None)
             return y if bias is None else y + bias  # fp32 add of the rounded output, rounded again
         xf = x.float()  # reference: each row its own mask, fp32 accumulate, rounded like a GEMV output
-        y = (xf * (xf.abs() > thr)) @ layer[site].float()
+        w, bounds = layer[site], (0, *starts, layer[site].shape[1])
+        y = torch.cat([(xf * (xf.abs() > t)) @ w[:, a:b].float() for t, a, b in zip(thr, bounds, bounds[1:])], -1)
         return (y if bias is None else y + bias.float()).to(x.dtype)
 
     def _forward_torch(self, ids: torch.Tensor, pos: torch.Tensor, mode: str) -> torch.Tensor:
@@ -357,11 +390,18 @@ class Decoder:
         return F.linear(add_rms_norm(h, delta, self.final_norm, s.norm_eps), self.lm_head).float()
 
     def fused_sites(self, splits: dict[str, int] | None = None) -> dict[str, SiteBuffers]:
-        """The buffers of the "fused" step, one set per site shared by all layers (built on first use)."""
-        if self._sites is None or splits is not None:
-            splits = splits or {}
-            self._sites = {site: SiteBuffers(plan_site(k, n, self.device, splits.get(site)), self.device,
-                                             scan=site == "o") for site, (k, n) in self.shape.site_dims().items()}
+        """The buffers of the "fused" step, one set per site shared by all layers (built on first use, rebuilt
+        when `splits` is given or a site gains per-projection thresholds: it is then planned with segments)."""
+        segmented = {site for site in SEGMENTED_SITES for i in range(len(self.layers))
+                     if self.site_threshold(i, site)[1]}
+        planned = {site for site, b in (self._sites or {}).items() if b.plan.segments}
+        if self._sites is None or splits is not None or not segmented <= planned:
+            self._site_splits = dict(splits) if splits is not None else self._site_splits
+            self._sites = {site: SiteBuffers(plan_site(k, n, self.device, self._site_splits.get(site),
+                                                       segments=self.shape.segment_starts(site)
+                                                       if site in segmented | planned else ()),
+                                             self.device, scan=site == "o")
+                           for site, (k, n) in self.shape.site_dims().items()}
             self._graphs.clear()  # captured graphs point at the old buffers
         return self._sites
 
@@ -370,7 +410,7 @@ class Decoder:
         h = self._embed(token)  # [1, H], a fresh buffer; the residual alternates between h and h_next
         h_next = torch.empty_like(h)
         for i, layer in enumerate(self.layers):
-            thr = self.thresholds[i]
+            thr = {site: self.site_threshold(i, site)[0] for site in SITES}  # one per column segment, or one
             x = add_rms_norm_split(h, h_next, sites["down"] if i else None, layer["attn_norm"], s.norm_eps,
                                    thr["qkv"], sites["qkv"])
             h, h_next = h_next, h
@@ -379,12 +419,12 @@ class Decoder:
             q = rope_and_cache_from_acc(sites["qkv"], self.rope_cos, self.rope_sin, pos, cache[0], cache[1],
                                         s.n_heads, s.n_kv_heads, bias=layer["qkv_bias"])
             attn = decode_attention(q, cache[0], cache[1], pos, pdl=pipelined.USE_PDL)
-            indexed_gemv(attn, layer["o"], sites["o"], thr["o"])
+            indexed_gemv(attn, layer["o"], sites["o"], thr["o"][0])
             x = add_rms_norm_split(h, h_next, sites["o"], layer["mlp_norm"], s.norm_eps, thr["gate_up"],
                                    sites["gate_up"])
             h, h_next = h_next, h
             indexed_gemv(x, layer["gate_up"], sites["gate_up"], clear=sites["o"].acc)
-            a = silu_mul_compact(sites["gate_up"], self.dtype, thr["down"], sites["down"])
+            a = silu_mul_compact(sites["gate_up"], self.dtype, thr["down"][0], sites["down"])
             indexed_gemv(a, layer["down"], sites["down"], clear=sites["gate_up"].acc)
         x = add_rms_norm_from_acc(h, sites["down"], self.final_norm, s.norm_eps)
         return F.linear(x, self.lm_head).float()
@@ -398,7 +438,8 @@ class Decoder:
     def _graphed_greedy_step(self, batch: int, mode: str) -> tuple[Callable[[], None], torch.Tensor, torch.Tensor]:
         """(replay, token, pos): `_greedy_step` captured once per (batch, mode, thresholds). The warm-up run
         writes cache position 0: call before prefill."""
-        key = (batch, mode, tuple(tuple(t[site] for site in SITES) for t in self.thresholds))
+        key = (batch, mode, tuple(tuple(tuple(self.site_threshold(i, site)[0]) for site in SITES)
+                                  for i in range(len(self.thresholds))))
         if key not in self._graphs:
             token = torch.zeros(batch, dtype=torch.long, device=self.device)
             pos = torch.zeros(1, dtype=torch.long, device=self.device)

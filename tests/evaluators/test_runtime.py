@@ -1,5 +1,6 @@
 """The speed path equals the accuracy path: the decode runtime converted from the real (cut) SmolLM2 and a
-non-uniform plan gives the logits the HF model gives with the same plan applied (dense prompt, sparse decode)."""
+non-uniform plan gives the logits the HF model gives with the same plan applied (dense prompt, sparse decode),
+with one level per fused input and with q, k, v (gate, up) at levels of their own."""
 import pytest
 import torch
 
@@ -68,11 +69,44 @@ def test_runtime_greedy_generation_at_s0_equals_hf_generate(two_layers, eval_win
     assert torch.equal(ours, theirs)
 
 
+PER_PROJECTION = [(0, ("q",), 0.3), (0, ("k",), 0.6), (0, ("v",), 0.45), (0, ("o",), 0.3), (0, ("gate",), 0.5),
+                  (0, ("up",), 0.2), (0, ("down",), 0.4), (1, ("q",), 0.6), (1, ("k",), 0.3),  # layer 1's v dense
+                  (1, ("gate",), 0.4), (1, ("up",), 0.6), (1, ("down",), 0.5)]
+
+
+def per_projection_plan(model, method, sparse_fraction=1.0):
+    tuned = get_method("teal", sparse_fraction=sparse_fraction, shared_inputs=True)
+    tuned.stats = method.stats
+    return CompressionPlan.build(model, tuned, [(Target.of(i, k), Level(s)) for i, k, s in PER_PROJECTION])
+
+
+def test_per_projection_levels_decode_equal_the_accuracy_path(two_layers, eval_windows):
+    """q, k, v (gate, up) at their own levels: one |x| statistic per fused input, so three (two) thresholds on it;
+    the runtime applies each to its column segment and its decode logits equal the HF model with the same plan."""
+    model, method = two_layers
+    prompt, steps = eval_windows[:1, :16], 12
+    thresholds = site_thresholds(model, per_projection_plan(model, method))
+    assert len(set(thresholds[0]["qkv"])) == 3 and len(set(thresholds[0]["gate_up"])) == 2
+    assert thresholds[1]["qkv"][2] == 0.0 and thresholds[1]["o"] == 0.0       # what the plan leaves out: dense
+    decoder = decoder_from_hf(model, per_projection_plan(model, method), max_len=64)
+    tokens, runtime_logits = greedy_runtime(decoder, prompt, steps, "reference")
+    accuracy_plan = per_projection_plan(model, method, sparse_fraction=(steps - 0.5) / tokens.shape[1])
+    with compressed(model, accuracy_plan):
+        hf = logits_of(model, tokens)[:, prompt.shape[1]:prompt.shape[1] + steps]
+    assert (runtime_logits.argmax(-1) == hf.argmax(-1)).all()
+    torch.testing.assert_close(runtime_logits, hf, rtol=1e-3, atol=2e-3)
+    decoder.thresholds = [{site: t if isinstance(t, float) else t[0] for site, t in row.items()}
+                          for row in thresholds]                               # q's threshold on the whole site
+    _, one_mask = greedy_runtime(decoder, prompt, 1, "reference")              # the same first step, one mask
+    assert (runtime_logits[:, 0] - one_mask[:, 0]).abs().max() > 0.05          # the segments did something
+
+
 def test_plans_the_runtime_cannot_run_are_named(two_layers):
     model, method = two_layers
+    partial = get_method("teal", sparse_fraction=0.5, shared_inputs=True)     # dense prompt tokens: not a runtime rule
+    partial.stats = method.stats
+    with pytest.raises(RuntimeUnsupported, match="plain thresholds on every token"):
+        site_thresholds(model, CompressionPlan.build(model, partial, [(Target.of(0, ("q", "k", "v")), Level(0.5))]))
     per_projection = get_method("teal", shared_inputs=False).calibrate(model, torch.randint(0, 1000, (2, 32)))
-    with pytest.raises(RuntimeUnsupported, match="one fused GEMV applies one mask"):
-        site_thresholds(model, CompressionPlan.build(model, per_projection, [(Target.of(0, ("q", "k", "v")),
-                                                                              Level(0.5))]))
-    with pytest.raises(RuntimeUnsupported, match="only some of the projections"):
-        site_thresholds(model, CompressionPlan.build(model, method, [(Target.of(0, ("q",)), Level(0.5))]))
+    row = site_thresholds(model, CompressionPlan.build(model, per_projection, [(Target.of(0, ("q",)), Level(0.5))]))
+    assert row[0]["qkv"][0] > 0 and row[0]["qkv"][1:] == (0.0, 0.0)           # q sparse, k and v dense
