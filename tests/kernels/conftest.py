@@ -16,3 +16,4 @@ except ImportError:  # the tests importorskip torch themselves
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+

@@ -34,6 +34,7 @@ from allocator.kernels import (  # noqa: E402
 from allocator.kernels import gemv as sg  # noqa: E402
 from allocator.kernels import lowbit_gemv as lb  # noqa: E402
 from allocator.kernels.lowbit_gemv import dequantize  # noqa: E402
+from allocator.kernels.testing import poison_empty, relative_error  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not sg._interpreting() or "Interpreted" not in type(lb._int4_gemv_kernel).__name__,
@@ -56,25 +57,12 @@ def _input(batch: int, K: int, drop: float, dtype) -> torch.Tensor:
 @pytest.fixture
 def poisoned(monkeypatch):
     """torch.empty returns NaN-filled (float) or garbage (int32 scratch) buffers; fresh workspace."""
-    real_empty = torch.empty
-
-    def poisoned_empty(*shape, dtype=None, device=None, **kw):
-        t = real_empty(*shape, dtype=dtype, device=device, **kw)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype == torch.int32:
-            t.fill_(-(2**30))
-        return t
-
-    monkeypatch.setattr(lb.torch, "empty", poisoned_empty)
-    sg._WORKSPACES.clear()
+    poison_empty(monkeypatch)
 
 
 def _check(y, ref, dtype):
-    assert not torch.isnan(y).any(), "unwritten (NaN-poisoned) output element"
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    err = (y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)
-    assert err < tol, f"relative error {err:.2e}"
+    err = relative_error(y, ref)
+    assert err < (1e-5 if dtype == torch.float32 else 2e-3), f"relative error {err:.2e}"
 
 
 CASES = [  # (batch, K, N, fmt, group, config): ragged K and N (odd N for int4), every path

@@ -22,6 +22,7 @@ from allocator.kernels import (  # noqa: E402
     pack_int8,
 )
 from allocator.kernels import gemv as sg  # noqa: E402
+from allocator.kernels.testing import poison_empty, relative_error  # noqa: E402
 from allocator.kernels import lowbit_gemv as lb  # noqa: E402
 from allocator.kernels.latency import THRESHOLD, sparse_input  # noqa: E402
 
@@ -36,20 +37,7 @@ PACK = {"int4": pack_int4, "int8": pack_int8, "fp8": pack_fp8}
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    real_empty = torch.empty
-
-    def poisoned_empty(*shape, dtype=None, device=None, **kw):
-        t = real_empty(*shape, dtype=dtype, device=device, **kw)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
-
-
-def _rel(y, ref):
-    assert not torch.isnan(y).any(), "unwritten (NaN-poisoned) output element"
-    return ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
+    poison_empty(monkeypatch)
 
 
 def _packed(fmt, d_out, d_in):
@@ -71,7 +59,7 @@ def test_lowbit_gemv_matches_reference(fmt, dtype, shape, batch, s):
     if s == 1.0:
         assert not torch.isnan(y).any() and y.abs().max() == 0
     else:
-        assert _rel(y, ref) < TOL[dtype]
+        assert relative_error(y, ref) < TOL[dtype]
 
 
 TILES = [LowbitConfig(256, 64, 0, 4, 3, True), LowbitConfig(128, 64, 8, 4, 3, True, swap_ab=True),
@@ -87,7 +75,7 @@ def test_every_tile_kind(fmt, cfg, dense):
     x = sparse_input(3, 4096, 0.5, torch.bfloat16, "cuda")
     thr = None if dense else THRESHOLD
     y = lowbit_gemv_triton(x, packed, thr, config=TILES[cfg])
-    assert _rel(y, lowbit_gemv_reference(x, packed, thr)) < TOL[torch.bfloat16]
+    assert relative_error(y, lowbit_gemv_reference(x, packed, thr)) < TOL[torch.bfloat16]
 
 
 def test_cuda_graph_replay_follows_new_inputs():
@@ -102,7 +90,7 @@ def test_cuda_graph_replay_follows_new_inputs():
         x.copy_(sparse_input(1, 4096, s, torch.float16, "cuda"))
         graph.replay()
         torch.cuda.synchronize()
-        assert _rel(y, lowbit_gemv_reference(x, packed, THRESHOLD)) < TOL[torch.float16]
+        assert relative_error(y, lowbit_gemv_reference(x, packed, THRESHOLD)) < TOL[torch.float16]
     assert int(sg._workspace(torch.device("cuda")).counters.abs().sum()) == 0
     acc = lb._ACCUMULATORS.get(torch.device("cuda", torch.cuda.current_device()))
     assert acc is None or int(acc.abs().sum()) == 0
@@ -126,7 +114,7 @@ def test_word_kernel_variants(fmt, cfg, dtype, s):
     x = sparse_input(1, 4096, 0.0 if s is None else s, dtype, "cuda")
     thr = None if s is None else THRESHOLD
     y = lowbit_gemv_triton(x, packed, thr, config=WORD_TILES[cfg])
-    assert _rel(y, lowbit_gemv_reference(x, packed, thr)) < TOL[dtype]
+    assert relative_error(y, lowbit_gemv_reference(x, packed, thr)) < TOL[dtype]
     acc = lb._ACCUMULATORS.get(x.device)
     assert acc is None or int(acc.abs().sum()) == 0
 
@@ -140,4 +128,4 @@ def test_tinygemm_computes_the_same_function(shape):
     w4, scales_and_zeros = lb.tinygemm_pack(packed)
     x = sparse_input(1, d_in, 0.0, torch.bfloat16, "cuda")
     y = torch.ops.aten._weight_int4pack_mm(x, w4, 128, scales_and_zeros)
-    assert _rel(y, lowbit_gemv_reference(x, packed, None)) < TOL[torch.bfloat16]
+    assert relative_error(y, lowbit_gemv_reference(x, packed, None)) < TOL[torch.bfloat16]

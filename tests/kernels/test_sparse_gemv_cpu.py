@@ -23,6 +23,7 @@ from allocator.kernels import (  # noqa: E402
     sparse_gemv_triton,
 )
 from allocator.kernels import gemv as sg  # noqa: E402
+from allocator.kernels.testing import poison_empty, relative_error  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not sg._interpreting() or "Interpreted" not in type(sg._sparse_gemv_kernel).__name__,
@@ -41,26 +42,13 @@ def _input(batch: int, K: int, drop: float, dtype) -> torch.Tensor:
 
 
 def _poison_outputs(monkeypatch):
-    """Make torch.empty return NaN-filled (float) or garbage (int32 scratch) buffers inside the kernel module."""
-    real_empty = torch.empty
-
-    def poisoned_empty(*shape, dtype=None, device=None, **kw):
-        t = real_empty(*shape, dtype=dtype, device=device, **kw)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype == torch.int32:
-            t.fill_(-(2**30))
-        return t
-
-    monkeypatch.setattr(sg.torch, "empty", poisoned_empty)
-    sg._WORKSPACES.clear()
+    """Make torch.empty return NaN-filled (float) or garbage (int32 scratch) buffers."""
+    poison_empty(monkeypatch)
 
 
 def _check(y, ref, dtype):
-    assert not torch.isnan(y).any(), "unwritten (NaN-poisoned) output element"
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    err = (y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)
-    assert err < tol, f"relative error {err:.2e}"
+    err = relative_error(y, ref)
+    assert err < (1e-5 if dtype == torch.float32 else 2e-3), f"relative error {err:.2e}"
 
 
 CASES = [  # (batch, K, N, config)

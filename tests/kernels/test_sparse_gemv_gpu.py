@@ -21,6 +21,7 @@ from allocator.kernels import (  # noqa: E402
     sparse_gemv_triton,
 )
 from allocator.kernels import gemv as sg  # noqa: E402
+from allocator.kernels.testing import poison_empty, relative_error  # noqa: E402
 from allocator.kernels.latency import THRESHOLD, sparse_input  # noqa: E402
 
 pytestmark = [
@@ -33,20 +34,7 @@ TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    real_empty = torch.empty
-
-    def poisoned_empty(*shape, dtype=None, device=None, **kw):
-        t = real_empty(*shape, dtype=dtype, device=device, **kw)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
-
-
-def _rel(y, ref):
-    assert not torch.isnan(y).any(), "unwritten (NaN-poisoned) output element"
-    return ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
+    poison_empty(monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -62,7 +50,7 @@ def test_gemv_matches_reference(dtype, shape, batch, s):
     if s == 1.0:
         assert not torch.isnan(y).any() and y.abs().max() == 0
     else:
-        assert _rel(y, ref) < TOL[dtype]
+        assert relative_error(y, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -70,7 +58,7 @@ def test_fused_qkv_segments(dtype):
     x = sparse_input(1, 4096, 0.3, dtype, "cuda")
     wt = (torch.randn(4096, 6144, device="cuda") * 0.02).to(dtype)
     thr, segs = [0.05, 0.3, 0.6], (4096, 5120)
-    assert _rel(sparse_gemv_triton(x, wt, thr, segs), sparse_gemv_reference(x, wt, thr, segs)) < TOL[dtype]
+    assert relative_error(sparse_gemv_triton(x, wt, thr, segs), sparse_gemv_reference(x, wt, thr, segs)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -89,7 +77,7 @@ def test_rsparse_matches_reference(dtype, shape, fused, batch):
     for zcfg in zcfgs:  # twice: the counters must be reset by the first call
         y = fn(x, w.T.contiguous(), at, bt, THRESHOLD * 0.5, col_scale=scale, low_rank_config=zcfg)
         ref = rsparse_gemv_reference(x, w.T.contiguous(), at, bt, THRESHOLD * 0.5, col_scale=scale)
-        assert _rel(y, ref) < TOL[dtype]
+        assert relative_error(y, ref) < TOL[dtype]
 
 
 def test_custom_op_under_cuda_graph_and_compile(monkeypatch):
@@ -104,10 +92,10 @@ def test_custom_op_under_cuda_graph_and_compile(monkeypatch):
         y = op(x, wt, [THRESHOLD], [], None, None)
     x.copy_(sparse_input(1, 4096, 0.5, torch.float16, "cuda"))
     g.replay()
-    assert _rel(y, sparse_gemv_reference(x, wt, THRESHOLD)) < 3e-3
+    assert relative_error(y, sparse_gemv_reference(x, wt, THRESHOLD)) < 3e-3
     compiled = torch.compile(lambda a: op(a, wt, [THRESHOLD], [], None, None) * 2, fullgraph=True)
-    assert _rel(compiled(x) / 2, sparse_gemv_reference(x, wt, THRESHOLD)) < 3e-3
-    assert _rel(op(x, wt, [THRESHOLD], [], None, wt.T), sparse_gemv_reference(x, wt, THRESHOLD)) < 3e-3
+    assert relative_error(compiled(x) / 2, sparse_gemv_reference(x, wt, THRESHOLD)) < 3e-3
+    assert relative_error(op(x, wt, [THRESHOLD], [], None, wt.T), sparse_gemv_reference(x, wt, THRESHOLD)) < 3e-3
     del ref
 
 
@@ -126,7 +114,7 @@ def test_smollm2_shaped_decoder_same_logits():
     a = model.step(token, pos, "sparse")
     model.kv.copy_(kv0)
     b = model.step(token, pos, "reference")
-    assert _rel(a, b) < 1e-3
+    assert relative_error(a, b) < 1e-3
 
 
 @pytest.mark.parametrize("mode", ["fused", "fused_pdl"])
@@ -160,4 +148,4 @@ def test_fused_step_matches_reference_under_cuda_graph(mode, layers):
     model.kv.copy_(kv0)
     for t in range(3):
         ref = model.step(torch.tensor([11 + t], device="cuda"), torch.tensor([5 + t], device="cuda"), "reference")
-        assert _rel(got[t], ref) < 1e-3
+        assert relative_error(got[t], ref) < 1e-3
