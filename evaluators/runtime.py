@@ -123,6 +123,10 @@ def _plain_threshold(entry) -> float:
     if entry.wrapper != ThresholdLinear.__name__ or entry.tensors or entry.params.get("sparse_fraction", 1.0) < 1.0:
         raise RuntimeUnsupported(f"{entry.path}: the runtime applies plain thresholds on every token (teal); this "
                                  f"entry is {entry.wrapper} with {sorted(entry.tensors) or entry.params}")
+    if entry.inner or not entry.level.format.is_dense:
+        raise RuntimeUnsupported(f"{entry.path}: level format {entry.level.fmt} ({[s.wrapper for s in entry.inner]});"
+                                 " the runtime's decode kernels run bf16 / fp16 weights only (the low-bit GEMV, "
+                                 "kernels/lowbit_gemv.py, is not in the runtime yet)")
     value = entry.params["threshold"]
     return 0.0 if not math.isfinite(value) or value < 0 else float(value)
 
@@ -133,6 +137,10 @@ def decoder_from_hf(model: nn.Module, plan: CompressionPlan | None = None, *, ma
     from allocator.kernels.llama_decode import DecoderShape
     from allocator.kernels.runtime import Decoder
 
+    rotation = getattr(model.config, "allocator_rotation", None)
+    if rotation:
+        raise RuntimeUnsupported(f"the model is rotated ({rotation}): the runtime has no online rotations yet; "
+                                 "measure speed on the unrotated model (method.rotation=none)")
     weights = decoder_weights(model) if weights is None else weights
     param = next(model.parameters())
     return Decoder(DecoderShape.from_config(model.config.to_dict()), weights,

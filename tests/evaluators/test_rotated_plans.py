@@ -66,3 +66,15 @@ def test_a_saved_plan_rotates_a_fresh_model_and_refuses_an_unrotated_one(rotated
         torch.testing.assert_close(_logits(fresh, ids), ours, rtol=1e-5, atol=1e-5)
     again.restore_(fresh)
     assert model_id(fresh) == "smollm2-135m[:3]"
+
+
+def test_the_runtime_refuses_rotations_and_formats_it_cannot_run(rotated, calib_windows):
+    from allocator.evaluators.runtime import RuntimeUnsupported, decoder_from_hf, site_thresholds
+    model, applied, _ = rotated
+    with pytest.raises(RuntimeUnsupported, match="rotated"):
+        decoder_from_hf(model)
+    applied.restore_(model)
+    plan = CompressionPlan.build(model, get_method("teal").calibrate(model, calib_windows),
+                                 [(Target.of(0), Level(0.5, fmt="w4a16-g128"))])
+    with pytest.raises(RuntimeUnsupported, match="format w4a16-g128"):
+        site_thresholds(model, plan)
