@@ -31,8 +31,14 @@ from .lowbit_gemv import (
     pack_int8,
 )
 from .runtime import Decoder, DecoderShape, DecoderWeights, LayerWeights
+from .fp8_prefill import Fp8Weight, fp8_linear, fp8_linear_reference, pack_fp8_weight, quantize_rows_fp8
 
 __all__ = [
+    "Fp8Weight",
+    "fp8_linear",
+    "fp8_linear_reference",
+    "pack_fp8_weight",
+    "quantize_rows_fp8",
     "Decoder",
     "DecoderShape",
     "DecoderWeights",

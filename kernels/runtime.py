@@ -12,7 +12,14 @@ Algorithm (pre-norm Llama block, as HF's LlamaForCausalLM computes it; Qwen2's q
     logits = (rms(h) * final_norm) @ lm_head^T                    rms(h) = (h_f32 * rsqrt(mean h_f32^2 + eps)).to(dtype)
 
 * `prefill(ids [B, T])`: the whole prompt in plain PyTorch, dense (no masking: prefill is compute bound and
-  activation sparsity does not pay there), causal SDPA over the cache; writes cache positions 0..T-1.
+  activation sparsity does not pay there); writes cache positions 0..T-1, then causal SDPA over those T positions
+  (`is_causal`, so the flash kernel applies; the cache beyond T is not read). Projections given FP8 weights
+  (`prefill_fp8[i][kind]`, kind one of q k v o gate up down: format w8a8-fp8) run as W8A8 through
+  `fp8_prefill.fp8_linear` (per-token dynamic e4m3 activations from one Triton pass, `torch._scaled_mm` with
+  rowwise scales, the q|k|v bias in its epilogue); the others bf16 as before. In a fused site (q|k|v, gate|up)
+  consecutive FP8 projections are one GEMM and consecutive bf16 ones one F.linear on their columns; the outputs
+  are concatenated in column order. Attention, norms, RoPE and the LM head stay in the model dtype, and decode
+  steps never use the FP8 weights.
 * `decode_step(tokens [B], pos [1])`: one token per row. Each of the four projection inputs of a layer
   (q|k|v, o, gate|up, down: the sites TEAL / R-Sparse sparsify) keeps channel j iff |x_j| > threshold.
   The fused sites may carry one threshold per projection (`thresholds[i]["qkv"] = (t_q, t_k, t_v)`,
@@ -70,6 +77,7 @@ from allocator.costs import ModelShape, load_model_config, model_shape
 from . import ops as _ops  # noqa: F401  (registers torch.ops.allocator.sparse_gemv)
 from . import pipelined
 from .decode_ops import add_rms_norm, decode_attention, rope_and_cache, silu_mul
+from .fp8_prefill import Fp8Weight, fp8_linear, pack_fp8_weight
 from .gemv import _interpreting
 from .pipelined import (SiteBuffers, add_rms_norm_from_acc, add_rms_norm_split, indexed_gemv, plan_site,
                         rope_and_cache_from_acc, silu_mul_compact)
@@ -78,6 +86,7 @@ SITES = ("qkv", "o", "gate_up", "down")
 SEGMENTED_SITES = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}  # one threshold per projection allowed
 MODES = ("reference", "dense", "sparse", "fused", "fused_pdl")
 BATCHED_MODES = ("reference", "dense", "sparse")
+PROJECTIONS = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}  # column order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +191,26 @@ def random_weights(shape: DecoderShape, dtype: torch.dtype, device, generator: t
     return DecoderWeights(embed, lm_head, ones(), layers, rope_inv_freq(shape.head_dim, shape.rope_theta, device))
 
 
+def projection_columns(shape: DecoderShape, site: str) -> list[tuple[str, int, int]]:
+    """(kind, first, end) output columns of each projection of `site` in its fused weight (`PROJECTIONS` order)."""
+    starts = (0, *shape.segment_starts(site), shape.site_dims()[site][1])
+    return list(zip(PROJECTIONS[site], starts, starts[1:]))
+
+
+def rtn_fp8_prefill(shape: DecoderShape, weights: DecoderWeights, kinds=None,
+                    layers=None) -> list[dict[str, Fp8Weight]]:
+    """FP8 weights for `Decoder(prefill_fp8=...)` from the given bf16 ones by RTN (`fp8_prefill.pack_fp8_weight`,
+    the accuracy path's rule): projection kinds `kinds` (default all seven) of layers `layers` (default all)."""
+    kinds = set(kinds) if kinds is not None else {k for ks in PROJECTIONS.values() for k in ks}
+    layers = set(layers) if layers is not None else set(range(shape.n_layers))
+    out = []
+    for i, lw in enumerate(weights.layers):
+        out.append({kind: pack_fp8_weight(getattr(lw, site)[:, a:b].T)
+                    for site in SITES for kind, a, b in projection_columns(shape, site)
+                    if i in layers and kind in kinds})
+    return out
+
+
 def _check_weights(shape: DecoderShape, w: DecoderWeights) -> None:
     H, V = shape.hidden, shape.vocab
     want = {"embed": (V, H), "lm_head": (V, H), "final_norm": (H,), "inv_freq": (shape.head_dim // 2,)}
@@ -207,6 +236,9 @@ class Decoder:
     thresholds[i][site], site in SITES: channel j of the site's input is kept iff |x_j| > threshold; None or
     0.0 keeps every nonzero channel (dense). "qkv" and "gate_up" also take one threshold per projection (a
     sequence of 3 / 2, `SEGMENTED_SITES` order): each column segment of the fused GEMV has its own mask.
+    prefill_fp8[i][kind] (kind in q k v o gate up down): that projection's `fp8_prefill.Fp8Weight` ([out, in] e4m3
+    codes, one fp32 scale per output channel; `rtn_fp8_prefill` makes them from the bf16 weights, the converter
+    from the accuracy path's codes and scales): prefill runs it W8A8 (`fp8_linear`); a kind left out runs bf16.
     Attributes read by the studies: `layers` (one dict per layer: the LayerWeights fields, plus `<site>_dense`
     row-major copies with keep_dense_weights), `kv` [L, 2, max_batch, nkv, max_len, hd], `rope_cos` /
     `rope_sin` [max_len, hd/2] fp32, `thresholds`.
@@ -215,7 +247,7 @@ class Decoder:
     def __init__(self, shape: DecoderShape, weights: DecoderWeights, *,
                  thresholds: list[dict[str, float]] | None = None, max_len: int = 2048, max_batch: int = 1,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 keep_dense_weights: bool = False):
+                 keep_dense_weights: bool = False, prefill_fp8: list[dict[str, Fp8Weight]] | None = None):
         _check_weights(shape, weights)
         self.shape, self.max_len, self.max_batch = shape, max_len, max_batch
         self.device = torch.device(device) if device is not None else weights.embed.device
@@ -252,6 +284,49 @@ class Decoder:
         self._site_splits: dict[str, int] = {}
         self._graphs: dict = {}
         self._triton = self.device.type == "cuda" or _interpreting()
+        self._prefill_runs = self._plan_prefill_fp8(prefill_fp8)
+
+    def _plan_prefill_fp8(self, prefill_fp8) -> list[dict[str, list[tuple[int, int, Fp8Weight | None]]]]:
+        """Per layer, per site with an FP8 projection: its column runs (first, end, FP8 weight or None for bf16),
+        consecutive projections of one format merged (one GEMM each)."""
+        L = self.shape.n_layers
+        if prefill_fp8 is None:
+            return [{} for _ in range(L)]
+        if len(prefill_fp8) != L:
+            raise ValueError(f"prefill_fp8 for {len(prefill_fp8)} layers, the model has {L}")
+        kinds = {k for ks in PROJECTIONS.values() for k in ks}
+        plans = []
+        for i, given in enumerate(prefill_fp8):
+            unknown = set(given) - kinds
+            if unknown:
+                raise ValueError(f"prefill_fp8[{i}] has {sorted(unknown)}: projection kinds are {sorted(kinds)}")
+            runs_of = {}
+            for site in SITES:
+                K = self.shape.site_dims()[site][0]
+                runs: list[list] = []
+                for kind, a, b in projection_columns(self.shape, site):
+                    w = given.get(kind)
+                    if w is not None:
+                        if not isinstance(w, Fp8Weight) or (w.n, w.k) != (b - a, K):
+                            got = (w.n, w.k) if isinstance(w, Fp8Weight) else type(w).__name__
+                            raise ValueError(f"prefill_fp8[{i}][{kind!r}]: an Fp8Weight [{b - a}, {K}] "
+                                             f"([out, in]) is needed, got {got}")
+                        w = w.to(self.device)
+                    if runs and (runs[-1][2] is None) == (w is None):
+                        runs[-1][1] = b
+                        if w is not None:
+                            runs[-1][3].append(w)
+                    else:
+                        runs.append([a, b, w, [w]])
+                if any(r[2] is not None for r in runs):
+                    runs_of[site] = [(a, b, None if w is None else Fp8Weight.cat(parts)) for a, b, w, parts in runs]
+            plans.append(runs_of)
+        return plans
+
+    def prefill_fp8_kinds(self, i: int) -> list[str]:
+        """The projection kinds of layer i that prefill runs in FP8."""
+        return [kind for site, runs in self._prefill_runs[i].items() for kind, a, b in
+                projection_columns(self.shape, site) if any(w is not None and r0 <= a < r1 for r0, r1, w in runs)]
 
     @classmethod
     def random(cls, shape: DecoderShape, dtype: torch.dtype, device, max_len: int = 512, seed: int = 0) -> "Decoder":
@@ -297,6 +372,11 @@ class Decoder:
         one mask per column segment when the site has per-projection thresholds."""
         if self.record is not None:
             self.record[i][site] = x.detach().clone()
+        if mode == "prefill":  # dense, or the site's FP8 / bf16 column runs (module docstring)
+            runs = self._prefill_runs[i].get(site)
+            if runs is not None:
+                return self._prefill_fp8_linear(x, layer, site, runs, bias)
+            mode = "dense"
         if mode == "dense":
             dense = layer.get(site + "_dense")
             if bias is not None:  # addmm: the bias joins the accumulator before the one rounding (nn.Linear)
@@ -311,15 +391,28 @@ class Decoder:
         y = torch.cat([(xf * (xf.abs() > t)) @ w[:, a:b].float() for t, a, b in zip(thr, bounds, bounds[1:])], -1)
         return (y if bias is None else y + bias.float()).to(x.dtype)
 
+    def _prefill_fp8_linear(self, x: torch.Tensor, layer: dict, site: str, runs, bias: torch.Tensor | None):
+        parts = []
+        for a, b, w in runs:
+            part_bias = None if bias is None else bias[a:b]
+            if w is not None:
+                parts.append(fp8_linear(x, w, part_bias, out_dtype=self.dtype))
+            else:
+                dense = layer.get(site + "_dense")
+                parts.append(F.linear(x, dense[a:b] if dense is not None else layer[site][:, a:b].T, part_bias))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
     def _forward_torch(self, ids: torch.Tensor, pos: torch.Tensor, mode: str) -> torch.Tensor:
         """ids [B, T] at positions pos..pos+T-1 (pos [1] on the device) -> logits [B, T, V] fp32; plain PyTorch,
-        projections as `mode` says; writes the cache at those positions of rows 0..B-1."""
+        projections as `mode` says; writes the cache at those positions of rows 0..B-1. mode "prefill" (pos = 0):
+        the prefill projections (dense or FP8) and causal attention over the T positions written."""
         s = self.shape
         hd, nh, nkv = s.head_dim, s.n_heads, s.n_kv_heads
         B, T = ids.shape
         positions = pos + torch.arange(T, device=self.device)  # [T]
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [T, hd/2]
-        visible = torch.arange(self.max_len, device=self.device)[None, :] <= positions[:, None]  # [T, max_len]
+        visible = (None if mode == "prefill" else
+                   torch.arange(self.max_len, device=self.device)[None, :] <= positions[:, None])  # [T, max_len]
         h = self._embed(ids)  # [B, T, H]
         for i, layer in enumerate(self.layers):
             x = self._rms_norm(h, layer["attn_norm"])
@@ -329,7 +422,11 @@ class Decoder:
             k_cache, v_cache = self.kv[i, 0, :B], self.kv[i, 1, :B]  # [B, nkv, max_len, hd]
             k_cache.index_copy_(2, positions, self._rope(k.view(B, T, nkv, hd).transpose(1, 2), cos, sin))
             v_cache.index_copy_(2, positions, v.view(B, T, nkv, hd).transpose(1, 2))
-            attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible, enable_gqa=nkv != nh)
+            if visible is None:  # prefill from position 0: positions 0..T-1 are the whole visible cache
+                attn = F.scaled_dot_product_attention(q, k_cache[:, :, :T], v_cache[:, :, :T], is_causal=True,
+                                                      enable_gqa=nkv != nh)
+            else:
+                attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible, enable_gqa=nkv != nh)
             h = h + self._linear(attn.transpose(1, 2).reshape(B, T, nh * hd), layer, "o", mode, i)
             x = self._rms_norm(h, layer["mlp_norm"])
             gate, up = self._linear(x, layer, "gate_up", mode, i).chunk(2, dim=-1)
@@ -339,11 +436,13 @@ class Decoder:
     # -- prefill and one decode step --
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, T] -> logits [B, T, V] fp32, dense, plain PyTorch; writes cache positions 0..T-1 of rows 0..B-1."""
+        """ids [B, T] -> logits [B, T, V] fp32, plain PyTorch (the projections given FP8 weights in W8A8, the
+        rest dense); writes cache positions 0..T-1 of rows 0..B-1."""
         B, T = ids.shape
         if not (1 <= B <= self.max_batch and 1 <= T <= self.max_len):
             raise ValueError(f"prefill of [{B}, {T}] ids: batch must be 1..{self.max_batch}, length 1..{self.max_len}")
-        return self._forward_torch(ids.to(self.device), torch.zeros(1, dtype=torch.long, device=self.device), "dense")
+        return self._forward_torch(ids.to(self.device), torch.zeros(1, dtype=torch.long, device=self.device),
+                                   "prefill")
 
     def _step_reference(self, tokens: torch.Tensor, pos: torch.Tensor, mode: str) -> torch.Tensor:
         return self._forward_torch(tokens.view(-1, 1), pos, mode)[:, -1]
