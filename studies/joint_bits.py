@@ -219,8 +219,9 @@ def main(argv=None) -> dict:
            | {("joint", args.rotation): ("dense", "none", "dense")})
     summary["header"] = (f"SmolLM2-135M ({'2 layers, --quick' if args.quick else 'all 30 layers'}), float32 on the "
                          f"CPU, {config.data.eval_windows} x {config.data.eval_length} held-out tokens per source; "
-                         f"joint part: rotation {args.rotation}, quantizer {args.quantizer}, grid s={JOINT_S} x "
-                         f"{JOINT_FMT}. d_nll: paired mean NLL difference per token against the unrotated dense "
+                         + (f"joint part: rotation {args.rotation}, quantizer {args.quantizer}, grid s={JOINT_S} x "
+                            f"{JOINT_FMT}, {config.profile.unit} units. " if "joint" in args.parts else "")
+                         + f"d_nll: paired mean NLL difference per token against the unrotated dense "
                          f"model (+- SE, 'tie' under 2 SE). Command: `{command(argv, args.out)}`. "
                          f"Wall time {time.perf_counter() - started:.0f} s.")
     write(args.out, rows, summary)

@@ -10,7 +10,7 @@ import pytest
 
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
 NAMES = ["compare_solvers", "unit_granularity", "smollm2_allocation", "solver_scaling", "kernel_bench", "e2e_decode",
-         "profile_step", "runtime_bench", "scaleout", "teal_greedy", "joint_bits", "lowbit_bench"]
+         "profile_step", "runtime_bench", "scaleout", "teal_greedy", "joint_bits", "lowbit_bench", "prefill_bench"]
 
 
 def _load(name: str):
@@ -53,3 +53,21 @@ def test_unit_granularity_reports_the_share_removed_and_converts_old_rows():
     new = study.removed_convention(old)
     assert "share_austen_eval" not in new and list(new["removed_austen_eval"]) == [0.0, 0.25]
     assert list(new["removed_wiki_eval"]) == [0.0, 0.5]
+
+
+def test_joint_bits_quick_run_keeps_every_allocation_within_its_bytes_and_prefill_limits(tmp_path):
+    """The joint-bits study end to end on the 2-layer model: every allocation within its byte budget, the milp
+    one within the prefill-time side limit, formats alone and the joint part both present."""
+    pytest.importorskip("torch")
+    study = _load("joint_bits")
+    study.main(["--out", str(tmp_path), "--quick", "--rotations", "none", "--rotation", "none",
+                "--quantizer", "rtn", "--alone", "w8a8-fp8:rtn", "--evo-evals", "8", "--budgets", "0.5", "0.25"])
+    frame = pd.read_csv(tmp_path / "joint_bits.csv")
+    assert {"dense", "alone", "joint"} <= set(frame["part"])
+    joint = frame[frame["part"] == "joint"]
+    for _, row in joint.iterrows():
+        budget = 1 / int(row["allocation"].rsplit("1/", 1)[1])
+        assert row["bytes_share"] <= budget + 1e-6, row["allocation"]
+        if "prefill<=" in row["allocation"]:
+            assert row["prefill_share"] <= 0.8 + 1e-6
+    assert (tmp_path / "joint_bits.md").read_text().startswith("# Bits and sparsity")
