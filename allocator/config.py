@@ -80,6 +80,9 @@ class ProfileConfig:
     kl_exact_vocab: int = 65536         # vocabularies up to this size get the exact full-vocabulary KL
     unit: str = "input"                 # layer | block | input (q+k+v, o, gate+up, down) | projection
     window: Optional[float] = 0.2       # only levels with |s - budget sparsity| <= window (null: the whole grid)
+    refine: Optional[float] = None      # s step of a finer grid for the solver: each unit's profiled degradation
+                                        # interpolated (PCHIP in s, allocator.refine), costs priced on it; the step
+                                        # must divide each slice's s range (null: solve on the profiled grid)
     batch_size: int = 8
     cache: Any = True                   # true: ~/.cache/allocator/profiles; false; or a directory
     progress: bool = True
@@ -174,6 +177,7 @@ RANGES = {("model", "threads"): (1, None, "torch CPU threads (null: torch's defa
           ("data", "eval_length"): (2, None, "tokens per held-out window"),
           ("data", "batch_size"): (1, None, "windows per forward"),
           ("profile", "window"): (0.0, 1.0, "trust region around the budget sparsity"),
+          ("profile", "refine"): (1e-9, 0.5, "s step of the refined level grid (null: the profiled grid)"),
           ("profile", "batch_size"): (1, None, "windows per profiling forward"),
           ("profile", "kl_top_k"): (0, None, "dense top-k tokens the profiling KL keeps exactly (0: the full KL)"),
           ("profile", "kl_exact_vocab"): (0, None, "largest vocabulary profiled with the exact full KL"),

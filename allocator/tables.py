@@ -172,6 +172,13 @@ class Tables:
         return Tables(self.units, self.levels.iloc[index].reset_index(drop=True),
                       {k: v[:, index] for k, v in self.costs.items()}, deg, self.provenance)
 
+    def refine_levels(self, s_step: float, costs: "Tables | None" = None, space: str = "log") -> "Tables":
+        """These tables on a grid of s steps ``s_step``: degradation interpolated (PCHIP in s per unit and (rho, fmt)
+        slice, of log(d + eps) or of d), costs from ``costs`` or re-priced by their providers
+        (``allocator.refine.refine_tables``)."""
+        from .refine import refine_tables
+        return refine_tables(self, s_step, costs, space)
+
     def content_hash(self) -> str:
         h = hashlib.sha256()
         h.update(json.dumps([u.to_dict() for u in self.units]).encode())

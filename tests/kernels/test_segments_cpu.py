@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 
 from allocator.kernels import gemv as sg  # noqa: E402
 from allocator.kernels.gemv import GemvConfig, sparse_gemv_reference, sparse_gemv_triton  # noqa: E402
+from allocator.kernels.testing import poison_empty, relative_error  # noqa: E402
 from allocator.kernels.pipelined import SiteBuffers, add_rms_norm_split, indexed_gemv, plan_site  # noqa: E402
 from allocator.kernels.runtime import SITES, Decoder  # noqa: E402
 
@@ -27,25 +28,23 @@ CPU = torch.device("cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 
-def _rel(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
-
-
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("batch,segments,thr", [(1, (64,), [0.2, 0.9]), (2, (64,), [1.1, 0.0]),
                                                 (1, (64, 96), [0.9, 0.1, 0.5]), (3, (32, 96), [0.0, 1.0, 0.4])])
-def test_gemv_segments_match_reference(dtype, batch, segments, thr):
+def test_gemv_segments_match_reference(dtype, batch, segments, thr, monkeypatch):
     """Each stripe compacts with its own segment's threshold: y equals the reference's per-segment masks, with the
-    tile chosen by default_config (it divides the segment starts) and with a given one; K split in 3."""
+    tile chosen by default_config (it divides the segment starts) and with a given one; K split in 3; outputs and
+    scratch poisoned (an unwritten element fails)."""
+    poison_empty(monkeypatch)
     K, N = 150, 128
     x, wt = torch.randn(batch, K).to(dtype), torch.randn(K, N).to(dtype)
     ref = sparse_gemv_reference(x, wt, thr, segments=segments)
     for cfg in (None, GemvConfig(block_n=32, block_k=16, n_splits=3)):
         y = sparse_gemv_triton(x, wt, thr, segments=segments, config=cfg)
-        assert _rel(y, ref) < TOL[dtype]
+        assert relative_error(y, ref) < TOL[dtype]
     one = sparse_gemv_reference(x, wt, thr[0])  # the segments really differ from one mask
-    assert _rel(one, ref) > 1e-2
+    assert relative_error(one, ref) > 1e-2
 
 
 def test_reference_masks_each_segment_separately():
@@ -148,8 +147,8 @@ def test_decoder_with_per_projection_thresholds_every_mode_equals_reference(fami
     segmented = out["reference"][0]
     dec.thresholds = [{**row, "qkv": row["qkv"][0], "gate_up": row["gate_up"][0]} for row in dec.thresholds]
     one_mask = _decode(dec, ids, "reference")[0]
-    assert max(_rel(a, b) for a, b in zip(segmented, one_mask)) > 1e-3
-    assert max(_rel(a, b) for a, b in zip(segmented, out["dense"][0])) > 1e-3
+    assert max(relative_error(a, b) for a, b in zip(segmented, one_mask)) > 1e-3
+    assert max(relative_error(a, b) for a, b in zip(segmented, out["dense"][0])) > 1e-3
 
 
 @interpreted

@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 
 from allocator.kernels import gemv as sg  # noqa: E402
 from allocator.kernels.gemv import sparse_gemv_reference, sparse_gemv_triton  # noqa: E402
+from allocator.kernels.testing import poison_empty, relative_error  # noqa: E402
 
 from test_runtime_gpu import _prompt, decoder, small_hf  # noqa: E402
 
@@ -25,10 +26,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available() or sg._interpreting(), reason="needs a CUDA GPU"),
 ]
 QUANTILES = {"qkv": (0.3, 0.6, 0.45), "o": 0.4, "gate_up": (0.5, 0.2), "down": 0.4}
-
-
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _segmented(record) -> list[dict]:
@@ -78,7 +75,7 @@ def test_graph_fused_per_projection_matches_reference(dtype, mode, family):
             else:
                 out.append(dec.decode_step(token, pos, step))
     for a, b in zip(got, ref):  # fp16: a channel on its threshold may flip (atomic split-K order; test_runtime_gpu)
-        assert _rel(a, b) < (1e-4 if dtype == torch.float32 else 1.5e-1)
+        assert relative_error(a, b) < (1e-4 if dtype == torch.float32 else 1.5e-1)
 
 
 @pytest.mark.parametrize("mode,B", [("fused_pdl", 1), ("fused", 1), ("sparse", 1), ("dense", 1)])
@@ -104,14 +101,17 @@ def test_graph_generate_per_projection_equals_reference_tokens(mode, B):
 @pytest.mark.parametrize("K,starts,N", [(576, (576, 768), 960), (576, (1536,), 3072), (4096, (4096, 5120), 6144),
                                         (4096, (14336,), 28672), (4096, (11008,), 22016)])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_standalone_gemv_segments_at_real_widths(dtype, K, starts, N, batch):
-    """The standalone kernel with the default (tuned or halved) tile and per-segment thresholds == the reference."""
+def test_standalone_gemv_segments_at_real_widths(dtype, K, starts, N, batch, monkeypatch):
+    """The standalone kernel with the default (tuned or halved) tile and per-segment thresholds == the reference
+    (outputs and scratch poisoned)."""
+    poison_empty(monkeypatch)
     g = torch.Generator(device="cuda").manual_seed(K + N + batch)
     x = torch.randn(batch, K, device="cuda", generator=g).to(dtype)
     wt = (torch.randn(K, N, device="cuda", generator=g) / K ** 0.5).to(dtype)
     thr = [0.3, 1.1, 0.7][:len(starts) + 1]
     y = sparse_gemv_triton(x, wt, thr, segments=starts)
-    assert _rel(y, sparse_gemv_reference(x, wt, thr, segments=starts)) < (3e-3 if dtype == torch.float16 else 2e-2)
+    tol = 3e-3 if dtype == torch.float16 else 2e-2
+    assert relative_error(y, sparse_gemv_reference(x, wt, thr, segments=starts)) < tol
 
 
 @pytest.mark.parametrize("mode", ["fused", "fused_pdl"])
@@ -143,4 +143,4 @@ def test_fused_per_projection_at_llama3_8b_widths_under_cuda_graph(mode):
     model.kv.copy_(kv0)
     for t in range(3):
         ref = model.step(torch.tensor([11 + t], device="cuda"), torch.tensor([5 + t], device="cuda"), "reference")
-        assert _rel(got[t], ref) < 1e-3
+        assert relative_error(got[t], ref) < 1e-3
