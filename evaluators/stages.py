@@ -18,6 +18,7 @@ from allocator import Allocation, analytic_tables, minimize
 from allocator.config import JobConfig, check_solver_options, load_config
 from allocator.experiments import build_problem, save_result
 from allocator.levels import Level
+from allocator.refine import refine_grid, refine_tables
 from allocator.tables import TablesError
 
 from . import distributed
@@ -224,6 +225,7 @@ def run_main_job(config: JobConfig | dict, output_dir: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     watch = Stopwatch()
     grid = level_grid(config)
+    fine = refine_grid(grid.levels, config.profile.refine) if config.profile.refine is not None else None
     model, tokenizer = load(config)
     watch.lap("load")
     windows = data(config, tokenizer)
@@ -232,6 +234,9 @@ def run_main_job(config: JobConfig | dict, output_dir: Path) -> dict:
     method = calibrate(config, model, windows)
     watch.lap("calibrate")
     tables, prof = profile_tables(config, model, method, windows, cost_tables(config, model, grid), grid)
+    if fine is not None:                            # profile.refine: the degradation interpolated onto a finer s grid
+        grid = Grid(fine, grid.operating)
+        tables = refine_tables(tables, fine, cost_tables(config, model, grid))
     if not ranks.main:                              # rank 0 alone solves, measures and reports
         return distributed.worker(config, lambda: measured_objective(config, model, method, windows, tables))
     tables.save(out / "tables")
