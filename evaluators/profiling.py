@@ -275,12 +275,13 @@ def group_degradation(model: nn.Module, method: Method, windows: torch.Tensor, l
 
 
 def _is_base_level(level: dict, mode: str, operating_level: dict | None) -> bool:
-    """The rows every unit shares: s = 0 (isolated), or the operating level itself (operating point)."""
+    """The rows every unit shares: the dense level (isolated; a quantized format at s = 0 is not dense), or the
+    operating level itself (operating point)."""
     level = Level.from_mapping(level)
     if mode == "isolated":
-        return level.s <= 0
+        return level.is_dense
     base = Level.from_mapping(operating_level)
-    return abs(level.s - base.s) < 1e-9 and abs(level.rho - base.rho) < 1e-9
+    return abs(level.s - base.s) < 1e-9 and abs(level.rho - base.rho) < 1e-9 and level.fmt == base.fmt
 
 
 def _sum_losses(logits: list, batches: list, ref: list | None, score_last: float) -> tuple[float, float]:

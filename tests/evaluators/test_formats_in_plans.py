@@ -78,3 +78,17 @@ def test_methods_that_cannot_quantize_say_so(calibrated):
     with pytest.raises(MethodError, match="unknown quantizer 'gptqq'"):
         get_method("teal", quantizer="gptqq")
     assert math.isfinite(Level(fmt="w4a4").bits)
+
+
+def test_profiling_measures_a_quantized_format_at_zero_sparsity(small_model, calibrated, eval_windows):
+    """s = 0 is the shared dense row only for a dense format: w4 at s = 0 is profiled, not assumed free."""
+    from allocator.levels import make_levels
+    from allocator.evaluators.profiling import profile
+    model = small_model[0]
+    levels = make_levels(s=[0.0, 0.5], fmt=["bf16", "w3a16-g128"])
+    prof = profile(model, calibrated["teal"], eval_windows[:2, :32], levels, [Target.of(1)], cache=False,
+                   progress=False)
+    table = prof.table("kl")[0]
+    by_level = dict(zip(zip(levels["fmt"], levels["s"]), table))
+    assert by_level[("w3a16-g128", 0.0)] > 10 * abs(by_level[("bf16", 0.0)]) + 1e-4
+    assert by_level[("w3a16-g128", 0.5)] > by_level[("bf16", 0.5)]
