@@ -61,12 +61,13 @@ def cli(*args, tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["method.levels.bits=[16,4]", "model.max_layers=1"], ["bits=4", "method.levels.bits"]),
+    (["method=cats", "method.levels.bits=[16,4]", "model.max_layers=1"], ["cats", "w4a16-g128", "teal, rsparse"]),
+    (["method.levels.fmt=[bf16,w4a16g128]", "model.max_layers=1"], ["w4a16g128", "did you mean 'w4a16-g128'"]),
     (["solver=evo", "solver.options.max_evals=-1", "model.max_layers=1"], ["max_evals=-1"]),
     (["+solver.options.timelimit=5", "model.max_layers=1"], ["solver.options.timelimit", "valid options"]),
     (["budget=absolute", "experiment=synthetic"], ["budget.value"]),
     (["problem.cost=flops", "experiment=synthetic"], ["flops", "bytes_decode"]),
-], ids=["bits-not-applied", "negative-search-budget", "misspelt-solver-option", "missing-budget", "unknown-cost"])
+], ids=["bits-not-applied", "unknown-format", "negative-search-budget", "misspelt-solver-option", "missing-budget", "unknown-cost"])
 def test_a_bad_command_line_fails_before_any_work_with_a_clear_message(args, words, tmp_path):
     proc = cli(*args, tmp_path=tmp_path)
     assert proc.returncode != 0
