@@ -284,7 +284,8 @@ def model_id(model: nn.Module) -> str:
     folder). Derived from ``config._name_or_path``, nothing stored on the model."""
     source = str(model.config._name_or_path or model.config.model_type)
     name = _embedded_name(source) or source
-    rotation = getattr(model.config, "allocator_rotation", None)     # evaluators.rotation.ROTATION_ATTR
+    from .rotation import rotation_of      # late: rotation imports this module
+    rotation = rotation_of(model)
     name = f"{name}+rot:{rotation}" if rotation else name
     try:
         n_layers = len(decoder_layers(model))

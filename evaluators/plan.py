@@ -266,7 +266,8 @@ def unwrapped(module: nn.Module) -> nn.Module:
 
 
 def _rotation_tag(model: nn.Module) -> str | None:
-    return getattr(model.config, "allocator_rotation", None) if hasattr(model, "config") else None
+    from .rotation import rotation_of
+    return rotation_of(model) if hasattr(model, "config") else None
 
 
 def _check_rotation(model: nn.Module, plan: CompressionPlan) -> None:

@@ -137,7 +137,8 @@ def decoder_from_hf(model: nn.Module, plan: CompressionPlan | None = None, *, ma
     from allocator.kernels.llama_decode import DecoderShape
     from allocator.kernels.runtime import Decoder
 
-    rotation = getattr(model.config, "allocator_rotation", None)
+    from .rotation import rotation_of
+    rotation = rotation_of(model)
     if rotation:
         raise RuntimeUnsupported(f"the model is rotated ({rotation}): the runtime has no online rotations yet; "
                                  "measure speed on the unrotated model (method.rotation=none)")
