@@ -83,6 +83,12 @@ class ProfileConfig:
     refine: Optional[float] = None      # s step of a finer grid for the solver: each unit's profiled degradation
                                         # interpolated (PCHIP in s, allocator.refine), costs priced on it; the step
                                         # must divide each slice's s range (null: solve on the profiled grid)
+    split: str = "none"                 # none | milp: the hybrid (evaluators.block_split): per layer / block unit
+                                        # (unit=layer|block) and unit sparsity, the projections' split of least
+                                        # summed block output error; the profile and the solver see unit levels
+    split_step: float = 0.05            # s step of the projections' levels inside a split
+    split_max: float = 0.9              # highest sparsity of one projection inside a split
+    split_error_fraction: float = 0.25  # last share of each calibration window's tokens the block error scores
     batch_size: int = 8
     cache: Any = True                   # true: ~/.cache/allocator/profiles; false; or a directory
     progress: bool = True
@@ -156,6 +162,7 @@ TOP_LEVEL = {"seed": 0, "print_allocation": True}
 CHOICES = {("method", "calibration"): ("dense", "sequential"), ("method", "quantizer"): ("rtn", "gptq"),
            ("method", "rotation"): ("none", "hadamard", "pca"), ("profile", "mode"): ("isolated", "operating_point"),
            ("profile", "metric"): ("kl", "ppl"), ("profile", "unit"): ("layer", "block", "input", "projection"),
+           ("profile", "split"): ("none", "milp"),
            ("budget", "kind"): ("sparsity", "delta", "budget"), ("evaluator", "speed"): ("auto", "on", "off"),
            ("problem", "latency_path"): ("fused", "standalone"),
            ("profile", "distributed"): ("auto", "on", "off"),
@@ -178,6 +185,9 @@ RANGES = {("model", "threads"): (1, None, "torch CPU threads (null: torch's defa
           ("data", "batch_size"): (1, None, "windows per forward"),
           ("profile", "window"): (0.0, 1.0, "trust region around the budget sparsity"),
           ("profile", "refine"): (1e-9, 0.5, "s step of the refined level grid (null: the profiled grid)"),
+          ("profile", "split_step"): (1e-9, 0.5, "s step of the projections' levels inside a split"),
+          ("profile", "split_max"): (1e-9, 0.999, "highest sparsity of one projection inside a split"),
+          ("profile", "split_error_fraction"): (1e-9, 1.0, "share of tokens the block output error scores"),
           ("profile", "batch_size"): (1, None, "windows per profiling forward"),
           ("profile", "kl_top_k"): (0, None, "dense top-k tokens the profiling KL keeps exactly (0: the full KL)"),
           ("profile", "kl_exact_vocab"): (0, None, "largest vocabulary profiled with the exact full KL"),

@@ -30,14 +30,15 @@ class MeasuredObjective:
     ``k`` windows only (None: all); the memo keys include the fidelity. ``per_window=True`` returns one value per
     window (an array: what the search solvers' validation step uses for its paired test). Above ``kl_exact_vocab``
     tokens the KL is the top-``kl_top_k`` one of profiling (``metrics.kl_top_k_for``; defaults ``ProfileConfig``).
+    ``expand`` (``block_split.BlockSplit``): each unit's level is applied as its within-block split.
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, method: Method | str, metric: str = "kl", *,
                  tables=None, batch_size: int = 8, score_last: float = 1.0, per_window: bool = False,
-                 kl_top_k="auto", kl_exact_vocab: int | None = None):
+                 kl_top_k="auto", kl_exact_vocab: int | None = None, expand=None):
         if metric not in ("kl", "ppl", "perplexity", "nll"):
             raise ValueError(f"unknown metric '{metric}'; use 'kl', 'ppl' or 'nll'")
-        self.model, self.windows, self.metric, self.tables = model, windows, metric, tables
+        self.model, self.windows, self.metric, self.tables, self.expand = model, windows, metric, tables, expand
         self.method = get_method(method) if isinstance(method, str) else method
         self.batch_size, self.score_last, self.per_window = batch_size, score_last, per_window
         self.memo: dict[tuple, float] = {}   # (allocation key, windows used) -> value
@@ -50,6 +51,10 @@ class MeasuredObjective:
             self._ref = [reference_logprobs(logits_of(model, ids), self.kl_top_k) for ids in self._batches]
 
     def _pairs(self, candidate) -> list[tuple[Target, Level]]:
+        pairs = self._unit_pairs(candidate)
+        return self.expand.expand(pairs) if self.expand is not None else pairs
+
+    def _unit_pairs(self, candidate) -> list[tuple[Target, Level]]:
         if hasattr(candidate, "units") and hasattr(candidate, "levels") or isinstance(candidate, list) and \
                 candidate and isinstance(candidate[0], tuple):
             return allocation_targets(candidate)
@@ -59,7 +64,7 @@ class MeasuredObjective:
         if idx.shape != (self.tables.n_units,):
             raise ValueError(f"expected {self.tables.n_units} level indices, got shape {idx.shape}")
         rows = self.tables.levels.iloc[idx]
-        return [(Target.from_unit(u), Level(float(r.s), float(r.rho), int(r.bits)))
+        return [(Target.from_unit(u), Level(float(r.s), float(r.rho), fmt=str(r.fmt)))
                 for u, r in zip(self.tables.units, rows.itertuples())]
 
     @staticmethod

@@ -159,13 +159,15 @@ def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.
             mode: str = "isolated", operating_level: dict | None = None, batch_size: int = 8,
             score_last: float = 1.0, cache: Path | str | bool | None = True, progress: bool = True,
             on_row: Callable[[str, int], None] | None = None, distributed="off", kl_top_k="auto",
-            kl_exact_vocab: int | None = None) -> Profile:
+            kl_exact_vocab: int | None = None, expand=None) -> Profile:
     """Measure every (unit, level) row; ``units``: a table's ``Unit`` objects (or ``Target`` objects);
     ``cache=True`` uses ``~/.cache/allocator/profiles/<key>``. ``distributed``: "auto" / "on" (torchrun's ranks,
     ``evaluators.distributed``) or a ``Ranks``: row ``k`` of the rows to measure goes to rank ``k % world``, and
     the ranks exchange their rows, so each returns the single-process table (and each cache holds it).
     ``kl_top_k`` / ``kl_exact_vocab`` (``metrics.kl_top_k_for``; defaults ``ProfileConfig``): above that vocabulary
-    the KL of every row is taken on the dense model's top-k tokens plus a tail bucket (``TopKReference``)."""
+    the KL of every row is taken on the dense model's top-k tokens plus a tail bucket (``TopKReference``).
+    ``expand``: an object whose ``expand(pairs)`` turns (unit, level) pairs into the pairs actually applied and whose
+    ``key`` enters the cache key (``block_split.BlockSplit``: each unit level applied as its within-block split)."""
     if mode not in MODES:
         raise ValueError(f"unknown profiling mode '{mode}'; use one of {MODES}")
     if mode == "operating_point" and operating_level is None:
@@ -182,6 +184,9 @@ def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.
     top_k = kl_top_k_for(model, kl_top_k, kl_exact_vocab)
     if top_k is not None:                              # exact-KL keys (every vocabulary up to 64k) stay as they were
         key["kl_top_k"] = top_k
+    if expand is not None:
+        key["expand"] = expand.key
+    applied = expand.expand if expand is not None else list
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     rows = None
     if cache:
@@ -210,7 +215,7 @@ def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.
             inputs, base_nll, base_kl = dense_inputs, dense_nll, 0.0
             if base:                                   # operating point: cache the uniformly compressed run
                 del dense_inputs.hidden[:]
-                apply_levels(model, method, [(targets[u], operating_level) for u in units])
+                apply_levels(model, method, applied([(targets[u], operating_level) for u in units]))
                 inputs, base_logits = capture_layer_inputs(model, windows, batch_size)
                 base_nll, base_kl = _sum_losses(base_logits, batches, ref, score_last)
                 del base_logits
@@ -222,10 +227,13 @@ def profile(model: nn.Module, method: Method, windows: torch.Tensor, levels: pd.
                     rows.append(row)
             claimed = rows.claim_each(todo, done) if rows else todo    # rows another live run measures are awaited
             for unit, j in tqdm(claimed, total=len(todo), desc=f"profile {method.name}/{mode}", disable=not progress):
-                apply_levels(model, method, [(targets[unit], level_dicts[j])])
+                apply_levels(model, method, applied([(targets[unit], level_dicts[j])]))
                 logits = [run_from_layer(model, first_layer[unit], inputs, b) for b in range(len(batches))]
                 nll, kl = _sum_losses(logits, batches, ref, score_last)
-                apply_levels(model, method, [(targets[unit], base[unit])]) if unit in base else restore_(model)
+                if unit in base:
+                    apply_levels(model, method, applied([(targets[unit], base[unit])]))
+                else:
+                    restore_(model)
                 row = {"unit": unit, "level": j, "kl": kl, "nll": nll}
                 done[(unit, j)] = row
                 if rows:

@@ -157,21 +157,45 @@ def check_cost(config: JobConfig) -> None:
     check_available(cost, latency_table=config.problem.latency_table)
 
 
-def profile_tables(config: JobConfig, model, method: Method, windows: Windows, tables, grid: Grid):
+def block_split(config: JobConfig, model, method: Method, windows: Windows, grid: Grid):
+    """``profile.split``: the hybrid's within-block stage (``evaluators.block_split``) on the calibration
+    windows, or None."""
+    p = config.profile
+    if p.split == "none":
+        return None
+    from .block_split import BlockSplit, block_errors
+    if p.unit not in ("layer", "block"):
+        raise ValueError(f"profile.split={p.split} splits a layer or block unit over its projections; "
+                         f"profile.unit={p.unit} is already finer: use profile.unit=layer or profile.unit=block")
+    slices = grid.levels[["rho", "fmt"]].drop_duplicates()
+    if len(slices) != 1:
+        raise ValueError(f"profile.split needs one rho and one format in method.levels; the grid has "
+                         f"{slices.to_dict('records')}")
+    template = Level(rho=float(slices.iloc[0]["rho"]), fmt=str(slices.iloc[0]["fmt"]))
+    errors = block_errors(model, method, windows.calibration, step=p.split_step, max_s=p.split_max,
+                          error_fraction=p.split_error_fraction, template=template,
+                          batch_size=config.data.batch_size,
+                          cache=(p.cache if p.cache in (True, False, None) else Path(p.cache) / "block_errors"),
+                          progress=p.progress)
+    return BlockSplit(errors, p.split)
+
+
+def profile_tables(config: JobConfig, model, method: Method, windows: Windows, tables, grid: Grid, split=None):
     p = config.profile
     prof = profile(model, method, windows.profile, grid.levels, tables.units, mode=p.mode,
                    operating_level=grid.operating.to_dict() if grid.operating else None, batch_size=p.batch_size,
                    score_last=config.evaluator.score_last, cache=p.cache, progress=p.progress,
-                   distributed=p.distributed, kl_top_k=p.kl_top_k, kl_exact_vocab=p.kl_exact_vocab)
-    return tables.with_degradation(prof.table(p.metric), metric=p.metric, **prof.provenance), prof
+                   distributed=p.distributed, kl_top_k=p.kl_top_k, kl_exact_vocab=p.kl_exact_vocab, expand=split)
+    tables = tables.with_degradation(prof.table(p.metric), metric=p.metric, **prof.provenance)
+    return (split.price(tables, config.problem.tokens) if split is not None else tables), prof
 
 
-def solve(config: JobConfig, model, method: Method, windows: Windows, tables, grid: Grid) -> Solution:
+def solve(config: JobConfig, model, method: Method, windows: Windows, tables, grid: Grid, split=None) -> Solution:
     """The configured solver and the uniform baseline on the same problem."""
     options = dict(config.solver.options)
     measured = shared = None
     if options.get("fitness") == "measured":       # search solvers scoring candidates on the model itself
-        measured = measured_objective(config, model, method, windows, tables)
+        measured = measured_objective(config, model, method, windows, tables, split)
         shared = share_objective(measured)         # under torchrun: batches scored across the ranks
         if options.get("warm_start") is None:
             options["warm_start"] = "dp"
@@ -195,11 +219,20 @@ def solve(config: JobConfig, model, method: Method, windows: Windows, tables, gr
                     measured.evaluations if measured else None)
 
 
-def measured_objective(config: JobConfig, model, method: Method, windows: Windows, tables):
+def measured_objective(config: JobConfig, model, method: Method, windows: Windows, tables, split=None):
     from .objective import MeasuredObjective
     return MeasuredObjective(model, windows.profile, method, metric=config.profile.metric, tables=tables,
                              batch_size=config.profile.batch_size, score_last=config.evaluator.score_last,
-                             kl_top_k=config.profile.kl_top_k, kl_exact_vocab=config.profile.kl_exact_vocab)
+                             kl_top_k=config.profile.kl_top_k, kl_exact_vocab=config.profile.kl_exact_vocab,
+                             expand=split)
+
+
+def on_projections(config: JobConfig, model, solution: Solution, tables, grid: Grid, split):
+    """The hybrid's unit allocations as per-projection ones (the plan and the measure stage read these) and the
+    projection tables that price them; the unit solution is kept in ``solution.result`` (saved as solved)."""
+    allocations, ptables = split.on_projections(model.config.to_dict(), solution.allocations, tables, grid.operating)
+    predicted = {**solution.predicted, "uniform": float("nan")}   # the unit table prices splits, not uniform
+    return Solution(solution.result, allocations, predicted, solution.measured_evaluations), ptables
 
 
 def plan(config: JobConfig, model, method: Method, solution: Solution, rotation=None) -> dict[str, CompressionPlan]:
@@ -233,16 +266,24 @@ def run_main_job(config: JobConfig | dict, output_dir: Path) -> dict:
     rotation = rotate(config, model, windows)
     method = calibrate(config, model, windows)
     watch.lap("calibrate")
-    tables, prof = profile_tables(config, model, method, windows, cost_tables(config, model, grid), grid)
+    split = block_split(config, model, method, windows, grid)
+    if split is not None:
+        watch.lap("split")
+    tables, prof = profile_tables(config, model, method, windows, cost_tables(config, model, grid), grid, split)
     if fine is not None:                            # profile.refine: the degradation interpolated onto a finer s grid
         grid = Grid(fine, grid.operating)
         tables = refine_tables(tables, fine, cost_tables(config, model, grid))
+        tables = split.price(tables, config.problem.tokens) if split is not None else tables
     if not ranks.main:                              # rank 0 alone solves, measures and reports
-        return distributed.worker(config, lambda: measured_objective(config, model, method, windows, tables))
+        return distributed.worker(config, lambda: measured_objective(config, model, method, windows, tables, split))
     tables.save(out / "tables")
     watch.lap("profile")
-    solution = solve(config, model, method, windows, tables, grid)
+    solution = solve(config, model, method, windows, tables, grid, split)
     save_result(solution.result, out)
+    if split is not None:                           # the unit levels as the projections' splits
+        solution, tables = on_projections(config, model, solution, tables, grid, split)
+        split.to_frame().to_csv(out / "split.csv", index=False)
+        solution.allocations[config.solver.name].to_json(out / "allocation_projections.json")
     watch.lap("solve")
     plans = plan(config, model, method, solution, rotation)
     plans[config.solver.name].save(out / "plan")

@@ -111,12 +111,14 @@ class TealGreedyTable:
         return pd.DataFrame(rows)
 
 
-class _BlockError:
-    """The output error of one block with its projections at given sparsities, against its dense output."""
+class BlockError:
+    """The output error of one block with its projections at given sparsities, against its dense output: the mean
+    squared difference over the last ``error_fraction`` of each window's tokens, the block's inputs dense.
+    ``template``: the level whose rho and format every sparsity is applied with (default: rho 1, bf16)."""
 
     def __init__(self, method: Method, layer: nn.Module, row: list[Projection], inputs: LayerInputs, index: int,
-                 error_fraction: float):
-        self.method, self.layer, self.row, self.index = method, layer, row, index
+                 error_fraction: float, template: Level = Level()):
+        self.method, self.layer, self.row, self.index, self.template = method, layer, row, index, template
         self.batches = [(h[index], kw[index]) for h, kw in zip(inputs.hidden, inputs.kwargs)]
         self.dense = [self._run(h, kw) for h, kw in self.batches]
         self.cut = [d.shape[-2] - max(1, math.ceil(error_fraction * d.shape[-2])) for d in self.dense]
@@ -131,7 +133,8 @@ class _BlockError:
         key = (p, round(float(s), 9))
         if key not in self.wrappers:                     # built while the slot holds the original linear
             proj = self.row[p]
-            (parent, attr, module), = self.method.wrap(proj, Level(s=float(s)))
+            level = Level(s=float(s), rho=self.template.rho, fmt=self.template.fmt)
+            (parent, attr, module), = self.method.wrap(proj, level)
             if (parent, attr) != (proj.parent, proj.attr):
                 raise ModelError(f"method '{self.method.name}' wraps {attr}, not the projection {proj.name}; the "
                                  "TEAL greedy needs a method that wraps each projection (teal, rsparse)")
@@ -202,7 +205,7 @@ def teal_greedy_table(model: nn.Module, method: Method | None, windows: torch.Te
                                 [np.zeros(1) for _ in rows], [np.zeros(1) for _ in rows])
         calls = 0
         for i in (range(n_l) if layers is None else sorted(int(x) for x in layers)):
-            error_of = _BlockError(method, blocks[i], rows[i], inputs, i, error_fraction)
+            error_of = BlockError(method, blocks[i], rows[i], inputs, i, error_fraction)
             share = sizes[i] / sizes[i].sum()
             steps = base_step * sizes[i].mean() / sizes[i]          # base_step / relative size
             s, t = np.zeros(n_k), 0
@@ -246,7 +249,7 @@ def block_output_error(model: nn.Module, method: Method, windows: torch.Tensor, 
     with temporarily_dense(model):
         rows = find_projections(model)
         inputs, _ = capture_layer_inputs(model, windows, batch_size)
-        error_of = _BlockError(method, decoder_layers(model)[layer], rows[layer], inputs, layer, error_fraction)
+        error_of = BlockError(method, decoder_layers(model)[layer], rows[layer], inputs, layer, error_fraction)
         unknown = sorted(set(sparsities) - {p.kind for p in rows[layer]})
         if unknown:
             raise ValueError(f"unknown projection kinds {unknown}; block {layer} has {[p.kind for p in rows[layer]]}")
