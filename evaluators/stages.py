@@ -244,6 +244,29 @@ def plan(config: JobConfig, model, method: Method, solution: Solution, rotation=
             for name, alloc in solution.allocations.items()}
 
 
+def tabulate(config: JobConfig, model, method: Method, windows: Windows, grid: Grid, watch: Stopwatch | None = None):
+    """The split (``profile.split``), the profiled tables and their refinement (``profile.refine``): (grid, split,
+    tables, profile), the grid and tables being the ones the solver sees."""
+    split = block_split(config, model, method, windows, grid)
+    if split is not None and watch is not None:
+        watch.lap("split")
+    tables, prof = profile_tables(config, model, method, windows, cost_tables(config, model, grid), grid, split)
+    if config.profile.refine is not None:           # the degradation interpolated onto a finer s grid
+        grid = Grid(refine_grid(grid.levels, config.profile.refine), grid.operating)
+        tables = refine_tables(tables, grid.levels, cost_tables(config, model, grid))
+        tables = split.price(tables, config.problem.tokens) if split is not None else tables
+    return grid, split, tables, prof
+
+
+def allocate(config: JobConfig, model, method: Method, windows: Windows, tables, grid: Grid, split=None):
+    """The solver and uniform on ``tables``; with a split, the allocations as per-projection ones. Returns the
+    solution and the tables that price its allocations (the projection tables under a split)."""
+    solution = solve(config, model, method, windows, tables, grid, split)
+    if split is None:
+        return solution, tables
+    return on_projections(config, model, solution, tables, grid, split)
+
+
 def run_main_job(config: JobConfig | dict, output_dir: Path) -> dict:
     """The stages in order; writes tables/, allocation.json, plan/, result.parquet, measurements.csv, report.md,
     allocation.png and summary.json into ``output_dir``."""
@@ -258,7 +281,8 @@ def run_main_job(config: JobConfig | dict, output_dir: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     watch = Stopwatch()
     grid = level_grid(config)
-    fine = refine_grid(grid.levels, config.profile.refine) if config.profile.refine is not None else None
+    if config.profile.refine is not None:           # a bad step fails before anything loads
+        refine_grid(grid.levels, config.profile.refine)
     model, tokenizer = load(config)
     watch.lap("load")
     windows = data(config, tokenizer)
@@ -266,24 +290,17 @@ def run_main_job(config: JobConfig | dict, output_dir: Path) -> dict:
     rotation = rotate(config, model, windows)
     method = calibrate(config, model, windows)
     watch.lap("calibrate")
-    split = block_split(config, model, method, windows, grid)
-    if split is not None:
-        watch.lap("split")
-    tables, prof = profile_tables(config, model, method, windows, cost_tables(config, model, grid), grid, split)
-    if fine is not None:                            # profile.refine: the degradation interpolated onto a finer s grid
-        grid = Grid(fine, grid.operating)
-        tables = refine_tables(tables, fine, cost_tables(config, model, grid))
-        tables = split.price(tables, config.problem.tokens) if split is not None else tables
+    grid, split, tables, prof = tabulate(config, model, method, windows, grid, watch)
     if not ranks.main:                              # rank 0 alone solves, measures and reports
         return distributed.worker(config, lambda: measured_objective(config, model, method, windows, tables, split))
     tables.save(out / "tables")
     watch.lap("profile")
-    solution = solve(config, model, method, windows, tables, grid, split)
+    solution, priced = allocate(config, model, method, windows, tables, grid, split)
     save_result(solution.result, out)
-    if split is not None:                           # the unit levels as the projections' splits
-        solution, tables = on_projections(config, model, solution, tables, grid, split)
+    if split is not None:
         split.to_frame().to_csv(out / "split.csv", index=False)
         solution.allocations[config.solver.name].to_json(out / "allocation_projections.json")
+    tables = priced
     watch.lap("solve")
     plans = plan(config, model, method, solution, rotation)
     plans[config.solver.name].save(out / "plan")

@@ -10,7 +10,7 @@ import pytest
 
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
 NAMES = ["compare_solvers", "unit_granularity", "smollm2_allocation", "solver_scaling", "kernel_bench", "e2e_decode",
-         "profile_step", "runtime_bench", "scaleout", "teal_greedy", "joint_bits", "lowbit_bench", "prefill_bench"]
+         "profile_step", "runtime_bench", "scaleout", "teal_greedy", "joint_bits", "lowbit_bench", "prefill_bench", "quality"]
 
 
 def _load(name: str):
@@ -71,3 +71,19 @@ def test_joint_bits_quick_run_keeps_every_allocation_within_its_bytes_and_prefil
         if "prefill<=" in row["allocation"]:
             assert row["prefill_share"] <= 0.8 + 1e-6
     assert (tmp_path / "joint_bits.md").read_text().startswith("# Bits and sparsity")
+
+
+def test_quality_quick_run_pairs_every_variant_against_the_reference(tmp_path):
+    """The quality study end to end on the 2-layer model: every variant at the budget's bytes, paired against the
+    reference (uniform without a TEAL greedy folder), the report written."""
+    pytest.importorskip("torch")
+    study = _load("quality")
+    study.main(["--out", str(tmp_path), "--quick", "--budgets", "0.5", "--eval-windows", "2",
+                "--variants", "hybrid_block"])
+    frame = pd.read_csv(tmp_path / "quality.csv")
+    assert list(frame["allocation"]) == ["uniform", "hybrid_block"]
+    assert frame["byte_sparsity"].min() >= 0.5 - 1e-9 and frame["byte_sparsity"].max() < 0.56
+    row = frame.iloc[1]
+    assert row["against"] == "uniform" and row["kl_austen_verdict"] in ("better", "tie", "worse")
+    assert row["dkl_austen"] == pytest.approx(row["kl_austen"] - frame.iloc[0]["kl_austen"], abs=1e-9)
+    assert "hybrid_block" in (tmp_path / "quality.md").read_text()

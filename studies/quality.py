@@ -1,0 +1,178 @@
+"""Allocation quality against TEAL's own greedy, at equal decode bytes, with paired standard errors (issue 17).
+
+Per budget (model-level sparsity = share of projection decode bytes removed), on one loaded model and one
+calibration of the ``teal`` method (the main job's stages, ``evaluators.stages``), every variant is solved as the
+main job solves it and measured on the same held-out windows (Austen and wiki, ``--eval-windows`` of 256 tokens):
+
+- ``uniform``: every projection at the budget;
+- ``teal_greedy``: TEAL's block-wise greedy (``studies/teal_greedy.py``'s ``allocation_<pct>.json``, read from
+  ``--teal-greedy DIR``): every block at the budget, split inside by the block output error;
+- ``dp_input``: dp on one unit per GEMV input (q+k+v, o, gate+up, down; the main job's default before the hybrid);
+- ``dp_projection_fine``: dp on one unit per projection, the profiled table refined to 0.05 steps;
+- ``hybrid_layer`` / ``hybrid_block``: the hybrid (``profile.split=milp``): per layer (or attention / MLP block)
+  and unit sparsity the projections' split of least summed block output error, then dp across units on the
+  profiled KL of each unit at each split, refined to 0.05 steps;
+- ``evo_measured``: evo on the measured KL of the profiling windows, warm-started from ``--evo-from``'s dp answer.
+
+Every variant profiles the whole grid (``profile.window=null``), so one cache serves every budget. Reported per
+variant: held-out perplexity and KL, the paired per-window difference against ``teal_greedy`` (per-token NLL and
+KL, mean +- standard error, "tie" within two standard errors), the byte-weighted sparsity the plan applies, and
+the seconds its tables and solve took in this run (the rows are cached under ``DIR/cache``: a variant whose table
+an earlier budget profiled counts only its solve; the first budget's seconds are the full cost).
+
+    python studies/quality.py --out DIR --teal-greedy TEAL_DIR                 # SmolLM2-135M, 40 / 50 / 60%
+    python studies/quality.py --quick --out /tmp/quality                        # 2 layers, tiny windows
+
+Writes ``quality.csv`` (one row per budget and variant), ``quality.md`` (the tables, the command) and
+``quality.json`` (with the per-window values).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args, add_config_args, base_overrides, job_config, short  # noqa: E402
+
+VARIANTS = {
+    "dp_input": ["profile.unit=input"],
+    "dp_projection_fine": ["profile.unit=projection", "profile.refine=0.05"],
+    "hybrid_layer": ["profile.unit=layer", "profile.split=milp", "profile.refine=0.05"],
+    "hybrid_block": ["profile.unit=block", "profile.split=milp", "profile.refine=0.05"],
+}
+EVO = ["solver=evo", "solver.options.fitness=measured", "solver.options.warm_start=dp", "+solver.options.pop_size=16", "+solver.options.n_gen=6"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(p, quick="2 layers, tiny windows (a smoke run)")
+    add_config_args(p)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.4, 0.5, 0.6])
+    p.add_argument("--variants", nargs="+", default=[*VARIANTS, "evo_measured"],
+                   choices=[*VARIANTS, "evo_measured"])
+    p.add_argument("--evo-from", default="hybrid_layer", choices=list(VARIANTS), help="evo's warm start")
+    p.add_argument("--teal-greedy", type=Path, default=None, help="studies/teal_greedy.py's output folder")
+    p.add_argument("--eval-windows", type=int, default=32, help="held-out windows per source (256 tokens)")
+    return p.parse_args(argv)
+
+
+def byte_sparsity(model, allocation) -> float:
+    """Share of the projections' weight elements the allocation's levels skip (what a sparse GEMV does not read)."""
+    from allocator.evaluators.models import find_projections
+    from allocator.evaluators.plan import allocation_targets
+    rows = find_projections(model)
+    total = sum(p.d_in * p.d_out for row in rows for p in row)
+    return sum(level.s * p.d_in * p.d_out for target, level in allocation_targets(allocation)
+               for p in target.projections(rows)) / total
+
+
+def solved(config, model, method, windows):
+    """(the allocation the variant's main job would apply, seconds of its tables and solve)."""
+    from allocator.evaluators.stages import allocate, level_grid, tabulate
+    start = time.perf_counter()
+    grid, split, tables, _ = tabulate(config, model, method, windows, level_grid(config))
+    solution, _ = allocate(config, model, method, windows, tables, grid, split)
+    return solution, time.perf_counter() - start
+
+
+def paired(runs: dict, name: str, against: str) -> dict:
+    """Per-token NLL and KL of ``name`` minus ``against``, paired over the windows, per held-out source."""
+    from allocator.gains import paired_difference, verdict
+    out = {}
+    for src, res in runs.items():
+        a, b = (np.asarray(res[n]["per_window"]) for n in (name, against))
+        for col, what in ((0, "nll"), (1, "kl")):
+            mean, se, n = paired_difference(a[:, col] / a[:, 2], b[:, col] / b[:, 2])
+            out[f"d{what}_{short(src)}"], out[f"se_{what}_{short(src)}"] = mean, se
+            out[f"{what}_{short(src)}_verdict"] = verdict(mean, se)
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    from allocator.evaluators import stages
+    from allocator.evaluators.measure import compare
+    from allocator.evaluators.plan import CompressionPlan
+    from allocator.result import Allocation
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    common = base_overrides(args, ["profile.window=null", f"data.eval_windows={args.eval_windows}",
+                                   f"profile.cache={(args.out / 'cache').resolve()}"])   # every row timed here
+    config = job_config(common + [f"budget.value={args.budgets[0]}"])
+    model, tokenizer = stages.load(config)
+    windows = stages.data(config, tokenizer)
+    method = stages.calibrate(config, model, windows)
+    rows, per_window = [], {}
+    for budget in args.budgets:
+        allocations, seconds, solutions = {}, {}, {}
+        for name in ["dp_input", *(v for v in args.variants if v != "dp_input")]:
+            over = VARIANTS.get(name) or VARIANTS[args.evo_from] + EVO
+            config = job_config(common + [f"budget.value={budget}", *over])
+            solutions[name], seconds[name] = solved(config, model, method, windows)
+            print(f"{budget:.0%} {name}: solved in {seconds[name]:.0f} s", flush=True)
+        allocations["uniform"], seconds["uniform"] = solutions["dp_input"].allocations["uniform"], 0.0
+        greedy = args.teal_greedy and args.teal_greedy / f"allocation_{round(budget * 100)}.json"
+        if greedy and greedy.exists():
+            allocations["teal_greedy"] = Allocation.from_json(greedy)
+            summary = json.loads((args.teal_greedy / "teal_greedy.json").read_text())
+            seconds["teal_greedy"] = summary["calibration_s"] + summary["greedy_s"]
+        for name in args.variants:
+            allocations[name] = solutions[name].allocations["evo" if name == "evo_measured" else "dp"]
+        plans = {n: CompressionPlan.build(model, method, a) for n, a in allocations.items()}
+        with torch.no_grad():
+            runs = {src: compare(model, w, plans, config.evaluator.batch_size, config.evaluator.score_last)
+                    for src, w in windows.evaluation.items()}
+        against = "teal_greedy" if "teal_greedy" in plans else "uniform"
+        for name, alloc in allocations.items():
+            row = {"budget": budget, "allocation": name, "byte_sparsity": byte_sparsity(model, alloc),
+                   "seconds": seconds[name]}
+            for src, res in runs.items():
+                row[f"ppl_{short(src)}"], row[f"kl_{short(src)}"] = res[name]["perplexity"], res[name]["kl"]
+            rows.append({**row, "against": against, **(paired(runs, name, against) if name != against else {})})
+        per_window[str(budget)] = {src: {n: r["per_window"] for n, r in res.items()} for src, res in runs.items()}
+        frame = pd.DataFrame(rows)
+        frame.to_csv(args.out / "quality.csv", index=False)
+        (args.out / "quality.md").write_text(report(frame, windows, argv))
+        print(frame[frame.budget == budget].to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
+    dense = {src: res["dense"]["perplexity"] for src, res in runs.items()}
+    (args.out / "quality.json").write_text(json.dumps({"rows": rows, "dense_perplexity": dense,
+                                                       "per_window": per_window}, default=float))
+    return {"rows": rows, "dense": dense}
+
+
+def report(frame: pd.DataFrame, windows, argv) -> str:
+    n = {short(s): len(w) for s, w in windows.evaluation.items()}
+    lines = ["# Allocation quality against TEAL's greedy (studies/quality.py)", "",
+             f"Command: `python studies/quality.py {' '.join(argv or sys.argv[1:])}`", "",
+             f"Held-out windows: {n} of 256 tokens. `dnll` / `dkl`: per-token difference against `against`, "
+             "paired over the windows (negative: better), +- one standard error; `tie` within two.", ""]
+    for budget, part in frame.groupby("budget"):
+        lines += [f"## {budget:.0%} of projection bytes", ""]
+        cols = ["allocation", "byte_sparsity", "ppl_austen", "kl_austen", "ppl_wiki", "kl_wiki", "seconds"]
+        table = part[[c for c in cols if c in part]].copy()
+        for src in ("austen", "wiki"):
+            if f"dkl_{src}" in part:
+                table[f"dnll {src}"] = [_pm(r, "nll", src) for _, r in part.iterrows()]
+                table[f"dkl {src}"] = [_pm(r, "kl", src) for _, r in part.iterrows()]
+        lines += [table.to_markdown(index=False, floatfmt=".4g"), ""]
+    return "\n".join(lines)
+
+
+def _pm(row, what: str, src: str) -> str:
+    mean = row.get(f"d{what}_{src}")
+    if mean is None or mean != mean:
+        return "(reference)"
+    return f"{mean:+.4f} +- {row[f'se_{what}_{src}']:.4f} ({row[f'{what}_{src}_verdict']})"
+
+
+if __name__ == "__main__":
+    main()
