@@ -19,6 +19,7 @@ from allocator.evaluators.models import ModelError, decoder_layers, find_project
 from allocator.evaluators.rotation import (AppliedRotation, RotatedLinear, RotationConfig,  # noqa: E402
                                            apply_state_, pca_rotation, rotate_)
 from allocator.evaluators.wrappers import WRAPPERS, Protocol, ThresholdLinear  # noqa: E402
+from allocator.evaluators.testing import tiny_hf  # noqa: E402
 
 HAD, HAD_OFF, PCA = RotationConfig("hadamard"), RotationConfig("hadamard", online=False), RotationConfig("pca")
 
@@ -196,20 +197,7 @@ def test_pca_rotation_orders_the_principal_axes():
 
 
 def _tiny(family: str):
-    cfg_cls, model_cls = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-                          "mistral": ("MistralConfig", "MistralForCausalLM")}[family]
-    cfg = getattr(transformers, cfg_cls)(hidden_size=48, intermediate_size=96, num_attention_heads=4,
-                                         num_key_value_heads=2, head_dim=12, num_hidden_layers=2, vocab_size=97,
-                                         max_position_embeddings=32, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.uniform_(-0.5, 0.5)
-    return model
+    return tiny_hf(family, hidden=48, intermediate=96, head_dim=12, init=0.02)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])

@@ -47,6 +47,7 @@ from allocator.kernels.fp8_prefill import (  # noqa: E402
 )
 from allocator.kernels.runtime import Decoder, DecoderShape, random_weights, rtn_fp8_prefill  # noqa: E402
 from allocator.kernels.testing import poison_empty  # noqa: E402
+from allocator.evaluators.testing import tiny_hf  # noqa: E402
 
 interpreted = pytest.mark.skipif(
     not sg._interpreting() or "Interpreted" not in type(fp._quantize_rows_kernel).__name__,
@@ -161,23 +162,8 @@ MIXED = [{"q", "v", "gate", "down"}, {"k", "o", "up"}]  # per layer: FP8 project
 
 
 def _tiny_hf(family: str):
-    transformers = pytest.importorskip("transformers")
-    sizes = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                 num_hidden_layers=2, vocab_size=97, max_position_embeddings=32, rms_norm_eps=1e-5,
-                 initializer_range=0.1, tie_word_embeddings=False)
-    if family == "qwen2":
-        cfg, cls = transformers.Qwen2Config(**sizes), transformers.Qwen2ForCausalLM
-    else:
-        cfg, cls = transformers.LlamaConfig(head_dim=16, **sizes), transformers.LlamaForCausalLM
-    torch.manual_seed(0)
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.uniform_(-0.5, 0.5)
-    return model
+    pytest.importorskip("transformers")
+    return tiny_hf(family, head_dim=None if family == "qwen2" else 16)
 
 
 def fp8_from_accuracy_path(model) -> list[dict[str, Fp8Weight]]:

@@ -32,6 +32,7 @@ from allocator.kernels.fp8_prefill import (  # noqa: E402
     scaled_mm_fits,
 )
 from allocator.kernels.testing import poison_empty, relative_error  # noqa: E402
+from allocator.evaluators.testing import tiny_hf  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -126,23 +127,9 @@ MIXED = [{"q", "v", "gate", "down"}, {"k", "o", "up"}, set(), {"q", "k", "v", "o
 
 
 def _small_hf(family: str):
-    transformers = pytest.importorskip("transformers")
-    sizes = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                 num_hidden_layers=4, vocab_size=512, max_position_embeddings=256, rms_norm_eps=1e-5,
-                 initializer_range=0.05, tie_word_embeddings=False)
-    if family == "qwen2":
-        cfg, cls = transformers.Qwen2Config(**sizes), transformers.Qwen2ForCausalLM
-    else:
-        cfg, cls = transformers.LlamaConfig(head_dim=64, **sizes), transformers.LlamaForCausalLM
-    torch.manual_seed(0)
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.uniform_(-0.5, 0.5)
-    return model.cuda()
+    pytest.importorskip("transformers")
+    return tiny_hf(family, hidden=256, intermediate=512, head_dim=None if family == "qwen2" else 64, layers=4,
+                   vocab=512, max_positions=256, init=0.05).cuda()
 
 
 def _fp8_from_accuracy_path(model):

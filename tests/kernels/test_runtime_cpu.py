@@ -15,6 +15,7 @@ from allocator.kernels import gemv as sg  # noqa: E402
 from allocator.kernels.decode_ops import rope_and_cache  # noqa: E402
 from allocator.kernels.pipelined import SiteBuffers, plan_site, rope_and_cache_from_acc  # noqa: E402
 from allocator.kernels.runtime import SITES, Decoder, DecoderShape, DecoderWeights, LayerWeights  # noqa: E402
+from allocator.evaluators.testing import tiny_hf as random_hf  # noqa: E402
 
 interpreted = pytest.mark.skipif(
     not sg._interpreting() or "Interpreted" not in type(sg._sparse_gemv_kernel).__name__,
@@ -26,24 +27,7 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 def tiny_hf(tied: bool = False, seed: int = 0, family: str = "llama"):
     """hidden 64, intermediate 128, 4 heads, 2 kv heads, head_dim 16, 2 layers, vocab 97; norm weights randomised.
     family "qwen2": Qwen2ForCausalLM, whose q, k, v projections have biases (randomised: HF may init them to 0)."""
-    sizes = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                 num_hidden_layers=2, vocab_size=97, max_position_embeddings=32, rms_norm_eps=1e-5,
-                 initializer_range=0.1, tie_word_embeddings=tied)
-    if family == "qwen2":  # head_dim = hidden / heads = 16
-        cfg, cls = transformers.Qwen2Config(**sizes), transformers.Qwen2ForCausalLM
-    else:
-        cfg, cls = transformers.LlamaConfig(head_dim=16, **sizes), transformers.LlamaForCausalLM
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.uniform_(-0.5, 0.5)
-    model.generation_config.eos_token_id = None  # token-for-token comparison: never stop early
-    model.generation_config.pad_token_id = 0
-    return model
+    return random_hf(family, head_dim=None if family == "qwen2" else 16, tied=tied, seed=seed)
 
 
 def to_decoder_weights(model) -> tuple[DecoderShape, DecoderWeights]:

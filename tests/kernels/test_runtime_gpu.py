@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from allocator.kernels import gemv as sg  # noqa: E402
 from allocator.kernels.runtime import SITES, Decoder, DecoderShape, DecoderWeights, LayerWeights  # noqa: E402
+from allocator.evaluators.testing import tiny_hf  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,24 +25,9 @@ MARGIN = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}  # of 
 
 def small_hf(dtype, family: str = "llama"):
     """hidden 256, 8 heads, 2 kv heads, head_dim 32, 3 layers; family "qwen2": q|k|v biases, randomised."""
-    sizes = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
-                 num_hidden_layers=3, vocab_size=211, max_position_embeddings=64, rms_norm_eps=1e-5,
-                 initializer_range=0.05, rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
-    if family == "qwen2":  # head_dim = 256 / 8 = 32
-        cfg, cls = transformers.Qwen2Config(tie_word_embeddings=False, **sizes), transformers.Qwen2ForCausalLM
-    else:
-        cfg, cls = transformers.LlamaConfig(head_dim=32, **sizes), transformers.LlamaForCausalLM
-    torch.manual_seed(0)
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):  # HF may initialise them to zero
-                p.uniform_(-0.5, 0.5)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model.to("cuda", dtype)
+    return tiny_hf(family, hidden=256, intermediate=512, heads=8, head_dim=None if family == "qwen2" else 32,
+                   layers=3, vocab=211, max_positions=64, init=0.05,
+                   rope_parameters={"rope_type": "default", "rope_theta": 5000.0}).to("cuda", dtype)
 
 
 def decoder(model, **kw) -> Decoder:
