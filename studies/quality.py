@@ -23,7 +23,7 @@ an earlier budget profiled counts only its solve; the first budget's seconds are
     python studies/quality.py --out DIR --teal-greedy TEAL_DIR                 # SmolLM2-135M, 40 / 50 / 60%
     python studies/quality.py --quick --out /tmp/quality                        # 2 layers, tiny windows
 
-Writes ``quality.csv`` (one row per budget and variant), ``quality.md`` (the tables, the command) and
+Writes ``allocations/<pct>/<variant>.json`` (``--evaluate-only`` measures these again), ``quality.csv`` (one row per budget and variant), ``quality.md`` (the tables, the command) and
 ``quality.json`` (with the per-window values).
 """
 from __future__ import annotations
@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--evo-from", default="hybrid_layer", choices=list(VARIANTS), help="evo's warm start")
     p.add_argument("--teal-greedy", type=Path, default=None, help="studies/teal_greedy.py's output folder")
     p.add_argument("--eval-windows", type=int, default=32, help="held-out windows per source (256 tokens)")
+    p.add_argument("--evaluate-only", action="store_true", help="measure the allocations an earlier run saved "
+                   "under DIR/allocations (e.g. once TEAL's greedy has finished)")
     return p.parse_args(argv)
 
 
@@ -95,6 +97,42 @@ def paired(runs: dict, name: str, against: str) -> dict:
     return out
 
 
+def solve_budget(args, common: list[str], budget: float, model, method, windows, saved: Path) -> None:
+    """Every variant at ``budget``, saved as ``allocations/<pct>/<name>.json`` (with its seconds in seconds.json)."""
+    folder = saved / str(round(budget * 100))
+    folder.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    for name in ["dp_input", *(v for v in args.variants if v != "dp_input")]:
+        over = VARIANTS.get(name) or VARIANTS[args.evo_from] + EVO
+        config = job_config(common + [f"budget.value={budget}", *over])
+        solution, seconds[name] = solved(config, model, method, windows)
+        solution.allocations[config.solver.name].to_json(folder / f"{name}.json")
+        if name == "dp_input":
+            solution.allocations["uniform"].to_json(folder / "uniform.json")
+        print(f"{budget:.0%} {name}: solved in {seconds[name]:.0f} s", flush=True)
+    (folder / "seconds.json").write_text(json.dumps({"uniform": 0.0, **seconds}))
+
+
+def load_budget(args, budget: float, saved: Path) -> tuple[dict, dict]:
+    """The saved allocations of ``budget`` (uniform, TEAL's greedy when its folder has it, the variants)."""
+    from allocator.result import Allocation
+    folder = saved / str(round(budget * 100))
+    if not (folder / "seconds.json").exists():
+        raise FileNotFoundError(f"no solved allocations in {folder}: run without --evaluate-only first")
+    seconds = json.loads((folder / "seconds.json").read_text())
+    allocations = {"uniform": Allocation.from_json(folder / "uniform.json")}
+    greedy = args.teal_greedy and args.teal_greedy / f"allocation_{round(budget * 100)}.json"
+    if greedy and greedy.exists():
+        allocations["teal_greedy"] = Allocation.from_json(greedy)
+        summary = json.loads((args.teal_greedy / "teal_greedy.json").read_text())
+        seconds["teal_greedy"] = summary["calibration_s"] + summary["greedy_s"]
+    elif greedy:
+        print(f"no TEAL greedy allocation at {greedy}: pairing against uniform", flush=True)
+    for name in args.variants:
+        allocations[name] = Allocation.from_json(folder / f"{name}.json")
+    return allocations, seconds
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
@@ -102,7 +140,6 @@ def main(argv=None) -> dict:
     from allocator.evaluators import stages
     from allocator.evaluators.measure import compare
     from allocator.evaluators.plan import CompressionPlan
-    from allocator.result import Allocation
 
     args.out.mkdir(parents=True, exist_ok=True)
     common = base_overrides(args, ["profile.window=null", f"data.eval_windows={args.eval_windows}",
@@ -111,22 +148,13 @@ def main(argv=None) -> dict:
     model, tokenizer = stages.load(config)
     windows = stages.data(config, tokenizer)
     method = stages.calibrate(config, model, windows)
+    saved = args.out / "allocations"
+    if not args.evaluate_only:
+        for budget in args.budgets:                   # solve every budget first (one table serves them all)
+            solve_budget(args, common, budget, model, method, windows, saved)
     rows, per_window = [], {}
     for budget in args.budgets:
-        allocations, seconds, solutions = {}, {}, {}
-        for name in ["dp_input", *(v for v in args.variants if v != "dp_input")]:
-            over = VARIANTS.get(name) or VARIANTS[args.evo_from] + EVO
-            config = job_config(common + [f"budget.value={budget}", *over])
-            solutions[name], seconds[name] = solved(config, model, method, windows)
-            print(f"{budget:.0%} {name}: solved in {seconds[name]:.0f} s", flush=True)
-        allocations["uniform"], seconds["uniform"] = solutions["dp_input"].allocations["uniform"], 0.0
-        greedy = args.teal_greedy and args.teal_greedy / f"allocation_{round(budget * 100)}.json"
-        if greedy and greedy.exists():
-            allocations["teal_greedy"] = Allocation.from_json(greedy)
-            summary = json.loads((args.teal_greedy / "teal_greedy.json").read_text())
-            seconds["teal_greedy"] = summary["calibration_s"] + summary["greedy_s"]
-        for name in args.variants:
-            allocations[name] = solutions[name].allocations["evo" if name == "evo_measured" else "dp"]
+        allocations, seconds = load_budget(args, budget, saved)
         plans = {n: CompressionPlan.build(model, method, a) for n, a in allocations.items()}
         with torch.no_grad():
             runs = {src: compare(model, w, plans, config.evaluator.batch_size, config.evaluator.score_last)
