@@ -226,7 +226,7 @@ class BlockSplit:
         return sum(projection_costs(*shapes[k], Level(s=s, rho=level.rho, fmt=level.fmt), tokens)[kind]
                    for k, s in self.split(unit.layer, unit.kinds, level.s).items())
 
-    def on_projections(self, model_config: dict, allocations: dict[str, Allocation], tables: Tables,
+    def on_projections(self, model_config: dict, allocations: dict[str, Allocation],
                        budget_level: Level | None) -> tuple[dict[str, Allocation], Tables]:
         """The unit allocations as per-projection ones, priced by projection tables on the levels they use:
         "uniform" is every projection at ``budget_level`` (its nominal level, unsplit); every other allocation

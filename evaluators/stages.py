@@ -227,10 +227,10 @@ def measured_objective(config: JobConfig, model, method: Method, windows: Window
                              expand=split)
 
 
-def on_projections(config: JobConfig, model, solution: Solution, tables, grid: Grid, split):
+def on_projections(config: JobConfig, model, solution: Solution, grid: Grid, split):
     """The hybrid's unit allocations as per-projection ones (the plan and the measure stage read these) and the
     projection tables that price them; the unit solution is kept in ``solution.result`` (saved as solved)."""
-    allocations, ptables = split.on_projections(model.config.to_dict(), solution.allocations, tables, grid.operating)
+    allocations, ptables = split.on_projections(model.config.to_dict(), solution.allocations, grid.operating)
     predicted = {**solution.predicted, "uniform": float("nan")}   # the unit table prices splits, not uniform
     return Solution(solution.result, allocations, predicted, solution.measured_evaluations), ptables
 
@@ -264,7 +264,7 @@ def allocate(config: JobConfig, model, method: Method, windows: Windows, tables,
     solution = solve(config, model, method, windows, tables, grid, split)
     if split is None:
         return solution, tables
-    return on_projections(config, model, solution, tables, grid, split)
+    return on_projections(config, model, solution, grid, split)
 
 
 def run_main_job(config: JobConfig | dict, output_dir: Path) -> dict:
