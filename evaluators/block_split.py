@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from allocator import Allocation, Problem, Tables, minimize
 from allocator.cache import cache_dir
-from allocator.costs import analytic_tables, projection_costs
+from allocator.costs import COST_KINDS, analytic_tables, projection_costs
 from allocator.levels import Level, make_levels
 from allocator.tables import TablesError, Unit
 
@@ -209,22 +209,20 @@ class BlockSplit:
         return out
 
     def price(self, tables: Tables, tokens: int) -> Tables:
-        """``tables`` with every analytic cost re-priced by the split each (unit, level) applies (a split's
-        byte-weighted sparsity is >= its nominal level)."""
-        costs = {}
-        for kind, matrix in tables.costs.items():
-            if kind not in ("flops_prefill", "flops_decode", "bytes_decode", "time_prefill"):
-                costs[kind] = matrix              # measured kinds (latency) stay as they were measured
-                continue
-            costs[kind] = np.array([[self._cost(u, lv, tokens, kind) for lv in tables.level_objects()]
-                                    for u in tables.units])
+        """``tables`` with every analytic cost (``COST_KINDS``) re-priced by the split each (unit, level) applies (a
+        split's byte-weighted sparsity is >= its nominal level); measured kinds (latency) stay as measured."""
+        priced = [[self._costs(u, lv, tokens) for lv in tables.level_objects()] for u in tables.units]
+        costs = {kind: (np.array([[cell[kind] for cell in row] for row in priced]) if kind in COST_KINDS else matrix)
+                 for kind, matrix in tables.costs.items()}
         return Tables(tables.units, tables.levels, costs, tables.degradation,
                       {**tables.provenance, "split": self.describe()})
 
-    def _cost(self, unit: Unit, level: Level, tokens: int, kind: str) -> float:
-        shapes = self.errors.shapes[unit.layer]
-        return sum(projection_costs(*shapes[k], Level(s=s, rho=level.rho, fmt=level.fmt), tokens)[kind]
-                   for k, s in self.split(unit.layer, unit.kinds, level.s).items())
+    def _costs(self, unit: Unit, level: Level, tokens: int) -> dict[str, float]:
+        shapes, out = self.errors.shapes[unit.layer], dict.fromkeys(COST_KINDS, 0.0)
+        for k, s in self.split(unit.layer, unit.kinds, level.s).items():
+            for kind, value in projection_costs(*shapes[k], Level(s=s, rho=level.rho, fmt=level.fmt), tokens).items():
+                out[kind] += value
+        return out
 
     def on_projections(self, model_config: dict, allocations: dict[str, Allocation],
                        budget_level: Level | None) -> tuple[dict[str, Allocation], Tables]:
