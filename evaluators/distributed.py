@@ -15,6 +15,7 @@ batches (evo's offspring, bayes's ask() batch) are split the same way, ``k % wor
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -120,6 +121,7 @@ def resolve(distributed="auto", timeout_s: float = 86400.0) -> Ranks:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)      # so a rank's unfinished row claims are released
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+        atexit.register(_shutdown)   # a gloo group left to interpreter teardown can abort the rank at exit
         group = None
     else:   # the caller's own group (NCCL, say): objects go through a gloo group beside it
         group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo",
@@ -128,6 +130,13 @@ def resolve(distributed="auto", timeout_s: float = 86400.0) -> Ranks:
     _CURRENT = ranks
     logger.info("rank %d of %d (local %d of %d)", ranks.rank, ranks.world, ranks.local_rank, ranks.local_world)
     return ranks
+
+
+def _shutdown() -> None:
+    """Destroy the process group this module created, before the interpreter tears its threads down."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _exit_on_sigterm(signum, frame):
