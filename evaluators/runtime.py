@@ -11,12 +11,20 @@ one threshold per projection, and every decode mode applies each to its own colu
 (``kernels.runtime``: reference, sparse, fused, fused_pdl; dense ignores thresholds). A projection the plan
 leaves out of a fused site runs dense there (threshold 0).
 
+Formats (``quantized_projections``): a projection the plan quantizes decodes through the low-bit GEMV
+(``kernels/lowbit_gemv.py``) with the accuracy path's own codes and scales (w4a16 per channel or in groups, w8a16,
+w8a8-fp8 with its input rounded to e4m3 per token after the mask), and w8a8-fp8 projections prefill in W8A8
+(``kernels/fp8_prefill.py``); weight-only formats prefill as bf16 GEMMs on their dequantized weights. Formats
+without a kernel (INT activations, 3-bit weights) are ``RuntimeUnsupported``. Low-bit plans decode in mode
+"sparse" (per-site kernels); the fused step runs 16-bit weights only.
+
 ``decode_speed(model, plans)`` (the ``decode_speed`` evaluator) times greedy decode steps under CUDA graphs for
-the dense model and each plan, plus a dense prefill, with ``triton.testing.do_bench``.
+the dense model and each plan, plus its prefill, with ``triton.testing.do_bench``.
 
 Supported: Llama-family decoders (llama, mistral, qwen2 / qwen2.5, qwen3; olmo2-like naming is not) with RMSNorm,
 SiLU gated MLP, full causal attention (no sliding-window layers) and no projection biases except on q, k, v (Qwen2's
-attention bias, copied as ``LayerWeights.qkv_bias``); TEAL-style plans (plain thresholds, every token sparse).
+attention bias, copied as ``LayerWeights.qkv_bias``); TEAL-style plans (plain thresholds, every token sparse), over
+fake-quant linears in the formats above.
 Anything else is a ``RuntimeUnsupported`` error naming what the runtime lacks.
 """
 from __future__ import annotations
@@ -26,9 +34,12 @@ import math
 import torch
 from torch import nn
 
+from allocator.formats import PER_CHANNEL, get_format
+
 from .metrics import register_evaluator
 from .models import decoder_layers, find_projections
-from .plan import CompressionPlan, unwrapped
+from .plan import CompressionPlan, WrapperState, unwrapped
+from .quantize import FakeQuantLinear
 from .wrappers import ThresholdLinear
 
 RUNTIME_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -118,17 +129,77 @@ def _site_threshold(site: str, projections, entries: dict) -> float | tuple[floa
 
 
 def _plain_threshold(entry) -> float:
-    if entry is None:
+    if entry is None or entry.wrapper == FakeQuantLinear.__name__:   # dense, or quantized without sparsity
+        _quantized_state(entry)
         return 0.0
     if entry.wrapper != ThresholdLinear.__name__ or entry.tensors or entry.params.get("sparse_fraction", 1.0) < 1.0:
         raise RuntimeUnsupported(f"{entry.path}: the runtime applies plain thresholds on every token (teal); this "
                                  f"entry is {entry.wrapper} with {sorted(entry.tensors) or entry.params}")
-    if entry.inner or not entry.level.format.is_dense:
-        raise RuntimeUnsupported(f"{entry.path}: level format {entry.level.fmt} ({[s.wrapper for s in entry.inner]});"
-                                 " the runtime's decode kernels run bf16 / fp16 weights only (the low-bit GEMV, "
-                                 "kernels/lowbit_gemv.py, is not in the runtime yet)")
+    _quantized_state(entry)
     value = entry.params["threshold"]
     return 0.0 if not math.isfinite(value) or value < 0 else float(value)
+
+
+def decode_format_supported(fmt: str) -> bool:
+    """Whether the runtime decodes format ``fmt``: bf16, weight-only INT4 (per channel or power-of-two groups
+    >= 16) and INT8, and w8a8-fp8 (FP8 weights, the input rounded to e4m3 per token)."""
+    f = get_format(fmt)
+    if f.is_dense:
+        return True
+    if f.act == "fp8":
+        return f.weight == "fp8" and f.group == PER_CHANNEL
+    if f.act != "bf16" or f.weight != "int":
+        return False
+    if f.weight_bits == 8:
+        return f.group == PER_CHANNEL
+    return f.weight_bits == 4 and (f.group == PER_CHANNEL or (f.group >= 16 and not f.group & (f.group - 1)))
+
+
+def _quantized_state(entry):
+    """The entry's fake-quant state (a ``WrapperState`` of ``FakeQuantLinear``), None for a bf16 entry; a format
+    the decode kernels do not run is a ``RuntimeUnsupported`` naming it."""
+    if entry is None:
+        return None
+    states = [WrapperState(entry.wrapper, entry.params, entry.tensors), *entry.inner]
+    quant = [st for st in states if st.wrapper == FakeQuantLinear.__name__]
+    others = [st.wrapper for st in states if st.wrapper not in (FakeQuantLinear.__name__, ThresholdLinear.__name__)]
+    if others or len(quant) > 1:
+        raise RuntimeUnsupported(f"{entry.path}: wrappers {[st.wrapper for st in states]}; the runtime runs a "
+                                 "threshold over a fake-quant linear at most")
+    if not quant:
+        return None
+    fmt = quant[0].params["fmt"]
+    if not decode_format_supported(fmt):
+        raise RuntimeUnsupported(f"{entry.path}: format {fmt} has no decode kernel (the low-bit GEMV runs "
+                                 "w4a16 (per channel or g >= 16), w8a16 and w8a8-fp8; INT activations and 3-bit "
+                                 "weights do not); use those formats or measure accuracy only")
+    return quant[0]
+
+
+def quantized_projections(model: nn.Module, plan: CompressionPlan | None) -> tuple[list[dict], list[dict]]:
+    """From the plan's fake-quant states, per layer and projection kind: the low-bit decode weight
+    (``kernels.runtime.DecodeWeight``, the accuracy path's codes and scales unchanged) and, for w8a8-fp8, the
+    FP8 prefill weight (``kernels.fp8_prefill.Fp8Weight``)."""
+    from allocator.kernels.fp8_prefill import fp8_weight_from_codes
+    from allocator.kernels.lowbit_gemv import lowbit_from_codes
+    from allocator.kernels.runtime import DecodeWeight
+
+    entries = {e.path: e for e in plan.entries} if plan is not None else {}
+    decode, prefill = [], []
+    for row in find_projections(model):
+        decode.append({})
+        prefill.append({})
+        for p in row:
+            state = _quantized_state(entries.get(p.name))
+            if state is None:
+                continue
+            f = get_format(state.params["fmt"])
+            codes, scales = state.tensors["codes"], state.tensors["scales"]
+            weight = lowbit_from_codes(codes, scales, f.weight_bits, None if f.group == PER_CHANNEL else f.group)
+            decode[-1][p.kind] = DecodeWeight(weight, f.act)
+            if f.act == "fp8":
+                prefill[-1][p.kind] = fp8_weight_from_codes(codes, scales)
+    return decode, prefill
 
 
 def decoder_from_hf(model: nn.Module, plan: CompressionPlan | None = None, *, max_len: int = 2048,
@@ -144,9 +215,11 @@ def decoder_from_hf(model: nn.Module, plan: CompressionPlan | None = None, *, ma
                                  "measure speed on the unrotated model (method.rotation=none)")
     weights = decoder_weights(model) if weights is None else weights
     param = next(model.parameters())
-    return Decoder(DecoderShape.from_config(model.config.to_dict()), weights,
-                   thresholds=site_thresholds(model, plan), max_len=max_len, max_batch=max_batch,
-                   dtype=param.dtype, device=param.device)
+    thresholds = site_thresholds(model, plan)
+    decode, prefill = quantized_projections(model, plan)
+    return Decoder(DecoderShape.from_config(model.config.to_dict()), weights, thresholds=thresholds,
+                   max_len=max_len, max_batch=max_batch, dtype=param.dtype, device=param.device,
+                   decode_lowbit=decode if any(decode) else None, prefill_fp8=prefill if any(prefill) else None)
 
 
 @register_evaluator("decode_speed")
@@ -163,9 +236,10 @@ def decode_speed(model: nn.Module, *, plans: dict[str, CompressionPlan] | None =
     for name, plan in {"dense": None, **(plans or {})}.items():
         decoder = decoder_from_hf(model, plan, max_len=prompt_len + 64, max_batch=batch, weights=weights)
         prefill_ms = do_bench(lambda: (decoder.reset(), decoder.prefill(prompt)), warmup=5, rep=40)
-        step_ms = graph_step_ms(decoder, prompt, mode if plan is not None else "dense")
+        used = "dense" if plan is None else ("sparse" if decoder.has_lowbit and mode.startswith("fused") else mode)
+        step_ms = graph_step_ms(decoder, prompt, used)
         out[name] = {"tokens_per_s": batch * 1e3 / step_ms, "step_ms": step_ms, "prefill_ms": prefill_ms,
-                     "mode": mode if plan is not None else "dense", "batch": batch, "prompt_len": prompt_len}
+                     "mode": used, "batch": batch, "prompt_len": prompt_len}
     dense_ms = out["dense"]["step_ms"]
     for row in out.values():
         row["speedup"] = dense_ms / row["step_ms"]

@@ -126,6 +126,57 @@ class LowbitWeight:
     def nbytes(self) -> int:
         return self.qweight.numel() * self.qweight.element_size() + self.scales.numel() * self.scales.element_size()
 
+    @staticmethod
+    def cat(parts: list[LowbitWeight]) -> LowbitWeight:
+        """Concatenated along N (output columns): a fused projection (q|k|v, gate|up) from its parts, one format,
+        group and K (INT4 parts of even N, so no part ends in a padding nibble)."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        if any((p.fmt, p.k, p.group) != (first.fmt, first.k, first.group) for p in parts):
+            raise ValueError(f"cannot fuse {[(p.fmt, p.k, p.group) for p in parts]}: one format, K and group needed")
+        if first.fmt == "int4" and any(p.n % 2 for p in parts):
+            raise ValueError(f"INT4 parts of odd width {[p.n for p in parts]} cannot be fused (packed along N)")
+        dim = 1 if first.fmt == "int4" else 0
+        return dataclasses.replace(first, qweight=torch.cat([p.qweight for p in parts], 1).contiguous(),
+                                   scales=torch.cat([p.scales for p in parts], dim).contiguous(),
+                                   n=sum(p.n for p in parts))
+
+
+def lowbit_from_codes(codes: torch.Tensor, scales: torch.Tensor, bits: int, group: int | None = None) -> LowbitWeight:
+    """The kernel layout of an already quantized weight, codes unchanged: ``codes`` [N, K] (integers on the
+    symmetric grid, int8 storage, or float8_e4m3fn), ``scales`` [N, G] (G = 1: one per output channel, else one
+    per ``group`` input channels, the last group possibly shorter), any float dtype (the accuracy path's
+    ``QuantizedWeight`` tensors). 4-bit per-channel scales are repeated over groups of ``GROUP`` (exact)."""
+    N, K = codes.shape
+    scales = scales.detach().reshape(N, -1)
+    if codes.dtype == torch.float8_e4m3fn or bits == 8:
+        if scales.shape[1] != 1:
+            raise ValueError(f"{bits}-bit weights need one scale per output channel, got {scales.shape[1]} groups")
+        fmt = "fp8" if codes.dtype == torch.float8_e4m3fn else "int8"
+        q = codes.T.contiguous() if fmt == "fp8" else codes.to(torch.int8).T.contiguous()
+        return LowbitWeight(fmt, q, scales[:, 0].float().contiguous(), N, K)
+    if bits != 4:
+        raise ValueError(f"no {bits}-bit decode kernel: the low-bit GEMV runs INT4, INT8 and FP8 weights")
+    if int(codes.min()) < -8 or int(codes.max()) > 7:
+        raise ValueError("INT4 codes must lie in [-8, 7]")
+    per_channel = scales.shape[1] == 1
+    group = GROUP if per_channel else group
+    if group is None or group < 16 or group & (group - 1) or (not per_channel and triton.cdiv(K, group) !=
+                                                              scales.shape[1]):
+        raise ValueError(f"INT4 groups: a power of two >= 16 with ceil(K / group) = {scales.shape[1]} scales "
+                         f"(K = {K}, group = {group})")
+    s16 = scales.float().to(torch.float16)
+    if not torch.isfinite(s16).all() or bool(((s16 == 0) & (scales != 0)).any()):
+        raise ValueError("INT4 scales out of fp16 range (the kernel keeps fp16 scales)")
+    if per_channel:
+        s16 = s16.expand(N, triton.cdiv(K, group))
+    u = (codes.to(torch.int16) + 8).to(torch.uint8).T  # [K, N] code + 8
+    if N % 2:
+        u = torch.nn.functional.pad(u, (0, 1), value=8)
+    q = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+    return LowbitWeight("int4", q, s16.T.contiguous(), N, K, group)
+
 
 def pack_int4(w: torch.Tensor, group: int = GROUP) -> LowbitWeight:
     """w [N, K] float -> INT4 with one fp16 scale per (group of `group` input channels, output column)."""

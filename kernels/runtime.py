@@ -77,8 +77,9 @@ from allocator.costs import ModelShape, load_model_config, model_shape
 from . import ops as _ops  # noqa: F401  (registers torch.ops.allocator.sparse_gemv)
 from . import pipelined
 from .decode_ops import add_rms_norm, decode_attention, rope_and_cache, silu_mul
-from .fp8_prefill import Fp8Weight, fp8_linear, pack_fp8_weight
+from .fp8_prefill import Fp8Weight, fp8_linear, pack_fp8_weight, quantize_rows_fp8
 from .gemv import _interpreting
+from .lowbit_gemv import LowbitWeight, dequantize, lowbit_gemv_triton
 from .pipelined import (SiteBuffers, add_rms_norm_from_acc, add_rms_norm_split, indexed_gemv, plan_site,
                         rope_and_cache_from_acc, silu_mul_compact)
 
@@ -197,6 +198,35 @@ def projection_columns(shape: DecoderShape, site: str) -> list[tuple[str, int, i
     return list(zip(PROJECTIONS[site], starts, starts[1:]))
 
 
+ACTS = ("bf16", "fp8")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeWeight:
+    """A projection's low-bit decode weight: ``weight`` in the low-bit GEMV's layout (INT4 groups, INT8 / FP8 per
+    column) and ``act``, its format's per-token activation type: "bf16" (weight-only formats) or "fp8" (w8a8-fp8:
+    the masked input is rounded to e4m3 with one scale per token before the GEMV, the accuracy path's rule)."""
+
+    weight: LowbitWeight
+    act: str = "bf16"
+
+    def __post_init__(self):
+        if self.act not in ACTS:
+            raise ValueError(f"activation type {self.act!r}: the runtime quantizes decode inputs to {ACTS} only")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """Consecutive output columns [first, end) of a site that decode runs as one GEMV: one low-bit format (or
+    bf16: ``weight`` None, ``wt`` the columns' transposed weight when the site is split) and one threshold."""
+
+    kinds: tuple[str, ...]
+    first: int
+    end: int
+    weight: DecodeWeight | None
+    wt: torch.Tensor | None = None
+
+
 def rtn_fp8_prefill(shape: DecoderShape, weights: DecoderWeights, kinds=None,
                     layers=None) -> list[dict[str, Fp8Weight]]:
     """FP8 weights for `Decoder(prefill_fp8=...)` from the given bf16 ones by RTN (`fp8_prefill.pack_fp8_weight`,
@@ -230,6 +260,14 @@ def _check_weights(shape: DecoderShape, w: DecoderWeights) -> None:
                              "(projections are stored transposed, [in, out])")
 
 
+def _fake_quant(x: torch.Tensor, act: str) -> torch.Tensor:
+    """Per-token e4m3 rounding of x (``act`` "fp8"), same dtype out; x itself for "bf16"."""
+    if act == "bf16":
+        return x
+    codes, scales = quantize_rows_fp8(x.contiguous())
+    return (codes.float() * scales).to(x.dtype)
+
+
 class Decoder:
     """Prefill, decode steps and greedy generation over given weights (module docstring: algorithm, costs).
 
@@ -247,7 +285,8 @@ class Decoder:
     def __init__(self, shape: DecoderShape, weights: DecoderWeights, *,
                  thresholds: list[dict[str, float]] | None = None, max_len: int = 2048, max_batch: int = 1,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 keep_dense_weights: bool = False, prefill_fp8: list[dict[str, Fp8Weight]] | None = None):
+                 keep_dense_weights: bool = False, prefill_fp8: list[dict[str, Fp8Weight]] | None = None,
+                 decode_lowbit: list[dict[str, DecodeWeight]] | None = None):
         _check_weights(shape, weights)
         self.shape, self.max_len, self.max_batch = shape, max_len, max_batch
         self.device = torch.device(device) if device is not None else weights.embed.device
@@ -261,11 +300,8 @@ class Decoder:
         self.final_norm = cast(weights.final_norm)
         self.layers = []
         for lw in weights.layers:
-            layer = {f.name: None if getattr(lw, f.name) is None else cast(getattr(lw, f.name))
-                     for f in dataclasses.fields(lw)}
-            if keep_dense_weights:  # row-major [N, K], what nn.Linear holds (cuBLAS baseline of "dense")
-                layer.update({site + "_dense": layer[site].T.contiguous() for site in SITES})
-            self.layers.append(layer)
+            self.layers.append({f.name: None if getattr(lw, f.name) is None else cast(getattr(lw, f.name))
+                                for f in dataclasses.fields(lw)})
         self.embed_scale = float(weights.embed_scale)
         self._embed_scale = torch.tensor(self.embed_scale, dtype=self.dtype, device=self.device)
         s = shape
@@ -285,6 +321,10 @@ class Decoder:
         self._graphs: dict = {}
         self._triton = self.device.type == "cuda" or _interpreting()
         self._prefill_runs = self._plan_prefill_fp8(prefill_fp8)
+        self._lowbit_runs = self._plan_decode_lowbit(decode_lowbit)
+        if keep_dense_weights:  # row-major [N, K], what nn.Linear holds (cuBLAS baseline of "dense")
+            for layer in self.layers:
+                layer.update({site + "_dense": layer[site].T.contiguous() for site in SITES})
 
     def _plan_prefill_fp8(self, prefill_fp8) -> list[dict[str, list[tuple[int, int, Fp8Weight | None]]]]:
         """Per layer, per site with an FP8 projection: its column runs (first, end, FP8 weight or None for bf16),
@@ -322,6 +362,77 @@ class Decoder:
                     runs_of[site] = [(a, b, None if w is None else Fp8Weight.cat(parts)) for a, b, w, parts in runs]
             plans.append(runs_of)
         return plans
+
+    def _plan_decode_lowbit(self, decode_lowbit) -> list[dict[str, list[_Run]]]:
+        """Per layer, per site with a low-bit projection: its column runs (consecutive projections of one format
+        and one threshold merged into one GEMV). The site's bf16 weight is replaced by the dequantized one, so
+        prefill, "reference" and the LM-side checks multiply by what the low-bit kernel multiplies by."""
+        L = self.shape.n_layers
+        if decode_lowbit is None:
+            return [{} for _ in range(L)]
+        if len(decode_lowbit) != L:
+            raise ValueError(f"decode_lowbit for {len(decode_lowbit)} layers, the model has {L}")
+        kinds = {k for ks in PROJECTIONS.values() for k in ks}
+        plans = []
+        for i, given in enumerate(decode_lowbit):
+            if set(given) - kinds:
+                raise ValueError(f"decode_lowbit[{i}] has {sorted(set(given) - kinds)}: kinds are {sorted(kinds)}")
+            runs_of = {}
+            for site in SITES:
+                columns = projection_columns(self.shape, site)
+                if not any(kind in given for kind, _, _ in columns):
+                    continue
+                self._dequantize_into(i, site, given, columns)
+                runs_of[site] = self._site_runs(i, site, given, columns)
+            plans.append(runs_of)
+        return plans
+
+    def _dequantize_into(self, i: int, site: str, given: dict, columns) -> None:
+        K = self.shape.site_dims()[site][0]
+        layer = self.layers[i]
+        layer[site] = layer[site].clone()  # the caller's tensor stays as it was
+        for kind, a, b in columns:
+            w = given.get(kind)
+            if w is None:
+                continue
+            if not isinstance(w, DecodeWeight) or (w.weight.n, w.weight.k) != (b - a, K):
+                got = (w.weight.n, w.weight.k) if isinstance(w, DecodeWeight) else type(w).__name__
+                raise ValueError(f"decode_lowbit[{i}][{kind!r}]: a DecodeWeight of a [{K}, {b - a}] weight "
+                                 f"([in, out]) is needed, got {got}")
+            layer[site][:, a:b] = dequantize(w.weight.to(self.device)).to(self.dtype)
+
+    def _site_runs(self, i: int, site: str, given: dict, columns) -> list[_Run]:
+        thresholds = self.kind_thresholds(i, site)
+        runs: list[list] = []
+        for kind, a, b in columns:
+            w = given.get(kind)
+            key = None if w is None else (w.weight.fmt, w.weight.group, w.act)
+            if runs and runs[-1][0] == key and thresholds[runs[-1][1][-1]] == thresholds[kind]:
+                runs[-1][1].append(kind)
+                runs[-1][3] = b
+                runs[-1][4].append(w)
+            else:
+                runs.append([key, [kind], a, b, [w]])
+        out = []
+        for key, kinds, a, b, parts in runs:
+            if key is None:
+                wt = self.layers[i][site][:, a:b].contiguous() if len(runs) > 1 else None
+                out.append(_Run(tuple(kinds), a, b, None, wt))
+            else:
+                weight = LowbitWeight.cat([p.weight.to(self.device) for p in parts])
+                out.append(_Run(tuple(kinds), a, b, DecodeWeight(weight, parts[0].act)))
+        return out
+
+    def kind_thresholds(self, i: int, site: str) -> dict[str, float]:
+        """Layer i's threshold of each projection kind of `site`."""
+        values, _ = self.site_threshold(i, site)
+        kinds = PROJECTIONS[site]
+        return dict(zip(kinds, values if len(values) == len(kinds) else values * len(kinds)))
+
+    @property
+    def has_lowbit(self) -> bool:
+        """Whether any projection decodes through the low-bit GEMV."""
+        return any(self._lowbit_runs)
 
     def prefill_fp8_kinds(self, i: int) -> list[str]:
         """The projection kinds of layer i that prefill runs in FP8."""
@@ -376,12 +487,12 @@ class Decoder:
             runs = self._prefill_runs[i].get(site)
             if runs is not None:
                 return self._prefill_fp8_linear(x, layer, site, runs, bias)
-            mode = "dense"
+            return self._dense_linear(x, layer, site, bias)  # low-bit sites: their dequantized weights, bf16
+        runs = self._lowbit_runs[i].get(site)
+        if runs is not None:
+            return self._lowbit_linear(x, layer, site, mode, i, runs, bias)
         if mode == "dense":
-            dense = layer.get(site + "_dense")
-            if bias is not None:  # addmm: the bias joins the accumulator before the one rounding (nn.Linear)
-                return F.linear(x, dense if dense is not None else layer[site].T, bias)
-            return F.linear(x, dense) if dense is not None else x @ layer[site]
+            return self._dense_linear(x, layer, site, bias)
         thr, starts = self.site_threshold(i, site)
         if mode == "sparse":
             y = torch.ops.allocator.sparse_gemv(x, layer[site], thr, list(starts), None, None)
@@ -390,6 +501,50 @@ class Decoder:
         w, bounds = layer[site], (0, *starts, layer[site].shape[1])
         y = torch.cat([(xf * (xf.abs() > t)) @ w[:, a:b].float() for t, a, b in zip(thr, bounds, bounds[1:])], -1)
         return (y if bias is None else y + bias.float()).to(x.dtype)
+
+    @staticmethod
+    def _dense_linear(x: torch.Tensor, layer: dict, site: str, bias: torch.Tensor | None) -> torch.Tensor:
+        dense = layer.get(site + "_dense")
+        if bias is not None:  # addmm: the bias joins the accumulator before the one rounding (nn.Linear)
+            return F.linear(x, dense if dense is not None else layer[site].T, bias)
+        return F.linear(x, dense) if dense is not None else x @ layer[site]
+
+    def _lowbit_linear(self, x: torch.Tensor, layer: dict, site: str, mode: str, i: int, runs: list[_Run],
+                       bias: torch.Tensor | None) -> torch.Tensor:
+        """A site with low-bit projections at decode: one GEMV per column run, concatenated. "sparse": the
+        low-bit GEMV (bf16 runs: sparse_gemv); "dense": the same without masks; "reference": per-row masks, the
+        dequantized weight in fp32. FP8-activation runs mask first, then round the kept values to e4m3 per token
+        (the accuracy path: threshold, then fake quantization), and keep the nonzero channels (threshold 0)."""
+        thresholds = self.kind_thresholds(i, site)
+        parts = []
+        for run in runs:
+            t = thresholds[run.kinds[0]]
+            if any(thresholds[k] != t for k in run.kinds):
+                raise ValueError(f"layer {i} {site}: thresholds of {run.kinds} now differ, but they were merged into one "
+                                 "low-bit GEMV when the Decoder was built; build a new Decoder")
+            act = "bf16" if run.weight is None else run.weight.act
+            if mode == "reference":
+                xf = x.float()
+                xm = _fake_quant(xf * (xf.abs() > t), act)
+                parts.append(xm @ layer[site][:, run.first:run.end].float())
+                continue
+            thr = t if mode == "sparse" else None
+            if act != "bf16":
+                x_in, thr = _fake_quant(x * (x.abs() > t) if thr is not None else x, act), 0.0 if thr is not None \
+                    else None
+            else:
+                x_in = x
+            if run.weight is not None:
+                y = lowbit_gemv_triton(x_in.reshape(-1, x.shape[-1]), run.weight.weight, thr)
+                parts.append(y.view(*x.shape[:-1], -1))
+            else:
+                wt = run.wt if run.wt is not None else layer[site]
+                parts.append(torch.ops.allocator.sparse_gemv(x_in, wt, [thr or 0.0], [], None, None)
+                             if thr is not None else x_in @ wt)
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        if mode == "reference":
+            return (y if bias is None else y + bias.float()).to(x.dtype)
+        return y if bias is None else y + bias
 
     def _prefill_fp8_linear(self, x: torch.Tensor, layer: dict, site: str, runs, bias: torch.Tensor | None):
         parts = []
@@ -462,6 +617,9 @@ class Decoder:
                 raise ValueError(f"mode {mode!r} supports batch 1 only; for batch {B} use one of {BATCHED_MODES}")
             if not self._triton:
                 raise ValueError(f"mode {mode!r} needs a CUDA device or TRITON_INTERPRET=1")
+            if self.has_lowbit:
+                raise ValueError(f"mode {mode!r} runs bf16 / fp16 weights only; low-bit projections decode through "
+                                 "mode 'sparse' (or 'dense', 'reference')")
             previous, pipelined.USE_PDL = pipelined.USE_PDL, mode == "fused_pdl" and not _interpreting()
             try:
                 return self._step_fused(tokens, pos)

@@ -110,3 +110,45 @@ def test_plans_the_runtime_cannot_run_are_named(two_layers):
     per_projection = get_method("teal", shared_inputs=False).calibrate(model, torch.randint(0, 1000, (2, 32)))
     row = site_thresholds(model, CompressionPlan.build(model, per_projection, [(Target.of(0, ("q",)), Level(0.5))]))
     assert row[0]["qkv"][0] > 0 and row[0]["qkv"][1:] == (0.0, 0.0)           # q sparse, k and v dense
+
+
+FORMATS = [(0, ("q", "k", "v"), 0.5, "w4a16-g64"), (0, ("o",), 0.3, "w8a8-fp8"), (0, ("gate", "up"), 0.0, "w8a16"),
+           (0, ("down",), 0.4, "w4a16"), (1, ("q",), 0.6, "w4a16-g64"), (1, ("k",), 0.3, "w4a16-g64"),
+           (1, ("gate", "up"), 0.5, "w8a16"), (1, ("down",), 0.0, "w8a8-fp8")]   # layer 1's v and o: bf16, dense
+
+
+def format_plan(model, method, sparse_fraction=1.0):
+    tuned = get_method("teal", sparse_fraction=sparse_fraction, shared_inputs=True)
+    tuned.stats = method.stats
+    return CompressionPlan.build(model, tuned, [(Target.of(i, k), Level(s, fmt=f)) for i, k, s, f in FORMATS])
+
+
+def test_a_plan_with_formats_decodes_as_the_accuracy_path(two_layers, eval_windows):
+    """Low-bit projections carry the accuracy path's own codes and scales into the runtime (INT4 in groups and per
+    channel, INT8, FP8 with e4m3 inputs, FP8 prefill): its decode logits equal the HF model with the plan applied."""
+    from allocator.evaluators.runtime import quantized_projections
+    model, method = two_layers
+    plan = format_plan(model, method)
+    decode, prefill = quantized_projections(model, plan)
+    assert {k: w.weight.fmt for k, w in decode[0].items()} == {"q": "int4", "k": "int4", "v": "int4", "o": "fp8",
+                                                                "gate": "int8", "up": "int8", "down": "int4"}
+    assert decode[0]["q"].weight.group == 64 and decode[0]["o"].act == "fp8" and set(prefill[1]) == {"down"}
+    prompt, steps = eval_windows[:1, :16], 10
+    decoder = decoder_from_hf(model, plan, max_len=64)
+    assert decoder.has_lowbit and decoder.prefill_fp8_kinds(0) == ["o"]
+    tokens, runtime_logits = greedy_runtime(decoder, prompt, steps, "reference")
+    with compressed(model, format_plan(model, method, sparse_fraction=(steps - 0.5) / tokens.shape[1])):
+        hf = logits_of(model, tokens)[:, prompt.shape[1]:prompt.shape[1] + steps]
+    assert (runtime_logits.argmax(-1) == hf.argmax(-1)).all()
+    torch.testing.assert_close(runtime_logits, hf, rtol=1e-3, atol=2e-3)
+    with compressed(model, plan_for(model, method, sparse_fraction=(steps - 0.5) / tokens.shape[1])):
+        unquantized = logits_of(model, tokens)[:, prompt.shape[1]:prompt.shape[1] + steps]
+    assert (runtime_logits - unquantized).abs().max() > 0.05                    # the formats did something
+
+
+def test_formats_without_a_decode_kernel_are_named(two_layers):
+    model, method = two_layers
+    for fmt in ("w3a16-g64", "w8a8-int8"):
+        plan = CompressionPlan.build(model, method, [(Target.of(0, ("o",)), Level(0.5, fmt=fmt))])
+        with pytest.raises(RuntimeUnsupported, match=f"format {fmt} has no decode kernel"):
+            decoder_from_hf(model, plan, max_len=16)
