@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 RESULTS = Path(__file__).resolve().parent / "results"
 #: the smallest real-model job (a smoke run: a minute or two on 2 CPU cores)
 QUICK = ["model.max_layers=2", "data.calibration_windows=2", "data.calibration_length=64",
@@ -64,3 +66,58 @@ def job_config(overrides: list[str]):
 def short(source: str) -> str:
     """A held-out source's column name: ``austen_eval`` -> ``austen``."""
     return source.removesuffix("_eval")
+
+
+# ---------------------------------------------------------------------------------------------- shared measures
+#: methods that act on the MLP only: the projection whose level they apply (``evaluators.methods``) and the
+#: projections of the same layer whose decode bytes that level skips (CATS: gate runs dense, the zeroed neurons'
+#: rows of up and columns of down are not read; GRIFFIN: the unselected neurons' gate, up and down)
+MLP_ONLY = {"cats": ("gate", ("up", "down")), "griffin": ("down", ("gate", "up", "down"))}
+
+
+def byte_sparsity(model, allocation, method: str | None = None) -> float:
+    """Share of the projections' weight elements the allocation's levels skip (what a sparse GEMV does not read),
+    for ``method``: a level skips its own projections' bytes, or for an MLP-only method (``MLP_ONLY``) the bytes
+    its MLP site skips."""
+    from allocator.evaluators.models import find_projections
+    from allocator.evaluators.plan import allocation_targets
+    rows = find_projections(model)
+    size = {(p.layer, p.kind): p.d_in * p.d_out for row in rows for p in row}
+    total = sum(size.values())
+    site, skipped = MLP_ONLY.get(method, (None, ()))
+    out = 0.0
+    for target, level in allocation_targets(allocation):
+        for p in target.projections(rows):
+            if site is None:
+                out += level.s * size[(p.layer, p.kind)]
+            elif p.kind == site:
+                out += level.s * sum(size[(p.layer, k)] for k in skipped)
+    return out / total
+
+
+def mlp_byte_factor(model, method: str) -> float:
+    """Share of the model's projection bytes an MLP-only method skips with every neuron off (s = 1): its level
+    s skips ``s`` times this share (1 for methods that act on every projection)."""
+    from allocator.evaluators.models import find_projections
+    if method not in MLP_ONLY:
+        return 1.0
+    rows = find_projections(model)
+    skipped = set(MLP_ONLY[method][1])
+    return (sum(p.d_in * p.d_out for row in rows for p in row if p.kind in skipped)
+            / sum(p.d_in * p.d_out for row in rows for p in row))
+
+
+def paired(runs: dict, name: str, against: str) -> dict:
+    """Per-token NLL and KL of ``name`` minus ``against``, paired over the held-out windows, per source:
+    ``d<nll|kl>_<src>``, ``se_<nll|kl>_<src>`` and ``<nll|kl>_<src>_verdict`` ("better" / "worse" beyond two
+    standard errors, else "tie"). ``runs``: ``{source: {name: {"per_window": rows}}}``, as
+    ``evaluators.measure.compare`` returns per source."""
+    from allocator.gains import paired_difference, verdict
+    out = {}
+    for src, res in runs.items():
+        a, b = (np.asarray(res[n]["per_window"]) for n in (name, against))
+        for col, what in ((0, "nll"), (1, "kl")):
+            mean, se, n = paired_difference(a[:, col] / a[:, 2], b[:, col] / b[:, 2])
+            out[f"d{what}_{short(src)}"], out[f"se_{what}_{short(src)}"] = mean, se
+            out[f"{what}_{short(src)}_verdict"] = verdict(mean, se)
+    return out
