@@ -24,10 +24,13 @@ import pandas as pd
 
 from .cache import cache_dir
 from .costs import COST_KINDS, projection_costs
+from .formats import DENSE_FORMAT, decode_kernel, prefill_kernel
 from .tables import Tables, Unit
 
 ANALYTIC_KINDS = COST_KINDS
-LATENCY_COLUMNS = ["gpu", "d_out", "d_in", "s", "rho", "dtype", "batch", "latency_us", "dense_us", "path"]
+LATENCY_COLUMNS = ["gpu", "d_out", "d_in", "s", "rho", "dtype", "batch", "latency_us", "dense_us", "path", "fmt"]
+OPTIONAL_LATENCY_COLUMNS = {"path": "standalone", "fmt": "bf16"}   # older tables: standalone bf16 rows
+PREFILL_COLUMNS = ["gpu", "d_out", "d_in", "tokens", "kernel", "dtype", "latency_us"]
 # projections that read one input run as one fused GEMV in a decode step (q|k|v, gate|up): time them as one
 FUSED_INPUTS = (("q", "k", "v"), ("gate", "up"))
 NEEDS_GPU = ("problem.cost=latency_decode needs a CUDA GPU with triton, or problem.latency_table=<csv written by "
@@ -68,7 +71,7 @@ def check_available(kind: str, **context) -> None:
     """Fail early, before any model loads, when cost kind ``kind`` cannot be provided here with ``context``."""
     if kind not in _KIND_PROVIDER:
         raise CostProviderError(f"unknown cost kind '{kind}'; the registered providers compute {available_cost_kinds()}")
-    if kind == "latency_decode" and context.get("latency_table") is None:
+    if kind in ("latency_decode", "latency_prefill") and context.get("latency_table") is None:
         _gpu_name()                          # measuring needs a CUDA GPU: its error says so and names the fix
 
 
@@ -118,11 +121,17 @@ def _require_shapes(tables: Tables, kind: str, fix: str) -> None:
 def latency_decode_costs(tables: Tables, kind: str, *, latency_table=None, dtype: str = "float16", batch: int = 1,
                          gpu: str | None = None, path: str = "standalone", with_fallback: bool = True,
                          device: str = "cuda", rep_ms: int = 40, seed: int = 0, cache: bool = True) -> np.ndarray:
-    """Measured decode latency (us) per unit and level: from a saved latency table, else measured on this GPU."""
-    compressed = sorted({lv.fmt for lv in tables.level_objects() if not lv.format.is_dense})
-    if compressed:
-        raise CostProviderError(f"latency_decode times 16-bit kernels only; the grid has formats {compressed}: "
-                                "drop them from the levels or use problem.cost=bytes_decode")
+    """Measured decode latency (us) per unit and level: from a saved latency table, else measured on this GPU.
+    Levels in low-bit formats take the rows of their format (``formats.decode_kernel``); a plan with any of them
+    decodes in the runtime's per-site mode, so then every row is the standalone kernel's (``path`` ignored)."""
+    formats = sorted({lv.fmt for lv in tables.level_objects()})
+    no_kernel = [f for f in formats if decode_kernel(f) is None]
+    if no_kernel:
+        raise CostProviderError(f"latency_decode: formats {no_kernel} have no decode kernel (low-bit decode runs "
+                                "w4a16 (per channel or g >= 16), w8a16 and w8a8-fp8): drop them from the levels or "
+                                "use problem.cost=bytes_decode")
+    if any(decode_kernel(f) != "bf16" for f in formats):
+        path = "standalone"
     _require_shapes(tables, kind, "build the tables with analytic_tables(config, levels)")
     shapes = [decode_gemv_shapes(u) for u in tables.units]
     if latency_table is None:
@@ -138,6 +147,85 @@ def latency_decode_costs(tables: Tables, kind: str, *, latency_table=None, dtype
                                 "allocator.kernels.latency.measure_latency_table (studies/kernel_bench.py)") from exc
 
 
+@register_cost_provider("latency_prefill")
+def latency_prefill_costs(tables: Tables, kind: str, *, latency_table=None, tokens: int | None = None,
+                          dtype: str = "bfloat16", gpu: str | None = None, device: str = "cuda", rep_ms: int = 40,
+                          seed: int = 0, cache: bool = True) -> np.ndarray:
+    """Measured prefill time (us) of each unit's GEMMs at ``tokens`` (default: the tables' prefill length) per
+    level: the prefill kernel of the level's format (``formats.prefill_kernel``: W8A8 FP8 or a bf16 GEMM; prefill
+    is dense, so s and rho do not change it), from a saved table (``PREFILL_COLUMNS``) or measured on this GPU."""
+    tokens = int(tokens or tables.provenance.get("tokens", 2048))
+    formats = sorted({lv.fmt for lv in tables.level_objects()})
+    no_kernel = [f for f in formats if prefill_kernel(f) is None]
+    if no_kernel:
+        raise CostProviderError(f"latency_prefill: formats {no_kernel} have no prefill kernel in the runtime "
+                                "(INT activations): drop them from the levels or use problem.cost=time_prefill")
+    _require_shapes(tables, kind, "build the tables with analytic_tables(config, levels)")
+    shapes = [decode_gemv_shapes(u) for u in tables.units]
+    kernels = sorted({prefill_kernel(f) for f in formats})
+    if latency_table is None:
+        frame, source = _prefill_measured_or_cached(shapes, tokens, kernels, dtype, cache, device=device,
+                                                    rep_ms=rep_ms, seed=seed)
+    else:
+        frame, source = _read_table(latency_table, PREFILL_COLUMNS, "measure_prefill_table"), str(latency_table)
+    table = frame[(frame["dtype"] == dtype) & (frame["tokens"] == tokens)]
+    table = table[table["gpu"] == (gpu or (table["gpu"].iloc[0] if len(table) else None))]
+    kernel_of = [prefill_kernel(lv.fmt) for lv in tables.level_objects()]
+    out = np.zeros((tables.n_units, tables.n_levels))
+    for u, unit_shapes in enumerate(shapes):
+        for d_out, d_in in unit_shapes:
+            for j, kernel in enumerate(kernel_of):
+                row = table[(table["d_out"] == d_out) & (table["d_in"] == d_in) & (table["kernel"] == kernel)]
+                if row.empty:
+                    raise CostProviderError(f"prefill table {source}: no {kernel} GEMM of {d_out}x{d_in} at {tokens} "
+                                            f"tokens ({dtype}); measure it with allocator.kernels.latency."
+                                            "measure_prefill_table")
+                out[u, j] += float(row["latency_us"].iloc[0])
+    return out
+
+
+def _prefill_measured_or_cached(shapes, tokens: int, kernels, dtype: str, cache: bool, **options):
+    gpu = _gpu_name()
+    gemms = sorted({tuple(s) for unit in shapes for s in unit})
+    key = json.dumps({"gpu": gpu, "dtype": dtype, "tokens": tokens, "kernels": kernels, "shapes": gemms},
+                     sort_keys=True)
+    file = cache_dir() / "latency" / f"prefill-{re.sub(r'[^A-Za-z0-9]+', '-', gpu)}-{dtype}-t{tokens}-" \
+                                     f"{hashlib.sha256(key.encode()).hexdigest()[:12]}.csv"
+    if cache and file.exists():
+        return _read_table(file, PREFILL_COLUMNS, "measure_prefill_table"), str(file)
+    try:
+        import torch
+        from allocator.kernels.latency import measure_prefill_table
+    except ImportError as exc:
+        raise CostProviderError(f"{NEEDS_GPU} ({exc})") from exc
+    frame = measure_prefill_table(gemms, tokens=(tokens,), kernels=kernels, dtype=getattr(torch, dtype), **options)
+    if cache:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".tmp{os.getpid()}")
+        frame.to_csv(tmp, index=False)
+        tmp.replace(file)
+    return frame, f"this GPU ({gpu}, saved as {file})" if cache else f"this GPU ({gpu})"
+
+
+def _read_table(table, columns, writer: str, what: str = "") -> pd.DataFrame:
+    """A measured table from a DataFrame or a CSV path, with ``columns`` checked (errors name ``writer``)."""
+    if isinstance(table, pd.DataFrame):
+        frame, where = table, f"the {what}table"
+    else:
+        where = str(table)
+        try:
+            frame = pd.read_csv(Path(table))
+        except FileNotFoundError as exc:
+            raise CostProviderError(f"no latency table {where}; {NEEDS_GPU}") from exc
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise CostProviderError(f"{where} is not a readable CSV ({exc}); give the CSV {writer} wrote") from exc
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise CostProviderError(f"{where} lacks the {what}columns {missing}; a table written by {writer} has "
+                                f"{columns}")
+    return frame
+
+
 def decode_gemv_shapes(unit: Unit) -> list[tuple[int, int]]:
     """(d_out, d_in) of the GEMVs a decode step runs for ``unit``: q|k|v and gate|up fused, as the kernels run them."""
     fused = {kind: group for group in FUSED_INPUTS for kind in group}
@@ -150,22 +238,8 @@ def decode_gemv_shapes(unit: Unit) -> list[tuple[int, int]]:
 
 def read_latency_table(table) -> pd.DataFrame:
     """A latency table from a DataFrame or the CSV path ``measure_latency_table`` output was saved to."""
-    if isinstance(table, pd.DataFrame):
-        frame, where = table, "the latency table"
-    else:
-        where = str(table)
-        try:
-            frame = pd.read_csv(Path(table))
-        except FileNotFoundError as exc:
-            raise CostProviderError(f"no latency table {where}; {NEEDS_GPU}") from exc
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise CostProviderError(f"{where} is not a readable CSV ({exc}); give the CSV measure_latency_table "
-                                    "wrote (studies/kernel_bench.py latency --out DIR)") from exc
-    missing = [c for c in LATENCY_COLUMNS if c not in frame.columns and c != "path"]
-    if missing:
-        raise CostProviderError(f"{where} lacks the latency columns {missing}; a latency table has the columns "
-                                f"{LATENCY_COLUMNS} (written by measure_latency_table)")
-    return frame
+    return _read_table(table, [c for c in LATENCY_COLUMNS if c not in OPTIONAL_LATENCY_COLUMNS],
+                       "measure_latency_table (studies/kernel_bench.py latency --out DIR)", "latency ")
 
 
 def _gpu_name() -> str:
@@ -183,7 +257,7 @@ def _measured_or_cached(shapes, tables: Tables, dtype: str, batch: int, path: st
     """A latency table for these GEMV shapes and levels on this GPU: read from the cache, keyed by GPU name,
     dtype, batch, kernel path, shapes and levels, or measured once and saved there."""
     gpu = _gpu_name()
-    levels = sorted({(lv.s, lv.rho) for lv in tables.level_objects()})
+    levels = sorted({(lv.s, lv.rho, lv.fmt) for lv in tables.level_objects()})
     key = json.dumps({"gpu": gpu, "dtype": dtype, "batch": batch, "path": path, "levels": levels,
                       "shapes": sorted({tuple(s) for unit in shapes for s in unit})}, sort_keys=True)
     file = cache_dir() / "latency" / f"{re.sub(r'[^A-Za-z0-9]+', '-', gpu)}-{dtype}-b{batch}-" \
@@ -212,7 +286,8 @@ def _measure(shapes, tables: Tables, dtype: str, batch: int, path: str, **option
     return measure_latency_table(sorted({s for unit in shapes for s in unit}),
                                  sparsities=sorted({lv.s for lv in levels}), dtypes=(getattr(torch, dtype),),
                                  batches=(batch,), rhos=sorted({lv.rho for lv in levels}, reverse=True),
-                                 paths=tuple(dict.fromkeys(("standalone", path))), **options)
+                                 paths=tuple(dict.fromkeys(("standalone", path))),
+                                 formats=tuple(dict.fromkeys(["bf16", *sorted({lv.fmt for lv in levels})])), **options)
 
 
 def _levels_frame(levels) -> pd.DataFrame:
@@ -220,10 +295,11 @@ def _levels_frame(levels) -> pd.DataFrame:
         df = levels.copy()
     else:
         items = [lv if isinstance(lv, (tuple, list)) else (lv, 1.0) for lv in levels]
-        df = pd.DataFrame(items, columns=["s", "rho"])
-    if "rho" not in df:
-        df["rho"] = 1.0
-    return df.fillna({"rho": 1.0})
+        df = pd.DataFrame(items, columns=["s", "rho", "fmt"][:max(2, max((len(i) for i in items), default=2))])
+    for column, default in (("rho", 1.0), ("fmt", DENSE_FORMAT)):
+        if column not in df:
+            df[column] = default
+    return df.fillna({"rho": 1.0, "fmt": DENSE_FORMAT})
 
 
 def latency_cost_matrix(
@@ -245,8 +321,8 @@ def latency_cost_matrix(
     A shape (or dtype / batch / path / gpu) that was not measured raises KeyError.
     """
     table = df[(df["dtype"] == dtype) & (df["batch"] == batch)]
-    if "path" in table:
-        table = table[table["path"].fillna("standalone") == path]
+    table = table.assign(**{c: table[c].fillna(v) if c in table else v for c, v in OPTIONAL_LATENCY_COLUMNS.items()})
+    table = table[table["path"] == path]
     if table.empty:
         raise KeyError(f"no latency rows for dtype {dtype}, batch {batch}, path {path}")
     gpu = table["gpu"].iloc[0] if gpu is None else gpu
@@ -257,14 +333,18 @@ def latency_cost_matrix(
     out = np.zeros((len(units_shapes), len(lv)))
     for u, shapes in enumerate(units_shapes):
         for d_out, d_in in shapes:
-            rows = table[(table["d_out"] == d_out) & (table["d_in"] == d_in)]
-            if rows.empty:
+            shape_rows = table[(table["d_out"] == d_out) & (table["d_in"] == d_in)]
+            if shape_rows.empty:
                 raise KeyError(f"no latency measured for shape {d_out}x{d_in} ({dtype}, batch {batch}, {gpu})")
-            for j, (s, rho) in enumerate(zip(lv["s"], lv["rho"])):
+            for j, (s, rho, fmt) in enumerate(zip(lv["s"], lv["rho"], lv["fmt"])):
+                rows = shape_rows[shape_rows["fmt"] == fmt]
+                if rows.empty:
+                    raise KeyError(f"no latency measured for shape {d_out}x{d_in} in format {fmt} ({dtype}, batch "
+                                   f"{batch}, {gpu})")
                 near_rho = rows[(rows["rho"] - rho).abs() == (rows["rho"] - rho).abs().min()]
                 row = near_rho.iloc[int(np.argmin((near_rho["s"] - s).abs().to_numpy()))]
                 us = row["latency_us"]
-                if with_fallback:
+                if with_fallback and fmt == DENSE_FORMAT:   # the 16-bit op falls back to cuBLAS; low-bit ones cannot
                     us = min(us, row["dense_us"])
                 out[u, j] += us
     return out

@@ -97,3 +97,34 @@ def format_for_bits(bits: int) -> str:
     if bits not in FORMAT_OF_BITS:
         raise FormatError(f"no default format has {bits}-bit weights; give a format by name, one of {sorted(FORMATS)}")
     return FORMAT_OF_BITS[bits]
+
+
+DECODE_KERNELS = ("bf16", "int4", "int8", "fp8")
+
+
+def decode_kernel(name: str) -> str | None:
+    """Which decode GEMV of ``allocator.kernels`` runs format ``name``: "bf16" (the sparse GEMV), "int4" (weight-only
+    4-bit, per channel or in power-of-two groups >= 16), "int8" (w8a16) or "fp8" (w8a8-fp8: FP8 weights, the input
+    rounded to e4m3 per token); None when no kernel does (INT activations, 3-bit weights)."""
+    f = get_format(name)
+    if f.is_dense:
+        return "bf16"
+    if f.act == "fp8":
+        return "fp8" if f.weight == "fp8" and f.group == PER_CHANNEL else None
+    if f.act != "bf16" or f.weight != "int":
+        return None
+    if f.weight_bits == 8:
+        return "int8" if f.group == PER_CHANNEL else None
+    if f.weight_bits == 4 and (f.group == PER_CHANNEL or (f.group >= 16 and not f.group & (f.group - 1))):
+        return "int4"
+    return None
+
+
+def prefill_kernel(name: str) -> str | None:
+    """Which prefill GEMM the runtime runs for format ``name``: "fp8" (W8A8: FP8 weights and per-token e4m3 inputs,
+    ``torch._scaled_mm``), "bf16" (16-bit and weight-only formats: a bf16 GEMM on the dequantized weights), None for
+    INT activations (no kernel)."""
+    f = get_format(name)
+    if f.act == "fp8":
+        return "fp8" if f.weight == "fp8" else None
+    return "bf16" if f.act == "bf16" else None

@@ -34,7 +34,7 @@ import math
 import torch
 from torch import nn
 
-from allocator.formats import PER_CHANNEL, get_format
+from allocator.formats import PER_CHANNEL, decode_kernel, get_format
 
 from .metrics import register_evaluator
 from .models import decoder_layers, find_projections
@@ -140,21 +140,6 @@ def _plain_threshold(entry) -> float:
     return 0.0 if not math.isfinite(value) or value < 0 else float(value)
 
 
-def decode_format_supported(fmt: str) -> bool:
-    """Whether the runtime decodes format ``fmt``: bf16, weight-only INT4 (per channel or power-of-two groups
-    >= 16) and INT8, and w8a8-fp8 (FP8 weights, the input rounded to e4m3 per token)."""
-    f = get_format(fmt)
-    if f.is_dense:
-        return True
-    if f.act == "fp8":
-        return f.weight == "fp8" and f.group == PER_CHANNEL
-    if f.act != "bf16" or f.weight != "int":
-        return False
-    if f.weight_bits == 8:
-        return f.group == PER_CHANNEL
-    return f.weight_bits == 4 and (f.group == PER_CHANNEL or (f.group >= 16 and not f.group & (f.group - 1)))
-
-
 def _quantized_state(entry):
     """The entry's fake-quant state (a ``WrapperState`` of ``FakeQuantLinear``), None for a bf16 entry; a format
     the decode kernels do not run is a ``RuntimeUnsupported`` naming it."""
@@ -169,7 +154,7 @@ def _quantized_state(entry):
     if not quant:
         return None
     fmt = quant[0].params["fmt"]
-    if not decode_format_supported(fmt):
+    if decode_kernel(fmt) is None:
         raise RuntimeUnsupported(f"{entry.path}: format {fmt} has no decode kernel (the low-bit GEMV runs "
                                  "w4a16 (per channel or g >= 16), w8a16 and w8a8-fp8; INT activations and 3-bit "
                                  "weights do not); use those formats or measure accuracy only")

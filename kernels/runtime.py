@@ -260,6 +260,18 @@ def _check_weights(shape: DecoderShape, w: DecoderWeights) -> None:
                              "(projections are stored transposed, [in, out])")
 
 
+def decode_lowbit_gemv(x: torch.Tensor, weight: DecodeWeight, threshold: float | None) -> torch.Tensor:
+    """One low-bit decode GEMV as the runtime runs it, x [..., K] (at most 4 rows): threshold None or <= 0 takes
+    the dense low-bit path (no scan); FP8-input formats mask first, then round to e4m3 per token and keep the
+    nonzero channels (the accuracy path: threshold, then fake quantization)."""
+    dense = threshold is None or threshold <= 0
+    thr = None if dense else float(threshold)
+    if weight.act != "bf16":
+        x, thr = _fake_quant(x if dense else x * (x.abs() > thr), weight.act), None if dense else 0.0
+    y = lowbit_gemv_triton(x.reshape(-1, x.shape[-1]), weight.weight, thr)
+    return y.view(*x.shape[:-1], -1)
+
+
 def _fake_quant(x: torch.Tensor, act: str) -> torch.Tensor:
     """Per-token e4m3 rounding of x (``act`` "fp8"), same dtype out; x itself for "bf16"."""
     if act == "bf16":
@@ -529,18 +541,12 @@ class Decoder:
                 parts.append(xm @ layer[site][:, run.first:run.end].float())
                 continue
             thr = t if mode == "sparse" else None
-            if act != "bf16":
-                x_in, thr = _fake_quant(x * (x.abs() > t) if thr is not None else x, act), 0.0 if thr is not None \
-                    else None
-            else:
-                x_in = x
             if run.weight is not None:
-                y = lowbit_gemv_triton(x_in.reshape(-1, x.shape[-1]), run.weight.weight, thr)
-                parts.append(y.view(*x.shape[:-1], -1))
+                parts.append(decode_lowbit_gemv(x, run.weight, thr))
             else:
                 wt = run.wt if run.wt is not None else layer[site]
-                parts.append(torch.ops.allocator.sparse_gemv(x_in, wt, [thr or 0.0], [], None, None)
-                             if thr is not None else x_in @ wt)
+                parts.append(torch.ops.allocator.sparse_gemv(x, wt, [thr], [], None, None) if thr is not None
+                             else x @ wt)
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         if mode == "reference":
             return (y if bias is None else y + bias.float()).to(x.dtype)

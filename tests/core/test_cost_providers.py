@@ -58,8 +58,35 @@ def latency_csv(path, gemvs=GEMVS):
     """A table in the format measure_latency_table returns and studies/kernel_bench.py saves (to_csv, no index)."""
     rows = [["CPU test", d_out, d_in, s, rho, "float16", 1, dense * (1 - s * (1.2 - rho)), dense, "standalone"]
             for (d_out, d_in), dense in gemvs.items() for rho in (1.0, 0.9) for s in (0.0, 0.5)]
-    pd.DataFrame(rows, columns=LATENCY_COLUMNS).to_csv(path, index=False)
+    pd.DataFrame(rows, columns=LATENCY_COLUMNS[:-1]).to_csv(path, index=False)   # an older table: no fmt column
     return path
+
+
+def test_latency_decode_by_format(tmp_path):
+    """Levels in a low-bit format price with their format's rows (no fallback to the bf16 dense time: the low-bit
+    op has no bf16 copy), the bf16 ones with the bf16 rows; a format that was not measured, or that has no
+    decode kernel, is named."""
+    rows = [["CPU test", d_out, d_in, s, 1.0, "float16", 1, dense * (1 - s / 2) * scale, dense, path, fmt]
+            for (d_out, d_in), dense in GEMVS.items() for s in (0.0, 0.5)
+            for fmt, scale, path in (("bf16", 1.0, "standalone"), ("bf16", 0.8, "fused"), ("w4a16-g128", 1.5,
+                                                                                          "standalone"))]
+    table = pd.DataFrame(rows, columns=LATENCY_COLUMNS)
+    t = analytic_tables(TINY, make_levels(s=[0.0, 0.5], fmt=["bf16", "w4a16-g128"]), unit="input")
+    lat = with_costs(t, "latency_decode", latency_table=table, path="fused").cost("latency_decode")
+    levels = t.level_objects()
+    dense = GEMVS[(16, 8)]
+    for j, lv in enumerate(levels):     # a low-bit level in the grid: every level is timed standalone
+        want = dense * (1 - lv.s / 2) * (1.5 if lv.fmt == "w4a16-g128" else 1.0)
+        assert lat[0, j] == pytest.approx(want if lv.fmt != "bf16" else min(want, dense))
+    only_bf16 = with_costs(analytic_tables(TINY, make_levels(s=[0.5]), unit="input"), "latency_decode",
+                           latency_table=table, path="fused").cost("latency_decode")
+    assert only_bf16[0, 0] == pytest.approx(dense * 0.75 * 0.8)                      # bf16 alone: the fused rows
+    with pytest.raises(CostProviderError, match="in format w8a16"):
+        with_costs(analytic_tables(TINY, make_levels(s=[0.5], fmt=["w8a16"]), unit="input"), "latency_decode",
+                   latency_table=table)
+    with pytest.raises(CostProviderError, match=r"formats \['w3a16-g128'\] have no decode kernel"):
+        with_costs(analytic_tables(TINY, make_levels(s=[0.5], fmt=["w3a16-g128"]), unit="input"), "latency_decode",
+                   latency_table=table)
 
 
 def test_latency_decode_from_a_saved_table(tmp_path):
@@ -104,3 +131,23 @@ def test_a_measured_latency_table_is_cached_by_gpu_dtype_batch_shapes_and_levels
     with_costs(analytic_tables(TINY, make_levels(s=[0.0, 0.6])), "latency_decode")    # other levels: measured
     with_costs(t, "latency_decode", cache=False)                                       # asked not to cache
     assert len(measured) == 3 and saved.exists()
+
+
+def test_latency_prefill_by_format(tmp_path):
+    """Prefill prices each level by its format's prefill kernel (w8a8-fp8: the FP8 GEMM; bf16 and weight-only
+    formats: the bf16 GEMM), whatever its sparsity; a format without a prefill kernel is named."""
+    from allocator.cost_providers import PREFILL_COLUMNS
+    rows = [["CPU test", d_out, d_in, 2048, kernel, "bfloat16", dense * (0.6 if kernel == "fp8" else 1.0)]
+            for (d_out, d_in), dense in GEMVS.items() for kernel in ("bf16", "fp8")]
+    path = tmp_path / "prefill.csv"
+    pd.DataFrame(rows, columns=PREFILL_COLUMNS).to_csv(path, index=False)
+    t = analytic_tables(TINY, make_levels(s=[0.0, 0.5], fmt=["bf16", "w4a16-g128", "w8a8-fp8"]), unit="input")
+    lat = with_costs(t, "latency_prefill", latency_table=path).cost("latency_prefill")
+    for j, lv in enumerate(t.level_objects()):
+        assert lat[0, j] == pytest.approx(GEMVS[(16, 8)] * (0.6 if lv.fmt == "w8a8-fp8" else 1.0))
+    with pytest.raises(CostProviderError, match="no fp8 GEMM of 16x8 at 512 tokens"):
+        with_costs(analytic_tables(TINY, make_levels(s=[0.0], fmt=["w8a8-fp8"]), unit="input", tokens=512),
+                   "latency_prefill", latency_table=path)
+    with pytest.raises(CostProviderError, match=r"\['w8a8-int8'\] have no prefill kernel"):
+        with_costs(analytic_tables(TINY, make_levels(s=[0.0], fmt=["w8a8-int8"]), unit="input"), "latency_prefill",
+                   latency_table=path)

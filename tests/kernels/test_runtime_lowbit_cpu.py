@@ -2,7 +2,7 @@
 groups and per channel, INT8, FP8 with e4m3 inputs, bf16 columns beside low-bit ones, per-projection thresholds
 splitting a fused site) decodes through the low-bit GEMV ("sparse", "dense") and equals the "reference" mode, whose
 rule is checked against an independent computation: a plain 16-bit Decoder over the dequantized weights. CPU, fp32
-and fp16, Triton under TRITON_INTERPRET=1."""
+and fp16, Triton under TRITON_INTERPRET=1 (on a CUDA GPU when there is one)."""
 from __future__ import annotations
 
 import pytest
@@ -15,8 +15,9 @@ from allocator.kernels.lowbit_gemv import dequantize, lowbit_from_codes, pack_fp
 from allocator.kernels.runtime import (SITES, DecodeWeight, Decoder, DecoderShape,  # noqa: E402
                                        projection_columns, random_weights)
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 interpreted = pytest.mark.skipif(
-    not sg._interpreting() or "Interpreted" not in type(sg._sparse_gemv_kernel).__name__,
+    DEVICE == "cpu" and (not sg._interpreting() or "Interpreted" not in type(sg._sparse_gemv_kernel).__name__),
     reason="CPU kernel tests need TRITON_INTERPRET=1 set before allocator.kernels is first imported",
 )
 SHAPE = DecoderShape(128, 256, 4, 2, 2, 61, head_dim=32)   # hidden 128: two INT4 groups of 64
@@ -60,7 +61,7 @@ def lowbit_weights(weights):
 
 
 def build(dtype, thresholds=THRESHOLDS):
-    weights = random_weights(SHAPE, dtype, "cpu", torch.Generator().manual_seed(0))
+    weights = random_weights(SHAPE, dtype, DEVICE, torch.Generator(DEVICE).manual_seed(0))
     return weights, Decoder(SHAPE, weights, thresholds=thresholds, max_len=24, max_batch=2, dtype=dtype,
                             decode_lowbit=lowbit_weights(weights))
 
@@ -71,7 +72,7 @@ def decode(decoder, prompt, mode, steps=3):
     tokens = prompt[:, -1]
     out = []
     for t in range(steps):
-        logits = decoder.decode_step(tokens, torch.tensor([prompt.shape[1] + t]), mode)
+        logits = decoder.decode_step(tokens, torch.tensor([prompt.shape[1] + t], device=prompt.device), mode)
         out.append(logits)
         tokens = logits.argmax(-1)
     return torch.stack(out, 1)
@@ -84,7 +85,7 @@ def test_lowbit_decode_modes_equal_the_reference(dtype):
     assert decoder.has_lowbit
     runs = decoder._lowbit_runs[1]["qkv"]
     assert [r.kinds for r in runs] == [("q",), ("k",), ("v",)]               # format and threshold splits
-    prompt = torch.randint(0, SHAPE.vocab, (1, 6), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(0, SHAPE.vocab, (1, 6), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     ref = decode(decoder, prompt, "reference")
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
     sparse = decode(decoder, prompt, "sparse")
@@ -104,8 +105,8 @@ def test_reference_is_the_dequantized_model_with_the_fp8_inputs_rounded():
             for kind, a, b in projection_columns(SHAPE, site):
                 if kind in row:
                     getattr(weights.layers[i], site)[:, a:b] = dequantize(row[kind].weight)
-    plain = Decoder(SHAPE, weights, thresholds=THRESHOLDS, max_len=24, dtype=torch.float32)
-    prompt = torch.randint(0, SHAPE.vocab, (1, 6), generator=torch.Generator().manual_seed(3))
+    plain = Decoder(SHAPE, weights, thresholds=THRESHOLDS, max_len=24, dtype=torch.float32, device=DEVICE)
+    prompt = torch.randint(0, SHAPE.vocab, (1, 6), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     torch.testing.assert_close(decoder.prefill(prompt), plain.prefill(prompt))   # prefill: dequantized, bf16 GEMMs
     ref, theirs = decode(decoder, prompt, "reference"), decode(plain, prompt, "reference")
     assert (ref - theirs).abs().max() > 1e-4                                  # the e4m3 inputs of layer 0's o
@@ -126,14 +127,15 @@ def test_reference_is_the_dequantized_model_with_the_fp8_inputs_rounded():
 def test_dense_mode_runs_the_lowbit_gemv_without_masks():
     _, decoder = build(torch.float32)
     _, unmasked = build(torch.float32, thresholds=None)                       # every nonzero channel kept
-    prompt = torch.randint(0, SHAPE.vocab, (1, 5), generator=torch.Generator().manual_seed(4))
+    prompt = torch.randint(0, SHAPE.vocab, (1, 5), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     dense = decode(decoder, prompt, "dense", 2)
     torch.testing.assert_close(dense, decode(unmasked, prompt, "reference", 2), rtol=1e-4, atol=1e-4)
     assert (dense - decode(decoder, prompt, "reference", 2)).abs().max() > 1e-3   # the thresholds mattered
 
 
+@interpreted
 def test_misfits_are_named():
-    weights = random_weights(SHAPE, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    weights = random_weights(SHAPE, torch.float32, DEVICE, torch.Generator(DEVICE).manual_seed(0))
     wrong = [{"q": DecodeWeight(pack_int8(torch.randn(10, 128)))}, {}]
     with pytest.raises(ValueError, match=r"decode_lowbit\[0\]\['q'\]"):
         Decoder(SHAPE, weights, max_len=8, decode_lowbit=wrong)
@@ -145,7 +147,7 @@ def test_misfits_are_named():
         lowbit_from_codes(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 1), bits=3)
     decoder = Decoder(SHAPE, weights, max_len=8, decode_lowbit=lowbit_weights(weights))
     with pytest.raises(ValueError, match="low-bit projections decode through mode 'sparse'"):
-        decoder.decode_step(torch.zeros(1, dtype=torch.long), torch.tensor([0]), "fused")
+        decoder.decode_step(torch.zeros(1, dtype=torch.long, device=DEVICE), torch.tensor([0], device=DEVICE), "fused")
 
 
 def test_the_callers_weights_are_not_overwritten():
