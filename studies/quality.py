@@ -12,7 +12,11 @@ main job solves it and measured on the same held-out windows (Austen and wiki, `
 - ``hybrid_layer`` / ``hybrid_block``: the hybrid (``profile.split=milp``): per layer (or attention / MLP block)
   and unit sparsity the projections' split of least summed block output error, then dp across units on the
   profiled KL of each unit at each split, refined to 0.05 steps;
-- ``evo_measured``: evo on the measured KL of the profiling windows, warm-started from ``--evo-from``'s dp answer.
+- ``evo_measured``: evo on the measured KL of the profiling windows, warm-started from ``--evo-from``'s dp answer;
+- ``<variant>_1024``: the variant with its KL table profiled on 1,024 tokens (``data.profile_windows=8
+  data.profile_length=128``, what ``studies/results/proxy_fidelity.md`` found ranks allocations best) instead of
+  the main job's 3 x 96 = 288 before the hybrid became the default; the calibration and the block output errors
+  stay the same.
 
 Every variant profiles the whole grid (``profile.window=null``), so one cache serves every budget. Reported per
 variant: held-out perplexity and KL, the paired per-window difference against ``teal_greedy`` (per-token NLL and
@@ -41,11 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_common_args, add_config_args, base_overrides, job_config, short  # noqa: E402
 
 VARIANTS = {
-    "dp_input": ["profile.unit=input"],
-    "dp_projection_fine": ["profile.unit=projection", "profile.refine=0.05"],
+    "dp_input": ["profile.unit=input", "profile.split=none", "profile.refine=null"],
+    "dp_projection_fine": ["profile.unit=projection", "profile.split=none", "profile.refine=0.05"],
     "hybrid_layer": ["profile.unit=layer", "profile.split=milp", "profile.refine=0.05"],
     "hybrid_block": ["profile.unit=block", "profile.split=milp", "profile.refine=0.05"],
 }
+PROFILE_1024 = ["data.profile_windows=8", "data.profile_length=128"]     # 1,024 profiling tokens
+PROFILE_288 = ["data.profile_windows=3", "data.profile_length=96"]       # the variants' 288 (whatever the default)
+VARIANTS = {**{name: over + PROFILE_288 for name, over in VARIANTS.items()},
+            **{f"{name}_1024": over + PROFILE_1024 for name, over in VARIANTS.items() if name.startswith("hybrid")}}
 EVO = ["solver=evo", "solver.options.fitness=measured", "solver.options.warm_start=dp", "+solver.options.pop_size=16", "+solver.options.n_gen=6"]
 
 
@@ -55,11 +63,13 @@ def parse_args(argv=None):
     add_common_args(p, quick="2 layers, tiny windows (a smoke run)")
     add_config_args(p)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.4, 0.5, 0.6])
-    p.add_argument("--variants", nargs="+", default=[*VARIANTS, "evo_measured"],
+    p.add_argument("--variants", nargs="+", default=[*(v for v in VARIANTS if not v.endswith("_1024")), "evo_measured"],
                    choices=[*VARIANTS, "evo_measured"])
     p.add_argument("--evo-from", default="hybrid_layer", choices=list(VARIANTS), help="evo's warm start")
     p.add_argument("--teal-greedy", type=Path, default=None, help="studies/teal_greedy.py's output folder")
     p.add_argument("--eval-windows", type=int, default=32, help="held-out windows per source (256 tokens)")
+    p.add_argument("--keep-solved", action="store_true", help="do not solve again a variant whose allocation an "
+                   "earlier run saved under DIR/allocations (its seconds are kept): add variants to a run")
     p.add_argument("--evaluate-only", action="store_true", help="measure the allocations an earlier run saved "
                    "under DIR/allocations (e.g. once TEAL's greedy has finished)")
     return p.parse_args(argv)
@@ -75,10 +85,14 @@ def byte_sparsity(model, allocation) -> float:
                for p in target.projections(rows)) / total
 
 
-def solved(config, model, method, windows):
-    """(the allocation the variant's main job would apply, seconds of its tables and solve)."""
-    from allocator.evaluators.stages import allocate, level_grid, tabulate
+def solved(config, model, method, windows, tokenizer):
+    """(the allocation the variant's main job would apply, seconds of its tables and solve). The profiling windows
+    are the variant's own (``data.profile_*``); the calibration (``method``) is shared."""
+    import dataclasses
+
+    from allocator.evaluators.stages import allocate, data, level_grid, tabulate
     start = time.perf_counter()
+    windows = dataclasses.replace(windows, profile=data(config, tokenizer).profile)
     grid, split, tables, _ = tabulate(config, model, method, windows, level_grid(config))
     solution, _ = allocate(config, model, method, windows, tables, grid, split)
     return solution, time.perf_counter() - start
@@ -97,20 +111,40 @@ def paired(runs: dict, name: str, against: str) -> dict:
     return out
 
 
-def solve_budget(args, common: list[str], budget: float, model, method, windows, saved: Path) -> None:
-    """Every variant at ``budget``, saved as ``allocations/<pct>/<name>.json`` (with its seconds in seconds.json)."""
+def variant_overrides(args, name: str) -> list[str]:
+    """The main-job overrides of variant ``name``; its profiling size wins over ``--set`` (``--quick`` keeps its
+    tiny windows)."""
+    over = VARIANTS.get(name) or VARIANTS[args.evo_from] + EVO
+    return [o for o in over if not o.startswith("data.profile_")] if args.quick else over
+
+
+def uniform_allocation(config, model):
+    """Every GEMV input (q+k+v, o, gate+up, down) at the budget's level: no profiling needed."""
+    from allocator import Allocation
+    from allocator.evaluators.stages import cost_tables, level_grid
+    grid = level_grid(config)
+    tables = cost_tables(config, model, grid)
+    j = int(np.flatnonzero((grid.levels["s"].sub(grid.operating.s).abs() < 1e-9)
+                           & (grid.levels["rho"].sub(grid.operating.rho).abs() < 1e-9))[0])
+    return Allocation.from_levels(tables, [j] * tables.n_units, solver="uniform")
+
+
+def solve_budget(args, common: list[str], budget: float, model, method, windows, tokenizer, saved: Path) -> None:
+    """Every variant at ``budget``, saved as ``allocations/<pct>/<name>.json`` (with its seconds in seconds.json;
+    a variant solved by an earlier run into the same folder keeps its entry)."""
     folder = saved / str(round(budget * 100))
     folder.mkdir(parents=True, exist_ok=True)
-    seconds = {}
-    for name in ["dp_input", *(v for v in args.variants if v != "dp_input")]:
-        over = VARIANTS.get(name) or VARIANTS[args.evo_from] + EVO
-        config = job_config(common + [f"budget.value={budget}", *over])
-        solution, seconds[name] = solved(config, model, method, windows)
+    seconds = json.loads((folder / "seconds.json").read_text()) if (folder / "seconds.json").exists() else {}
+    uniform_allocation(job_config(common + [f"budget.value={budget}", *VARIANTS["dp_input"]]),
+                       model).to_json(folder / "uniform.json")
+    for name in args.variants:
+        if args.keep_solved and name in seconds and (folder / f"{name}.json").exists():
+            continue
+        config = job_config(common + [f"budget.value={budget}", *variant_overrides(args, name)])
+        solution, seconds[name] = solved(config, model, method, windows, tokenizer)
         solution.allocations[config.solver.name].to_json(folder / f"{name}.json")
-        if name == "dp_input":
-            solution.allocations["uniform"].to_json(folder / "uniform.json")
         print(f"{budget:.0%} {name}: solved in {seconds[name]:.0f} s", flush=True)
-    (folder / "seconds.json").write_text(json.dumps({"uniform": 0.0, **seconds}))
+        (folder / "seconds.json").write_text(json.dumps({**seconds, "uniform": 0.0}))
 
 
 def load_budget(args, budget: float, saved: Path) -> tuple[dict, dict]:
@@ -151,7 +185,7 @@ def main(argv=None) -> dict:
     saved = args.out / "allocations"
     if not args.evaluate_only:
         for budget in args.budgets:                   # solve every budget first (one table serves them all)
-            solve_budget(args, common, budget, model, method, windows, saved)
+            solve_budget(args, common, budget, model, method, windows, tokenizer, saved)
     rows, per_window = [], {}
     for budget in args.budgets:
         allocations, seconds = load_budget(args, budget, saved)

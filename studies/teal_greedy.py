@@ -9,6 +9,15 @@ the table: the baseline beside the others at equal bytes), and prints the wall t
 
     python studies/teal_greedy.py --out DIR                       # SmolLM2-135M, 8 x 256 calibration tokens
     python studies/teal_greedy.py --quick --out /tmp/teal         # 4 layers, 2 x 64 tokens
+    python studies/teal_greedy.py --out DIR --from-table studies/results/teal_greedy_smollm2.table.csv
+
+``--from-table CSV`` skips the calibration and the greedy (90 minutes on the shared CPU): it rebuilds the table
+from a committed ``teal_greedy_table.csv`` (and its summary, ``--summary``, default: the CSV's name with
+``.table.csv`` replaced by ``.json``, whose seconds are copied into ``teal_greedy.json``) and writes the same
+files. The CSV holds the greedy's state at each target, not every step, so a budget on the target grid (0.05
+steps: 0.4, 0.5, 0.6) gives the allocation of the original run exactly (a greedy step raises a block's sparsity
+by ``base_step / n_proj``, so the path passes through every target); a budget between two targets interpolates
+between their states, a coarser interpolation than the full path's.
 """
 from __future__ import annotations
 
@@ -29,7 +38,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--base-step", type=float, default=0.05)
     parser.add_argument("--error-fraction", type=float, default=0.25)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--from-table", type=Path, default=None, metavar="CSV",
+                        help="rebuild the allocations from a saved teal_greedy_table.csv (no greedy run)")
+    parser.add_argument("--summary", type=Path, default=None, help="with --from-table: the original run's "
+                        "teal_greedy.json (default: the CSV's name, .table.csv -> .json)")
     args = parser.parse_args(argv)
+    if args.from_table is not None:
+        return from_table(args)
 
     import torch
 
@@ -56,6 +71,69 @@ def main(argv=None) -> dict:
     summary = {"model": args.model, "layers": table.n_layers, "windows": [n, length],
                "calibration_s": calibrated - start, "greedy_s": done - calibrated,
                "block_forwards": table.provenance["block_forwards"], "sparsity": args.sparsity}
+    (args.out / "teal_greedy.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    return summary
+
+
+def table_from_frame(frame, sizes, provenance=None):
+    """A ``TealGreedyTable`` from its ``to_frame()`` (one row per block and target): each block's path is its
+    states at the targets (row 0 dense), so ``split`` at a target is the original run's and between two targets
+    interpolates between their states. ``sizes``: (n_layers, n_kinds) weight elements, in the CSV's kind order."""
+    import numpy as np
+
+    from allocator.evaluators.teal_greedy import TealGreedyTable
+
+    kinds = tuple(c[2:] for c in frame.columns if c.startswith("s_"))
+    targets = tuple(sorted(float(t) for t in frame["target"].unique()))
+    layers = sorted(int(i) for i in frame["layer"].unique())
+    if layers != list(range(len(layers))) or len(frame) != len(layers) * len(targets):
+        raise ValueError(f"the table needs one row per block 0..n-1 and target; it has {len(frame)} rows for "
+                         f"blocks {layers[:3]}... and {len(targets)} targets")
+    frame = frame.sort_values(["layer", "target"])
+    n_l, n_t, n_k = len(layers), len(targets), len(kinds)
+    sparsity = frame[[f"s_{k}" for k in kinds]].to_numpy(float).reshape(n_l, n_t, n_k)
+    achieved = frame["achieved"].to_numpy(float).reshape(n_l, n_t)
+    error = frame["error"].to_numpy(float).reshape(n_l, n_t)
+    if np.asarray(sizes).shape != (n_l, n_k):
+        raise ValueError(f"the model has sizes {np.asarray(sizes).shape}; the table {n_l} blocks x {n_k} kinds")
+    path_s, path_sparsity, path_error = [], [], []
+    for i in range(n_l):
+        ok = np.isfinite(achieved[i])
+        path_s.append(np.vstack([np.zeros((1, n_k)), sparsity[i][ok]]))
+        path_sparsity.append(np.concatenate([[0.0], achieved[i][ok]]))
+        path_error.append(np.concatenate([[0.0], error[i][ok]]))
+    return TealGreedyTable(kinds, targets, np.asarray(sizes, dtype=float), sparsity, achieved, error, path_s,
+                           path_sparsity, path_error, dict(provenance or {}))
+
+
+def from_table(args) -> dict:
+    """``--from-table``: the allocations and ``teal_greedy.json`` from a saved table (module docstring)."""
+    import numpy as np
+    import pandas as pd
+
+    from allocator.evaluators.models import find_projections, load_model
+    from allocator.evaluators.teal_greedy import teal_greedy_allocation
+
+    summary_path = args.summary or args.from_table.with_name(args.from_table.name.replace(".table.csv", ".json"))
+    original = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    model, _ = load_model(args.model, dtype="float32", device=args.device, max_layers=4 if args.quick else None)
+    frame = pd.read_csv(args.from_table)
+    rows = find_projections(model)
+    kinds = [c[2:] for c in frame.columns if c.startswith("s_")]
+    by_kind = [{p.kind: p.d_in * p.d_out for p in row} for row in rows]
+    if any(set(k) != set(kinds) for k in by_kind):
+        raise ValueError(f"the table's kinds {kinds} are not the model's {sorted(by_kind[0])}")
+    sizes = np.array([[k[kind] for kind in kinds] for k in by_kind], dtype=float)
+    table = table_from_frame(frame, sizes, {"algorithm": "teal_greedy (TEAL, arXiv 2408.14690)",
+                                            "from_table": str(args.from_table), **original})
+    args.out.mkdir(parents=True, exist_ok=True)
+    table.to_frame().to_csv(args.out / "teal_greedy_table.csv", index=False)
+    for budget in args.sparsity:
+        teal_greedy_allocation(model, table, budget).to_json(args.out / f"allocation_{round(budget * 100)}.json")
+    summary = {**original, "layers": table.n_layers, "sparsity": args.sparsity, "from_table": str(args.from_table),
+               "calibration_s": original.get("calibration_s", float("nan")),
+               "greedy_s": original.get("greedy_s", float("nan"))}
     (args.out / "teal_greedy.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return summary
