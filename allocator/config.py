@@ -83,9 +83,11 @@ class ProfileConfig:
     refine: Optional[float] = None      # s step of a finer grid for the solver: each unit's profiled degradation
                                         # interpolated (PCHIP in s, allocator.refine), costs priced on it; the step
                                         # must divide each slice's s range (null: solve on the profiled grid)
-    split: str = "none"                 # none | milp: the hybrid (evaluators.block_split): per layer / block unit
-                                        # (unit=layer|block) and unit sparsity, the projections' split of least
-                                        # summed block output error; the profile and the solver see unit levels
+    split: str = "none"                 # auto | milp | none: the hybrid (evaluators.block_split): per layer / block
+                                        # unit (unit=layer|block) and unit sparsity, the projections' split of least
+                                        # summed block output error; the profile and the solver see unit levels.
+                                        # auto: milp where it applies (one rho and one dense format, a method that
+                                        # wraps each projection), none elsewhere (evaluators.stages.split_mode)
     split_step: float = 0.05            # s step of the projections' levels inside a split
     split_max: float = 0.9              # highest sparsity of one projection inside a split
     split_error_fraction: float = 0.25  # last share of each calibration window's tokens the block error scores
@@ -162,7 +164,7 @@ TOP_LEVEL = {"seed": 0, "print_allocation": True}
 CHOICES = {("method", "calibration"): ("dense", "sequential"), ("method", "quantizer"): ("rtn", "gptq"),
            ("method", "rotation"): ("none", "hadamard", "pca"), ("profile", "mode"): ("isolated", "operating_point"),
            ("profile", "metric"): ("kl", "ppl"), ("profile", "unit"): ("layer", "block", "input", "projection"),
-           ("profile", "split"): ("none", "milp"),
+           ("profile", "split"): ("auto", "milp", "none"),
            ("budget", "kind"): ("sparsity", "delta", "budget"), ("evaluator", "speed"): ("auto", "on", "off"),
            ("problem", "latency_path"): ("fused", "standalone"),
            ("profile", "distributed"): ("auto", "on", "off"),

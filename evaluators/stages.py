@@ -157,15 +157,46 @@ def check_cost(config: JobConfig) -> None:
     check_available(cost, latency_table=config.problem.latency_table)
 
 
+def split_mode(config: JobConfig, model, method: Method, grid: Grid) -> str:
+    """``profile.split`` resolved: ``auto`` (the default) is ``milp`` where the hybrid applies (layer or block
+    units, one rho and one dense format in the grid, a method that wraps each projection itself: teal, rsparse at
+    rho 1, oracle_topk) and ``none`` elsewhere, with a log line saying why; ``milp`` and ``none`` as given."""
+    p = config.profile
+    if p.split != "auto":
+        return p.split
+    why = None
+    slices = grid.levels[["rho", "fmt"]].drop_duplicates()
+    if p.unit not in ("layer", "block"):
+        why = f"profile.unit={p.unit} is already finer than a layer or block"
+    elif len(slices) != 1:
+        why = f"the grid has {len(slices)} (rho, format) slices, the split one"
+    elif not Level(fmt=str(slices.iloc[0]["fmt"])).format.is_dense:
+        why = f"the grid's format {slices.iloc[0]['fmt']} is quantized"
+    else:
+        from .models import find_projections
+        from .plan import temporarily_dense
+        level = Level(s=0.5, rho=float(slices.iloc[0]["rho"]), fmt=str(slices.iloc[0]["fmt"]))
+        with temporarily_dense(model):
+            row = find_projections(model)[0]
+            wrapped = [method.wrap(proj, level) for proj in row]
+        if any([(w[0], w[1]) for w in wraps] != [(proj.parent, proj.attr)] for proj, wraps in zip(row, wrapped)):
+            why = f"method {method.name} does not wrap each projection itself"
+    if why is not None:
+        logger.info("profile.split=auto: no within-block split (%s); profile.split=none", why)
+        return "none"
+    return "milp"
+
+
 def block_split(config: JobConfig, model, method: Method, windows: Windows, grid: Grid):
     """``profile.split``: the hybrid's within-block stage (``evaluators.block_split``) on the calibration
-    windows, or None."""
+    windows, or None (``split_mode``: ``auto`` resolved)."""
     p = config.profile
-    if p.split == "none":
+    mode = split_mode(config, model, method, grid)
+    if mode == "none":
         return None
     from .block_split import BlockSplit, block_errors
     if p.unit not in ("layer", "block"):
-        raise ValueError(f"profile.split={p.split} splits a layer or block unit over its projections; "
+        raise ValueError(f"profile.split={mode} splits a layer or block unit over its projections; "
                          f"profile.unit={p.unit} is already finer: use profile.unit=layer or profile.unit=block")
     slices = grid.levels[["rho", "fmt"]].drop_duplicates()
     if len(slices) != 1:
@@ -177,7 +208,7 @@ def block_split(config: JobConfig, model, method: Method, windows: Windows, grid
                           batch_size=config.data.batch_size,
                           cache=(p.cache if p.cache in (True, False, None) else Path(p.cache) / "block_errors"),
                           progress=p.progress)
-    return BlockSplit(errors, p.split)
+    return BlockSplit(errors, mode)
 
 
 def profile_tables(config: JobConfig, model, method: Method, windows: Windows, tables, grid: Grid, split=None):

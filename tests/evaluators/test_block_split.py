@@ -114,6 +114,23 @@ def test_profile_rows_apply_the_split_and_prices_follow_it(hybrid, small_model):
     assert removed >= 0.6 - 1e-9
 
 
+def test_auto_split_applies_where_the_hybrid_can(small_model, calibrated):
+    from allocator.config import load_config
+    from allocator.evaluators.stages import Grid, split_mode
+    model = small_model[0]
+
+    def mode(method="teal", unit="layer", split="auto", **levels):
+        config = load_config({"method": {"name": method}, "profile": {"unit": unit, "split": split}})
+        return split_mode(config, model, calibrated[method], Grid(make_levels(**{"s": [0.0, 0.5], **levels})))
+
+    assert mode() == "milp" and mode(unit="block") == "milp" and mode("oracle_topk") == "milp"
+    assert mode(unit="input") == "none" and mode(unit="projection") == "none"
+    assert mode("rsparse", rho=[1.0, 0.9]) == "none" and mode("rsparse") == "milp"
+    assert mode("cats") == "none" and mode("griffin") == "none"              # MLP-only: not every projection
+    assert mode(fmt=["w8a8-fp8"]) == "none"
+    assert mode(split="none") == "none" and mode(unit="input", split="milp") == "milp"   # explicit: as given
+
+
 def test_main_job_with_the_hybrid(tmp_path):
     import json
 
