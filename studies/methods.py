@@ -68,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--budgets", type=float, nargs="+", default=[0.4, 0.5],
                    help="model-level shares of the projections' decode bytes")
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows per source (256 tokens)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the csv and md from the <method>.json "
+                   "files under --out (e.g. after runs of disjoint --methods on the same folder)")
     return p.parse_args(argv)
 
 
@@ -142,6 +144,7 @@ def run_method(args, common: list[str], name: str, model, windows, out: Path) ->
             row[f"ppl_{short(src)}"], row[f"kl_{short(src)}"] = hit.get("perplexity"), hit.get("kl")
             row[f"realized_{short(src)}"] = hit.get("realized_sparsity")
     result = {"method": name, "byte_factor": factor, "rows": rows, "timings": timings, "command": command(args.argv),
+              "machine": machine_line(config),
               "grid": next(o for o in over if o.startswith("method.levels.s=")).split("=", 1)[1],
               "per_window": {src: {n: r["per_window"] for n, r in res.items()} for src, res in measured.items()},
               "dense": {src: {"perplexity": res["dense"]["perplexity"]} for src, res in measured.items()}}
@@ -186,11 +189,13 @@ def _pm(row, prefix: str, what: str, src: str) -> str:
 def report(frame: pd.DataFrame, out: Path, args, argv, machine: str, wall: float) -> str:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.stem in METHODS}
     dense = next(iter(results.values()))["dense"]
+    total = sum(v for r in results.values() for v in r["timings"].values())
     n = {short(src): len(next(iter(pw.values()))) for src, pw in next(iter(results.values()))["per_window"].items()}
     lines = [f"# Sparsity methods at equal sparsity and equal bytes: {args.model} (studies/methods.py)", "",
              "Command" + ("s" if len({r["command"] for r in results.values()}) > 1 else "") + ": "
              + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in results.values())), "",
-             f"Machine: {machine}. Wall time of the last invocation: {wall:.0f} s (per method below).", "",
+             f"Machine: {'; '.join(dict.fromkeys(r.get('machine', machine) for r in results.values()))}. Wall time: per method below, {total:.0f} s summed over the methods"
+             + (f" (the last invocation: {wall:.0f} s, model load included)" if wall else "") + ".", "",
              f"Held-out windows: {n} of 256 tokens; dense perplexity "
              + ", ".join(f"{short(s)} {d['perplexity']:.2f}" for s, d in dense.items()) + ".", "",
              "Pinned: " + " ".join(f"`{o}`" for o in PINNED) + "; cats and griffin on `profile.unit=layer`; "
@@ -201,8 +206,9 @@ def report(frame: pd.DataFrame, out: Path, args, argv, machine: str, wall: float
              "`dp - uniform`: the dp row's per-token NLL / KL minus its uniform's, paired over the windows; `- teal`: "
              "minus teal's row of the same budget and kind (equal bytes); +- one standard error, `tie` within two.",
              ""]
-    lines += ["Byte share skipped at neuron sparsity 1 (MLP-only methods): "
-              + ", ".join(f"{m} {r['byte_factor']:.3f}" for m, r in results.items() if m in MLP_ONLY) + ".", ""]
+    if any(m in MLP_ONLY for m in results):
+        lines += ["Byte share skipped at neuron sparsity 1 (MLP-only methods): "
+                  + ", ".join(f"{m} {r['byte_factor']:.3f}" for m, r in results.items() if m in MLP_ONLY) + ".", ""]
     for budget, part in frame.groupby("budget"):
         lines += [f"## {budget:.0%} of projection decode bytes", ""]
         cols = {"method": "method", "match": "match", "s": "s", "allocation": "allocation", "byte_sparsity": "bytes",
@@ -251,17 +257,23 @@ def main(argv=None) -> pd.DataFrame:
     common = base_overrides(args, [f"model={MODELS[args.model]}", *PINNED, f"data.eval_windows={args.eval_windows}",
                                    f"profile.cache={(args.out / 'cache').resolve()}"])
     config = job_config(common)
+    if args.report_only:
+        return write(args, argv, machine_line(config), None)
     model, tokenizer = stages.load(config)
     windows = stages.data(config, tokenizer)
     machine = machine_line(config)
     frame = pd.DataFrame()
     for name in args.methods:
         run_method(args, common, name, model, windows, args.out)
-        frame = table(args.out)
-        frame.drop(columns=[c for c in frame if c == "key"]).to_csv(args.out / f"methods_{args.model}.csv",
-                                                                    index=False)
-        (args.out / f"methods_{args.model}.md").write_text(
-            report(frame, args.out, args, argv, machine, time.perf_counter() - wall))
+        frame = write(args, argv, machine, time.perf_counter() - wall)
+    return frame
+
+
+def write(args, argv, machine: str, wall: float | None) -> pd.DataFrame:
+    """``methods_<model>.csv`` and ``.md`` from every ``<method>.json`` under ``--out``."""
+    frame = table(args.out)
+    frame.drop(columns=[c for c in frame if c == "key"]).to_csv(args.out / f"methods_{args.model}.csv", index=False)
+    (args.out / f"methods_{args.model}.md").write_text(report(frame, args.out, args, argv, machine, wall))
     return frame
 
 
