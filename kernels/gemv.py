@@ -88,6 +88,7 @@ def _gather_rows_product(x_ptr, wt_ptr, scratch_row, count, n_offs, n_mask, b_of
                         mask=t_in[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
             xv = tl.load(x_ptr + b_offs[:, None] * stride_xb + rows[None, :],
                          mask=b_mask[:, None] & t_in[None, :], other=0.0)  # [BATCH_PAD, BLOCK_K]
+            w = w.to(x_ptr.dtype.element_ty)  # INT8 / FP8 codes (pipelined.indexed_gemv): exact in 16 bits
             acc = tl.dot(xv.to(w.dtype), w, acc, input_precision="ieee")
     else:
         # FMA path, software-pipelined by hand: two weight tiles (A, B) in flight while one is consumed,

@@ -130,10 +130,10 @@ class SiteBuffers:
 
 
 @triton.jit
-def _indexed_gemv_kernel(x_ptr, wt_ptr, acc_ptr, idx_ptr, cnt_ptr, clear_ptr, K, N, k_split, thr, clear_n,
-                         seg1, seg2, BATCH_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _indexed_gemv_kernel(x_ptr, wt_ptr, acc_ptr, idx_ptr, cnt_ptr, clear_ptr, scale_ptr, K, N, k_split, thr,
+                         clear_n, seg1, seg2, BATCH_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SCAN_BLOCK: tl.constexpr, USE_DOT: tl.constexpr, SCAN: tl.constexpr,
-                         CLEAR_BLOCK: tl.constexpr, PDL: tl.constexpr):
+                         CLEAR_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_wait()  # everything below reads what the previous kernel wrote
     pid_n = tl.program_id(0)
@@ -160,25 +160,30 @@ def _indexed_gemv_kernel(x_ptr, wt_ptr, acc_ptr, idx_ptr, cnt_ptr, clear_ptr, K,
     if PDL:
         gdc_launch_dependents()  # the next kernel may launch now; it waits for this grid before reading
     out = tl.sum(acc, axis=0)  # only row 0 is real (the batch is padded for tl.dot)
+    if HAS_SCALE:  # INT8 / FP8 codes: one scale per output column, applied to the split's partial sum
+        out = out * tl.load(scale_ptr + n_offs, mask=n_mask, other=0.0)
     tl.atomic_add(acc_ptr + n_offs, out, mask=n_mask, sem="relaxed")
 
 
 def indexed_gemv(x: torch.Tensor, wt: torch.Tensor, site: SiteBuffers, threshold: float = 0.0,
-                 clear: torch.Tensor | None = None) -> None:
+                 clear: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> None:
     """site.acc += (x * m) @ wt for one row x [K] / [1, K]; m from the producer's lists (one per column segment
     when it wrote several), or from |x| > threshold when the site scans. `clear` (fp32) is zeroed on the way
-    (see add_rms_norm_split)."""
+    (see add_rms_norm_split). `scales` (fp32 [N]): wt holds INT8 / FP8 codes (lowbit_gemv's per-column layout),
+    column n of the product is scaled by scales[n]: the low-bit weight read in the fused step."""
     p = site.plan
     assert x.numel() == p.K and wt.shape == (p.K, p.N) and wt.is_contiguous() and x.is_contiguous()
+    assert (scales is None) == (wt.dtype == x.dtype), "16-bit weights in x's dtype, or codes with their scales"
     segs = list(p.segments) + [p.N] * (2 - len(p.segments)) if site.lists > 1 else [p.N, p.N]
     n_programs = p.stripes * p.n_splits
     clear_block = triton.next_power_of_2(triton.cdiv(clear.numel(), n_programs)) if clear is not None else 0
     _indexed_gemv_kernel[(p.stripes, p.n_splits)](
-        x, wt, site.acc, site.idx, site.cnt, clear if clear is not None else site.acc, p.K, p.N, p.k_split,
+        x, wt, site.acc, site.idx, site.cnt, clear if clear is not None else site.acc,
+        scales if scales is not None else site.acc, p.K, p.N, p.k_split,
         float(threshold), clear.numel() if clear is not None else 0, segs[0], segs[1],
         BATCH_PAD=16 if p.cfg.use_dot else 1, BLOCK_N=p.cfg.block_n, BLOCK_K=p.cfg.block_k,
         SCAN_BLOCK=min(p.cfg.scan_block, triton.next_power_of_2(p.k_split)), USE_DOT=p.cfg.use_dot, SCAN=site.scan,
-        CLEAR_BLOCK=clear_block, **_pdl(), num_warps=p.cfg.num_warps, num_stages=p.cfg.num_stages,
+        CLEAR_BLOCK=clear_block, HAS_SCALE=scales is not None, **_pdl(), num_warps=p.cfg.num_warps, num_stages=p.cfg.num_stages,
     )
 
 

@@ -334,6 +334,7 @@ class Decoder:
         self._triton = self.device.type == "cuda" or _interpreting()
         self._prefill_runs = self._plan_prefill_fp8(prefill_fp8)
         self._lowbit_runs = self._plan_decode_lowbit(decode_lowbit)
+        self._fused_lowbit = [self._fused_codes(i, given) for i, given in enumerate(decode_lowbit or [])]
         if keep_dense_weights:  # row-major [N, K], what nn.Linear holds (cuBLAS baseline of "dense")
             for layer in self.layers:
                 layer.update({site + "_dense": layer[site].T.contiguous() for site in SITES})
@@ -434,6 +435,22 @@ class Decoder:
                 weight = LowbitWeight.cat([p.weight.to(self.device) for p in parts])
                 out.append(_Run(tuple(kinds), a, b, DecodeWeight(weight, parts[0].act)))
         return out
+
+    def _fused_codes(self, i: int, given: dict) -> dict[str, LowbitWeight | None]:
+        """Per low-bit site of layer i, the whole site's weight for the fused step: INT8 codes in every projection
+        (weight-only), concatenated in column order; None where the fused step cannot read it (INT4, FP8 inputs,
+        bf16 columns beside low-bit ones)."""
+        out = {}
+        for site in self._lowbit_runs[i]:
+            parts = [given.get(kind) for kind in PROJECTIONS[site]]
+            ok = all(p is not None and p.weight.fmt == "int8" and p.act == "bf16" for p in parts)
+            out[site] = LowbitWeight.cat([p.weight.to(self.device) for p in parts]) if ok else None
+        return out
+
+    @property
+    def fused_lowbit(self) -> bool:
+        """Whether the fused step runs every low-bit site (all INT8 weight-only; see `_fused_codes`)."""
+        return all(w is not None for row in self._fused_lowbit for w in row.values())
 
     def kind_thresholds(self, i: int, site: str) -> dict[str, float]:
         """Layer i's threshold of each projection kind of `site`."""
@@ -623,9 +640,9 @@ class Decoder:
                 raise ValueError(f"mode {mode!r} supports batch 1 only; for batch {B} use one of {BATCHED_MODES}")
             if not self._triton:
                 raise ValueError(f"mode {mode!r} needs a CUDA device or TRITON_INTERPRET=1")
-            if self.has_lowbit:
-                raise ValueError(f"mode {mode!r} runs bf16 / fp16 weights only; low-bit projections decode through "
-                                 "mode 'sparse' (or 'dense', 'reference')")
+            if not self.fused_lowbit:
+                raise ValueError(f"mode {mode!r} runs bf16 / fp16 and INT8 (w8a16) weights; these low-bit "
+                                 "projections decode through mode 'sparse' (or 'dense', 'reference')")
             previous, pipelined.USE_PDL = pipelined.USE_PDL, mode == "fused_pdl" and not _interpreting()
             try:
                 return self._step_fused(tokens, pos)
@@ -677,20 +694,27 @@ class Decoder:
             x = add_rms_norm_split(h, h_next, sites["down"] if i else None, layer["attn_norm"], s.norm_eps,
                                    thr["qkv"], sites["qkv"])
             h, h_next = h_next, h
-            indexed_gemv(x, layer["qkv"], sites["qkv"], clear=sites["down"].acc if i else None)
+            w = {site: self._fused_weight(i, site) for site in SITES}
+            indexed_gemv(x, w["qkv"][0], sites["qkv"], clear=sites["down"].acc if i else None, scales=w["qkv"][1])
             cache = self.kv[i, :, 0]
             q = rope_and_cache_from_acc(sites["qkv"], self.rope_cos, self.rope_sin, pos, cache[0], cache[1],
                                         s.n_heads, s.n_kv_heads, bias=layer["qkv_bias"])
             attn = decode_attention(q, cache[0], cache[1], pos, pdl=pipelined.USE_PDL)
-            indexed_gemv(attn, layer["o"], sites["o"], thr["o"][0])
+            indexed_gemv(attn, w["o"][0], sites["o"], thr["o"][0], scales=w["o"][1])
             x = add_rms_norm_split(h, h_next, sites["o"], layer["mlp_norm"], s.norm_eps, thr["gate_up"],
                                    sites["gate_up"])
             h, h_next = h_next, h
-            indexed_gemv(x, layer["gate_up"], sites["gate_up"], clear=sites["o"].acc)
+            indexed_gemv(x, w["gate_up"][0], sites["gate_up"], clear=sites["o"].acc, scales=w["gate_up"][1])
             a = silu_mul_compact(sites["gate_up"], self.dtype, thr["down"][0], sites["down"])
-            indexed_gemv(a, layer["down"], sites["down"], clear=sites["gate_up"].acc)
+            indexed_gemv(a, w["down"][0], sites["down"], clear=sites["gate_up"].acc, scales=w["down"][1])
         x = add_rms_norm_from_acc(h, sites["down"], self.final_norm, s.norm_eps)
         return F.linear(x, self.lm_head).float()
+
+    def _fused_weight(self, i: int, site: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight [K, N], scales or None) the fused step reads for layer i's site: INT8 codes and their column
+        scales for a low-bit site, else the 16-bit weight."""
+        packed = self._fused_lowbit[i].get(site) if self._fused_lowbit else None
+        return (self.layers[i][site], None) if packed is None else (packed.qweight, packed.scales)
 
     # -- greedy generation --
     def _greedy_step(self, token: torch.Tensor, pos: torch.Tensor, mode: str) -> None:

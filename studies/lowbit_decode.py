@@ -9,7 +9,7 @@ w8a8-fp8 ones also prefill in W8A8. One plan at a time (each holds its fake-quan
 Rows (batch 1, ``--context`` KV positions before the timed step; CUDA-graph replay, ``triton.testing.do_bench``
 median): ``bf16`` dense (cuBLAS on row-major copies, the baseline), ``bf16`` at each s through ``fused_pdl``
 (the 16-bit runtime's best) and ``sparse``, each format in ``--formats`` at each s (mode "sparse"; s = 0 runs the
-dense low-bit path), and ``mixed``: attention projections w8a16 and MLP projections w4a16-g128, at s = 0.5.
+dense low-bit path; w8a16 also in ``fused_pdl``: INT8 rows in the fused step), and ``mixed``: attention projections w8a16 and MLP projections w4a16-g128, at s = 0.5.
 Columns: step_ms, tokens_per_s, speedup over bf16 dense, decode weight bytes over bf16's, prefill_ms of
 ``--prefill`` tokens (dense bf16 / FP8 / dequantized bf16 GEMMs, as the plan runs it).
 
@@ -60,6 +60,8 @@ def cases(formats, sparsities, n_layers):
     out += [("bf16", s, mode, uniform_targets(n_layers, {"s": s})) for s in sparsities if s > 0
             for mode in ("fused_pdl", "sparse")]
     out += [(fmt, s, "sparse", uniform_targets(n_layers, {"s": s, "fmt": fmt})) for fmt in formats for s in sparsities]
+    out += [(fmt, s, "fused_pdl", uniform_targets(n_layers, {"s": s, "fmt": fmt})) for fmt in formats if fmt == "w8a16"
+            for s in sparsities]   # INT8 weight-only also runs in the fused step
     mixed = [(Target.of(i, kinds), Level(0.5, fmt=fmt)) for i in range(n_layers)
              for kinds, fmt in ((("q", "k", "v", "o"), "w8a16"), (("gate", "up", "down"), "w4a16-g128"))]
     return out + [("mixed", 0.5, "sparse", mixed)]

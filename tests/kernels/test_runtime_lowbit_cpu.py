@@ -155,3 +155,20 @@ def test_the_callers_weights_are_not_overwritten():
     before = weights.layers[0].qkv.clone()
     Decoder(SHAPE, weights, max_len=8, decode_lowbit=lowbit_weights(weights))
     assert torch.equal(weights.layers[0].qkv, before)
+
+
+@interpreted
+def test_int8_sites_run_in_the_fused_step():
+    """w8a16 everywhere: the fused step (producer lists, INT8 rows gathered, per-column scales on each split's
+    partial sum) equals the reference, per-projection thresholds included; INT4 sites are refused there."""
+    weights = random_weights(SHAPE, torch.float32, DEVICE, torch.Generator(DEVICE).manual_seed(5))
+    int8 = [{kind: DecodeWeight(pack_int8(getattr(lw, site)[:, a:b].T.float())) for site in SITES
+             for kind, a, b in projection_columns(SHAPE, site)} for lw in weights.layers]
+    decoder = Decoder(SHAPE, weights, thresholds=THRESHOLDS, max_len=24, dtype=torch.float32, decode_lowbit=int8)
+    assert decoder.fused_lowbit
+    prompt = torch.randint(0, SHAPE.vocab, (1, 6), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    ref = decode(decoder, prompt, "reference")
+    torch.testing.assert_close(decode(decoder, prompt, "fused"), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decode(decoder, prompt, "sparse"), ref, rtol=1e-4, atol=1e-4)
+    _, mixed = build(torch.float32)
+    assert not mixed.fused_lowbit
