@@ -118,7 +118,7 @@ def _require_shapes(tables: Tables, kind: str, fix: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- latency
 @register_cost_provider("latency_decode")
-def latency_decode_costs(tables: Tables, kind: str, *, latency_table=None, dtype: str = "float16", batch: int = 1,
+def latency_decode_costs(tables: Tables, kind: str, *, latency_table=None, dtype: str | None = None, batch: int = 1,
                          gpu: str | None = None, path: str = "standalone", with_fallback: bool = True,
                          device: str = "cuda", rep_ms: int = 40, seed: int = 0, cache: bool = True) -> np.ndarray:
     """Measured decode latency (us) per unit and level: from a saved latency table, else measured on this GPU.
@@ -135,10 +135,13 @@ def latency_decode_costs(tables: Tables, kind: str, *, latency_table=None, dtype
     _require_shapes(tables, kind, "build the tables with analytic_tables(config, levels)")
     shapes = [decode_gemv_shapes(u) for u in tables.units]
     if latency_table is None:
+        dtype = dtype or "float16"
         frame, source = _measured_or_cached(shapes, tables, dtype, batch, path, cache, device=device, rep_ms=rep_ms,
                                             seed=seed)
     else:
         frame, source = read_latency_table(latency_table), str(latency_table)
+        dtypes = sorted(frame["dtype"].astype(str).unique())
+        dtype = dtype or (dtypes[0] if len(dtypes) == 1 else "float16")   # a table of one dtype: that one
     try:
         return latency_cost_matrix(frame, shapes, tables.levels, dtype=dtype, batch=batch, gpu=gpu,
                                    with_fallback=with_fallback, path=path)

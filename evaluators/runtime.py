@@ -15,9 +15,9 @@ Formats (``quantized_projections``): a projection the plan quantizes decodes thr
 (``kernels/lowbit_gemv.py``) with the accuracy path's own codes and scales (w4a16 per channel or in groups, w8a16,
 w8a8-fp8 with its input rounded to e4m3 per token after the mask), and w8a8-fp8 projections prefill in W8A8
 (``kernels/fp8_prefill.py``); weight-only formats prefill as bf16 GEMMs on their dequantized weights. Formats
-without a kernel (INT activations, 3-bit weights) are ``RuntimeUnsupported``. Plans whose low-bit projections are
-all w8a16 decode in the fused step (INT8 rows gathered from the producer's lists); others in mode "sparse"
-(per-site kernels).
+without a kernel (INT activations, 3-bit weights) are ``RuntimeUnsupported``. ``decode_speed`` times low-bit plans
+in mode "sparse" (per-site kernels): the fused step also runs w8a16-only plans, but measured slower on the H200
+(Llama-3-8B at 50%: 1.42x vs 1.50x over dense, ``studies/results/lowbit_decode_h200.md``).
 
 ``decode_speed(model, plans)`` (the ``decode_speed`` evaluator) times greedy decode steps under CUDA graphs for
 the dense model and each plan, plus its prefill, with ``triton.testing.do_bench``.
@@ -222,8 +222,7 @@ def decode_speed(model: nn.Module, *, plans: dict[str, CompressionPlan] | None =
     for name, plan in {"dense": None, **(plans or {})}.items():
         decoder = decoder_from_hf(model, plan, max_len=prompt_len + 64, max_batch=batch, weights=weights)
         prefill_ms = do_bench(lambda: (decoder.reset(), decoder.prefill(prompt)), warmup=5, rep=40)
-        used = "dense" if plan is None else ("sparse" if mode.startswith("fused") and not decoder.fused_lowbit
-                                             else mode)
+        used = "dense" if plan is None else ("sparse" if mode.startswith("fused") and decoder.has_lowbit else mode)
         step_ms = graph_step_ms(decoder, prompt, used)
         out[name] = {"tokens_per_s": batch * 1e3 / step_ms, "step_ms": step_ms, "prefill_ms": prefill_ms,
                      "mode": used, "batch": batch, "prompt_len": prompt_len}
