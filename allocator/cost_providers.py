@@ -190,24 +190,37 @@ def latency_prefill_costs(tables: Tables, kind: str, *, latency_table=None, toke
 def _prefill_measured_or_cached(shapes, tokens: int, kernels, dtype: str, cache: bool, **options):
     gpu = _gpu_name()
     gemms = sorted({tuple(s) for unit in shapes for s in unit})
-    key = json.dumps({"gpu": gpu, "dtype": dtype, "tokens": tokens, "kernels": kernels, "shapes": gemms},
-                     sort_keys=True)
-    file = cache_dir() / "latency" / f"prefill-{re.sub(r'[^A-Za-z0-9]+', '-', gpu)}-{dtype}-t{tokens}-" \
-                                     f"{hashlib.sha256(key.encode()).hexdigest()[:12]}.csv"
+    key = {"gpu": gpu, "dtype": dtype, "tokens": tokens, "kernels": kernels, "shapes": gemms}
+
+    def measure() -> pd.DataFrame:
+        try:
+            import torch
+            from allocator.kernels.latency import measure_prefill_table
+        except ImportError as exc:
+            raise CostProviderError(f"{NEEDS_GPU} ({exc})") from exc
+        return measure_prefill_table(gemms, tokens=(tokens,), kernels=kernels, dtype=getattr(torch, dtype), **options)
+    return _cached(f"prefill-{_slug(gpu)}-{dtype}-t{tokens}", key, cache, measure,
+                   lambda f: _read_table(f, PREFILL_COLUMNS, "measure_prefill_table"))
+
+
+def _slug(gpu: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", gpu)
+
+
+def _cached(stem: str, key: dict, cache: bool, measure, read) -> tuple[pd.DataFrame, str]:
+    """A measured table read from ``cache_dir()/latency/<stem>-<hash of key>.csv``, or measured once and saved there
+    (written to a temporary file first, so an interrupted run leaves no partial table)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    file = cache_dir() / "latency" / f"{stem}-{digest}.csv"
     if cache and file.exists():
-        return _read_table(file, PREFILL_COLUMNS, "measure_prefill_table"), str(file)
-    try:
-        import torch
-        from allocator.kernels.latency import measure_prefill_table
-    except ImportError as exc:
-        raise CostProviderError(f"{NEEDS_GPU} ({exc})") from exc
-    frame = measure_prefill_table(gemms, tokens=(tokens,), kernels=kernels, dtype=getattr(torch, dtype), **options)
+        return read(file), str(file)
+    frame = measure()
     if cache:
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(f".tmp{os.getpid()}")
         frame.to_csv(tmp, index=False)
         tmp.replace(file)
-    return frame, f"this GPU ({gpu}, saved as {file})" if cache else f"this GPU ({gpu})"
+    return frame, f"this GPU ({key['gpu']}, saved as {file})" if cache else f"this GPU ({key['gpu']})"
 
 
 def _read_table(table, columns, writer: str, what: str = "") -> pd.DataFrame:
@@ -261,19 +274,10 @@ def _measured_or_cached(shapes, tables: Tables, dtype: str, batch: int, path: st
     dtype, batch, kernel path, shapes and levels, or measured once and saved there."""
     gpu = _gpu_name()
     levels = sorted({(lv.s, lv.rho, lv.fmt) for lv in tables.level_objects()})
-    key = json.dumps({"gpu": gpu, "dtype": dtype, "batch": batch, "path": path, "levels": levels,
-                      "shapes": sorted({tuple(s) for unit in shapes for s in unit})}, sort_keys=True)
-    file = cache_dir() / "latency" / f"{re.sub(r'[^A-Za-z0-9]+', '-', gpu)}-{dtype}-b{batch}-" \
-                                 f"{hashlib.sha256(key.encode()).hexdigest()[:12]}.csv"
-    if cache and file.exists():
-        return read_latency_table(file), str(file)
-    frame = _measure(shapes, tables, dtype, batch, path, **options)
-    if cache:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".tmp{os.getpid()}")
-        frame.to_csv(tmp, index=False)
-        tmp.replace(file)
-    return frame, f"this GPU ({gpu}, saved as {file})" if cache else f"this GPU ({gpu})"
+    key = {"gpu": gpu, "dtype": dtype, "batch": batch, "path": path, "levels": levels,
+           "shapes": sorted({tuple(s) for unit in shapes for s in unit})}
+    return _cached(f"{_slug(gpu)}-{dtype}-b{batch}", key, cache,
+                   lambda: _measure(shapes, tables, dtype, batch, path, **options), read_latency_table)
 
 
 def _measure(shapes, tables: Tables, dtype: str, batch: int, path: str, **options) -> pd.DataFrame:
