@@ -87,9 +87,8 @@ def main():
     if args.quick:
         args.model, args.formats, args.sparsities, args.prefill = "smollm2-135m", ["w4a16-g64"], [0.5], 64
     from allocator.evaluators.plan import CompressionPlan
-    from allocator.evaluators.runtime import decoder_from_hf, decoder_weights
+    from allocator.evaluators.runtime import decoder_from_hf, decoder_weights, timed_prefill_ms
     from allocator.kernels.lowbit_gemv import load_tuned
-    from triton.testing import do_bench
 
     if args.tuned.exists():
         load_tuned(args.tuned)
@@ -111,8 +110,7 @@ def main():
             decoder = type(decoder)(decoder.shape, weights, max_len=decoder.max_len, keep_dense_weights=True,
                                     dtype=decoder.dtype, device=decoder.device)
         ms = step_ms(decoder, 1, args.context, mode, vocab)
-        prefill_ms = do_bench(lambda: (decoder.reset(), decoder.prefill(prompt)), warmup=5, rep=60,
-                              return_mode="median")
+        prefill_ms = timed_prefill_ms(decoder, prompt, rep_ms=60)
         nbytes = weight_bytes(decoder)
         base = base or {"ms": ms, "bytes": nbytes, "prefill": prefill_ms}
         rows.append({"gpu": gpu, "model": args.model, "dtype": args.dtype, "format": name, "sparsity": s, "mode": mode,
