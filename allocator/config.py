@@ -64,8 +64,9 @@ class DataConfig:
     calibration_windows: int = 8
     calibration_length: int = 256
     profile: str = "calibration"        # the text of the degradation tables
-    profile_windows: int = 3
-    profile_length: int = 96
+    profile_windows: int = 8            # 8 x 128 = 1,024 tokens: ranks allocations better than 3 x 96 (Spearman
+    profile_length: int = 128           # 0.74-0.85 vs 0.65-0.73, studies/results/proxy_fidelity.md), measured better
+                                        # against TEAL's greedy (studies/results/quality.md)
     evaluation: List[str] = field(default_factory=lambda: ["austen_eval", "wiki_eval"])
     eval_windows: int = 8
     eval_length: int = 256
@@ -78,12 +79,12 @@ class ProfileConfig:
     metric: str = "kl"                  # kl | ppl
     kl_top_k: int = 4096                # above kl_exact_vocab tokens: KL on the dense top-k + a tail bucket (0: exact)
     kl_exact_vocab: int = 65536         # vocabularies up to this size get the exact full-vocabulary KL
-    unit: str = "input"                 # layer | block | input (q+k+v, o, gate+up, down) | projection
+    unit: str = "layer"                 # layer | block | input (q+k+v, o, gate+up, down) | projection
     window: Optional[float] = 0.2       # only levels with |s - budget sparsity| <= window (null: the whole grid)
-    refine: Optional[float] = None      # s step of a finer grid for the solver: each unit's profiled degradation
+    refine: Optional[float] = 0.05      # s step of a finer grid for the solver: each unit's profiled degradation
                                         # interpolated (PCHIP in s, allocator.refine), costs priced on it; the step
                                         # must divide each slice's s range (null: solve on the profiled grid)
-    split: str = "none"                 # auto | milp | none: the hybrid (evaluators.block_split): per layer / block
+    split: str = "auto"                 # auto | milp | none: the hybrid (evaluators.block_split): per layer / block
                                         # unit (unit=layer|block) and unit sparsity, the projections' split of least
                                         # summed block output error; the profile and the solver see unit levels.
                                         # auto: milp where it applies (one rho and one dense format, a method that

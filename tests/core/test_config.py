@@ -51,7 +51,8 @@ def test_nested_keys_and_top_level_keys_are_checked():
 def test_defaults_live_in_the_dataclasses_and_a_partial_dict_fills_them():
     config = load_config({"model": {"max_layers": 2}})
     assert isinstance(config, JobConfig) and config.model.max_layers == 2 and config.model.name == "smollm2-135m"
-    assert config.profile.unit == "input" and config.method.levels.s[0] == 0.0 and config.solver.name == "dp"
+    assert config.profile.unit == "layer" and config.method.levels.s[0] == 0.0 and config.solver.name == "dp"
+    assert config.profile.split == "auto" and config.profile.refine == 0.05     # the hybrid (issue 17)
 
 
 def test_the_yaml_presets_only_add_to_the_schema():

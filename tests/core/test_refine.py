@@ -113,7 +113,8 @@ def test_errors_name_the_fix():
 
 
 def test_profile_refine_config_option():
-    assert load_config({}).profile.refine is None
+    assert load_config({}).profile.refine == 0.05                   # the default since the hybrid (issue 17)
+    assert load_config({"profile": {"refine": None}}).profile.refine is None
     assert load_config({"profile": {"refine": 0.05}}).profile.refine == 0.05
     for bad in (0.0, -0.1, 0.7, "fine"):
         with pytest.raises(ConfigError, match="profile.refine"):

@@ -59,7 +59,8 @@ def test_main_job_end_to_end_on_a_small_model(tmp_path):
                  "evaluation": ["austen_eval", "wiki_eval"], "eval_windows": 2, "eval_length": 64, "batch_size": 2},
         "method": {"name": "teal", "levels": {"s": [0.0, 0.3, 0.5, 0.7], "rho": [1.0], "bits": [16]}},
         "profile": {"mode": "operating_point", "metric": "kl", "unit": "layer", "cache": str(tmp_path / "cache"),
-                    "progress": False},
+                    "split": "none", "refine": None, "progress": False},     # whole layers, profiled levels:
+                                                                            # uniform's prediction is a table row
         "budget": {"kind": "sparsity", "value": 0.5},
         "solver": {"name": "dp", "options": {}},
     }

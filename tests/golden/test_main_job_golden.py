@@ -1,5 +1,6 @@
 """Golden numbers of the main job on the real SmolLM2 cut to 3 layers (fp32, CPU, seed 0), pinned before the
-stages refactor (issue 9): the allocation, the degradation table and every measured number must not move."""
+stages refactor (issue 9), re-pinned when the hybrid became the default (issue 17): the allocation, the degradation
+table and every measured number must not move."""
 import json
 import subprocess
 import sys
@@ -48,4 +49,6 @@ def test_measurements_are_unchanged(run_dir):
         for key, value in row.items():
             if key == "allocation":
                 continue
-            assert frame.loc[name, key] == pytest.approx(value, rel=1e-5, abs=1e-9), (name, key)
+            # nan_ok: under the hybrid (the default split) uniform's predicted value is NaN (the unit table
+            # prices splits, not uniform's unsplit levels)
+            assert frame.loc[name, key] == pytest.approx(value, rel=1e-5, abs=1e-9, nan_ok=True), (name, key)
