@@ -166,21 +166,44 @@ def quantized_projections(model: nn.Module, plan: CompressionPlan | None) -> tup
     """From the plan's fake-quant states, per layer and projection kind: the low-bit decode weight
     (``kernels.runtime.DecodeWeight``, the accuracy path's codes and scales unchanged) and, for w8a8-fp8, the
     FP8 prefill weight (``kernels.fp8_prefill.Fp8Weight``)."""
+    entries = {e.path: e for e in plan.entries} if plan is not None else {}
+
+    def state_of(p):
+        state = _quantized_state(entries.get(p.name))
+        return None if state is None else (state.params["fmt"], state.tensors["codes"], state.tensors["scales"])
+    return _kernel_weights(model, state_of)
+
+
+def model_quantized_projections(model: nn.Module) -> tuple[list[dict], list[dict]]:
+    """``quantized_projections`` read from the model's own ``FakeQuantLinear`` modules (``quantize_model_``, or a
+    plan applied with ``compressed``), outermost wrappers looked through."""
+    def state_of(p):
+        module = getattr(p.parent, p.attr)
+        while not isinstance(module, FakeQuantLinear) and hasattr(module, "inner"):
+            module = module.inner
+        if not isinstance(module, FakeQuantLinear):
+            return None
+        if decode_kernel(module.qweight.fmt) is None:
+            raise RuntimeUnsupported(f"{p.name}: format {module.qweight.fmt} has no decode kernel")
+        return module.qweight.fmt, module.qweight.codes, module.qweight.scales
+    return _kernel_weights(model, state_of)
+
+
+def _kernel_weights(model: nn.Module, state_of) -> tuple[list[dict], list[dict]]:
     from allocator.kernels.fp8_prefill import fp8_weight_from_codes
     from allocator.kernels.lowbit_gemv import lowbit_from_codes
     from allocator.kernels.runtime import DecodeWeight
 
-    entries = {e.path: e for e in plan.entries} if plan is not None else {}
     decode, prefill = [], []
     for row in find_projections(model):
         decode.append({})
         prefill.append({})
         for p in row:
-            state = _quantized_state(entries.get(p.name))
+            state = state_of(p)
             if state is None:
                 continue
-            f = get_format(state.params["fmt"])
-            codes, scales = state.tensors["codes"], state.tensors["scales"]
+            fmt, codes, scales = state
+            f = get_format(fmt)
             weight = lowbit_from_codes(codes, scales, f.weight_bits, None if f.group == PER_CHANNEL else f.group)
             decode[-1][p.kind] = DecodeWeight(weight, f.act)
             if f.act == "fp8":

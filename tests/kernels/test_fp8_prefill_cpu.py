@@ -167,21 +167,10 @@ def _tiny_hf(family: str):
 
 
 def fp8_from_accuracy_path(model) -> list[dict[str, Fp8Weight]]:
-    """The converter's part (evaluators/runtime.py): each FakeQuantLinear in w8a8-fp8 -> its codes and scales."""
-    from allocator.evaluators.models import find_projections
-    from allocator.evaluators.quantize import FakeQuantLinear
-
-    out = []
-    for row in find_projections(model):
-        layer = {}
-        for p in row:
-            module = getattr(p.parent, p.attr)
-            while not isinstance(module, FakeQuantLinear) and hasattr(module, "inner"):
-                module = module.inner
-            if isinstance(module, FakeQuantLinear) and module.qweight.fmt == "w8a8-fp8":
-                layer[p.kind] = fp8_weight_from_codes(module.qweight.codes, module.qweight.scales)
-        out.append(layer)
-    return out
+    """The converter's FP8 prefill weights (evaluators/runtime.py): each FakeQuantLinear in w8a8-fp8 -> its codes
+    and scales."""
+    from allocator.evaluators.runtime import model_quantized_projections
+    return model_quantized_projections(model)[1]
 
 
 @interpreted

@@ -132,21 +132,11 @@ def _small_hf(family: str):
                    vocab=512, max_positions=256, init=0.05).cuda()
 
 
-def _fp8_from_accuracy_path(model):
-    from allocator.evaluators.models import find_projections
-    from allocator.evaluators.quantize import FakeQuantLinear
-
-    out = []
-    for row in find_projections(model):
-        layer = {}
-        for p in row:
-            module = getattr(p.parent, p.attr)
-            while not isinstance(module, FakeQuantLinear) and hasattr(module, "inner"):
-                module = module.inner
-            if isinstance(module, FakeQuantLinear) and module.qweight.fmt == "w8a8-fp8":
-                layer[p.kind] = fp8_weight_from_codes(module.qweight.codes, module.qweight.scales)
-        out.append(layer)
-    return out
+def _fp8_from_accuracy_path(model) -> list[dict[str, Fp8Weight]]:
+    """The converter's FP8 prefill weights (evaluators/runtime.py): each FakeQuantLinear in w8a8-fp8 -> its codes
+    and scales."""
+    from allocator.evaluators.runtime import model_quantized_projections
+    return model_quantized_projections(model)[1]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
