@@ -38,6 +38,14 @@ Algorithm (pre-norm Llama block, as HF's LlamaForCausalLM computes it; Qwen2's q
   the fused Triton norm / RoPE + cache / SiLU * up / split-KV attention kernels (decode_ops.py); "dense" and
   "sparse" at batch > 1 (or on a CPU without the Triton interpreter) run the PyTorch elementwise ops around
   their projections; "fused*" is batch 1 only (ValueError otherwise).
+* Low-bit decode (`decode_lowbit[i][kind]`: a `DecodeWeight`, the projection's `lowbit_gemv.LowbitWeight` and its
+  input type): the site's 16-bit weight is replaced by the dequantized one (prefill, "reference" and "dense" without
+  the kernel multiply by it), and each site decodes as column runs of one format and one threshold (a q|k|v with q, v
+  in INT4 and k in bf16, or with per-projection thresholds, is three runs). "sparse" / "dense" call the low-bit GEMV
+  per run (`decode_lowbit_gemv`: threshold 0 takes its dense path; FP8-input formats mask, then round x to e4m3 per
+  token, as the accuracy path's threshold-then-fake-quant), bf16 runs `sparse_gemv`; "fused*" reads INT8 codes with
+  their column scales (`pipelined.indexed_gemv(scales=)`) when every low-bit projection is w8a16, and refuses other
+  low-bit sites. Cost: the low-bit bytes of each run's kept rows (lowbit_gemv.py).
 * q|k|v bias (`LayerWeights.qkv_bias`, Qwen2): added to the projection output, unmasked (the masks apply to x
   only), as nn.Linear does: y = (x * m) W + b. "dense" / prefill: F.linear(x, W, b) (cuBLAS addmm, one
   rounding); "reference": added to the fp32 accumulator before its rounding; "fused*": added to the fp32
@@ -289,6 +297,7 @@ class Decoder:
     prefill_fp8[i][kind] (kind in q k v o gate up down): that projection's `fp8_prefill.Fp8Weight` ([out, in] e4m3
     codes, one fp32 scale per output channel; `rtn_fp8_prefill` makes them from the bf16 weights, the converter
     from the accuracy path's codes and scales): prefill runs it W8A8 (`fp8_linear`); a kind left out runs bf16.
+    decode_lowbit[i][kind]: that projection's `DecodeWeight` for decode steps (module docstring, "Low-bit decode").
     Attributes read by the studies: `layers` (one dict per layer: the LayerWeights fields, plus `<site>_dense`
     row-major copies with keep_dense_weights), `kv` [L, 2, max_batch, nkv, max_len, hd], `rope_cos` /
     `rope_sin` [max_len, hd/2] fp32, `thresholds`.
