@@ -6,10 +6,10 @@ stages (``evaluators.stages``: calibrate, tabulate, allocate, plan) give the uni
 allocation, and ``evaluators.measure.compare`` measures them with the dense model on the same held-out windows
 (Austen and wiki, ``--eval-windows`` of 256 tokens each).
 
-Pinned here (not read from the main job's defaults, which may move): the main job's isolated KL profile on
-3 x 96 calibration-text tokens with one unit per GEMV input (``profile.unit=input``: q+k+v, o, gate+up, down), no
-split, no refinement, solved by ``dp``, calibration on 8 x 256 tokens. One table per method serves every budget
-(``profile.window=null`` on a grid cut to the union of the main job's trust regions, ``profile.window=0.2``, around
+Pinned here (not read from the main job's defaults, which move): the main job's allocation before issue 17 made the
+hybrid its default (d71ab43), an isolated KL profile on 3 x 96 calibration-text tokens with one unit per GEMV
+input (``profile.unit=input``: q+k+v, o, gate+up, down), no split, no refinement, solved by ``dp``, calibration
+on 8 x 256 tokens. One table per method serves every budget (``profile.window=null`` on a grid cut to the union of the main job's trust regions, ``profile.window=0.2``, around
 the runs' sparsities, plus s = 0: at 40 / 50% the levels 0, 0.2, ..., 0.7 of the default grid).
 
 Equal sparsity and equal bytes: teal, rsparse and oracle_topk act on every projection, so a level's sparsity is
@@ -41,7 +41,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -194,7 +193,8 @@ def report(frame: pd.DataFrame, out: Path, args, argv, machine: str, wall: float
     lines = [f"# Sparsity methods at equal sparsity and equal bytes: {args.model} (studies/methods.py)", "",
              "Command" + ("s" if len({r["command"] for r in results.values()}) > 1 else "") + ": "
              + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in results.values())), "",
-             f"Machine: {'; '.join(dict.fromkeys(r.get('machine', machine) for r in results.values()))}. Wall time: per method below, {total:.0f} s summed over the methods"
+             f"Machine: {'; '.join(dict.fromkeys(r.get('machine', machine) for r in results.values()))}. "
+             f"Wall time: per method below, {total:.0f} s summed over the methods"
              + (f" (the last invocation: {wall:.0f} s, model load included)" if wall else "") + ".", "",
              f"Held-out windows: {n} of 256 tokens; dense perplexity "
              + ", ".join(f"{short(s)} {d['perplexity']:.2f}" for s, d in dense.items()) + ".", "",

@@ -45,7 +45,8 @@ def test_quick_run_prices_bytes_per_method_and_pairs_the_rows(tmp_path):
     uniform = cats[(cats.allocation == "uniform") & (cats.match == "sparsity")].set_index("budget")
     assert uniform.loc[0.5, "byte_sparsity"] == pytest.approx(0.25)
     equal = cats[(cats.match == "bytes") & (cats.budget == 0.4)].set_index("allocation")
-    assert equal.loc["uniform", "s"] == pytest.approx(0.8) and equal.loc["uniform", "byte_sparsity"] == pytest.approx(0.4)
+    assert equal.loc["uniform", "s"] == pytest.approx(0.8)
+    assert equal.loc["uniform", "byte_sparsity"] == pytest.approx(0.4)
     assert "t_dnll_wiki" in equal and math.isfinite(equal.loc["uniform", "t_dnll_wiki"])   # paired against teal
     assert (cats[(cats.match == "bytes") & (cats.budget == 0.5)].allocation == "infeasible").all()
     assert (frame.dropna(subset=["ppl_austen"]).ppl_austen > 1).all()
