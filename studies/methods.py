@@ -9,8 +9,9 @@ allocation, and ``evaluators.measure.compare`` measures them with the dense mode
 Pinned here (not read from the main job's defaults, which move): the main job's allocation before issue 17 made the
 hybrid its default (d71ab43), an isolated KL profile on 3 x 96 calibration-text tokens with one unit per GEMV
 input (``profile.unit=input``: q+k+v, o, gate+up, down), no split, no refinement, solved by ``dp``, calibration
-on 8 x 256 tokens. One table per method serves every budget (``profile.window=null`` on a grid cut to the union of the main job's trust regions, ``profile.window=0.2``, around
-the runs' sparsities, plus s = 0: at 40 / 50% the levels 0, 0.2, ..., 0.7 of the default grid).
+on 8 x 256 tokens. One table per method serves every budget (``profile.window=null`` on a grid cut to the union
+of the main job's trust regions, ``profile.window=0.2``, around the runs' sparsities, plus s = 0: at 40 / 50% the
+levels 0, 0.2, ..., 0.7 of the default grid).
 
 Equal sparsity and equal bytes: teal, rsparse and oracle_topk act on every projection, so a level's sparsity is
 its share of decode bytes (R-Sparse's low-rank factors included: ``allocator.costs.rsparse_split``), and the two
