@@ -295,7 +295,11 @@ def allocate(config: JobConfig, model, method: Method, windows: Windows, tables,
     solution = solve(config, model, method, windows, tables, grid, split)
     if split is None:
         return solution, tables
-    return on_projections(config, model, solution, grid, split)
+    solution, ptables = on_projections(config, model, solution, grid, split)
+    profiled = ("profile_mode", "profile_key", "method", "data_hash", "tokens", "windows", "operating_level", "seed",
+                "kl_top_k", "metric", "split")               # what the report says of the profile, not the pricing
+    ptables.provenance.update({k: v for k, v in tables.provenance.items() if k in profiled})
+    return solution, ptables
 
 
 def run_main_job(config: JobConfig | dict, output_dir: Path) -> dict:

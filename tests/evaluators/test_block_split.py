@@ -157,6 +157,7 @@ def test_main_job_with_the_hybrid(tmp_path):
     assert rows["dp"]["model_sparsity"] >= 0.5 - 1e-9                   # priced per projection
     assert rows["dp"]["realized_austen_eval"] > 0.4
     assert (out / "split.csv").exists() and "split" in json.loads((out / "summary.json").read_text())["timings"]
+    assert "on 64 calibration tokens" in (out / "report.md").read_text()     # the profile's 2 x 32, not pricing's
     cfg["profile"]["unit"] = "input"
     with pytest.raises(ValueError, match="profile.unit=layer or profile.unit=block"):
         run_main_job(cfg, tmp_path / "bad")
