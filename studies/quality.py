@@ -42,7 +42,8 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_common_args, add_config_args, base_overrides, job_config, short  # noqa: E402
+from _common import (add_common_args, add_config_args, base_overrides, byte_sparsity, job_config,  # noqa: E402
+                     paired, short)
 
 VARIANTS = {
     "dp_input": ["profile.unit=input", "profile.split=none", "profile.refine=null"],
@@ -75,16 +76,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def byte_sparsity(model, allocation) -> float:
-    """Share of the projections' weight elements the allocation's levels skip (what a sparse GEMV does not read)."""
-    from allocator.evaluators.models import find_projections
-    from allocator.evaluators.plan import allocation_targets
-    rows = find_projections(model)
-    total = sum(p.d_in * p.d_out for row in rows for p in row)
-    return sum(level.s * p.d_in * p.d_out for target, level in allocation_targets(allocation)
-               for p in target.projections(rows)) / total
-
-
 def solved(config, model, method, windows, tokenizer):
     """(the allocation the variant's main job would apply, seconds of its tables and solve). The profiling windows
     are the variant's own (``data.profile_*``); the calibration (``method``) is shared."""
@@ -96,19 +87,6 @@ def solved(config, model, method, windows, tokenizer):
     grid, split, tables, _ = tabulate(config, model, method, windows, level_grid(config))
     solution, _ = allocate(config, model, method, windows, tables, grid, split)
     return solution, time.perf_counter() - start
-
-
-def paired(runs: dict, name: str, against: str) -> dict:
-    """Per-token NLL and KL of ``name`` minus ``against``, paired over the windows, per held-out source."""
-    from allocator.gains import paired_difference, verdict
-    out = {}
-    for src, res in runs.items():
-        a, b = (np.asarray(res[n]["per_window"]) for n in (name, against))
-        for col, what in ((0, "nll"), (1, "kl")):
-            mean, se, n = paired_difference(a[:, col] / a[:, 2], b[:, col] / b[:, 2])
-            out[f"d{what}_{short(src)}"], out[f"se_{what}_{short(src)}"] = mean, se
-            out[f"{what}_{short(src)}_verdict"] = verdict(mean, se)
-    return out
 
 
 def variant_overrides(args, name: str) -> list[str]:
