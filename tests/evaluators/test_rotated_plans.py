@@ -75,6 +75,6 @@ def test_the_runtime_refuses_rotations_and_formats_it_cannot_run(rotated, calib_
         decoder_from_hf(model)
     applied.restore_(model)
     plan = CompressionPlan.build(model, get_method("teal").calibrate(model, calib_windows),
-                                 [(Target.of(0), Level(0.5, fmt="w4a16-g128"))])
-    with pytest.raises(RuntimeUnsupported, match="format w4a16-g128"):
+                                 [(Target.of(0), Level(0.5, fmt="w3a16-g128"))])   # 3-bit: no decode kernel
+    with pytest.raises(RuntimeUnsupported, match="format w3a16-g128 has no decode kernel"):
         site_thresholds(model, plan)
