@@ -106,7 +106,7 @@ def measure(config, model, tokenizer, plans: dict[str, CompressionPlan], windows
                                                        for src, res in held_out.items()})
     out.speed = decode_speed_or_reason(config, model, plans)
     if isinstance(out.speed, dict):
-        for column in ("tokens_per_s", "speedup", "step_ms"):
+        for column in ("tokens_per_s", "speedup", "step_ms", "prefill_ms"):
             out.frame[column] = [out.speed[name][column] for name in out.frame["allocation"]]
     if "latency_decode" in tables.costs:     # the timing twin of the additivity audit: table sum vs measured
         out.frame["predicted_gemv_us"] = [predicted_cost(tables, solution.allocations.get(name), "latency_decode")

@@ -41,10 +41,12 @@ def paired_lines(per_window: dict) -> list[str]:
 
 
 def speed_line(speed) -> str:
-    """One sentence on decode speed: tokens/s per allocation, and plainly when the kernels do not pay."""
+    """One sentence on speed: decode tokens/s and prefill ms per allocation, and plainly when the kernels do not
+    pay."""
     if not isinstance(speed, dict):
         return speed or "not measured"
-    parts = [f"{name} {row['tokens_per_s']:.1f} tokens/s ({row['speedup']:.2f}x)" for name, row in speed.items()]
+    parts = [f"{name} {row['tokens_per_s']:.1f} tokens/s ({row['speedup']:.2f}x), prefill {row['prefill_ms']:.1f} ms"
+             for name, row in speed.items()]
     slow = [name for name, row in speed.items() if name != "dense" and row["speedup"] < 1.0]
     note = (f"; the sparse kernels do not pay here for {', '.join(slow)} (a small model's decode step is "
             "launch-bound, not bandwidth-bound)") if slow else ""
