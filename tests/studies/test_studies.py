@@ -11,7 +11,8 @@ import pytest
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
 NAMES = ["compare_solvers", "unit_granularity", "smollm2_allocation", "solver_scaling", "kernel_bench", "e2e_decode",
          "profile_step", "runtime_bench", "scaleout", "teal_greedy", "joint_bits", "lowbit_bench", "prefill_bench",
-         "quality", "proxy_fidelity", "sensitivity", "methods", "lowbit_decode", "latency_formats"]
+         "quality", "proxy_fidelity", "sensitivity", "methods", "lowbit_decode", "latency_formats",
+         "evo_hyperparameters"]
 
 
 def _load(name: str):
