@@ -121,3 +121,22 @@ def paired(runs: dict, name: str, against: str) -> dict:
             out[f"d{what}_{short(src)}"], out[f"se_{what}_{short(src)}"] = mean, se
             out[f"{what}_{short(src)}_verdict"] = verdict(mean, se)
     return out
+
+
+def paired_markdown(frame, cols: list[str]) -> str:
+    """A Markdown table of ``frame``'s ``cols`` (those present) plus, per held-out source with paired differences
+    (``paired``'s columns), "mean +- SE (verdict)" of the per-token NLL and KL; "(reference)" on the row they are
+    taken against."""
+    table = frame[[c for c in cols if c in frame]].copy()
+    for src in ("austen", "wiki"):
+        if f"dkl_{src}" in frame:
+            table[f"dnll {src}"] = [_plus_minus(r, "nll", src) for _, r in frame.iterrows()]
+            table[f"dkl {src}"] = [_plus_minus(r, "kl", src) for _, r in frame.iterrows()]
+    return table.to_markdown(index=False, floatfmt=".4g")
+
+
+def _plus_minus(row, what: str, src: str) -> str:
+    mean = row.get(f"d{what}_{src}")
+    if mean is None or mean != mean:
+        return "(reference)"
+    return f"{mean:+.4f} +- {row[f'se_{what}_{src}']:.4f} ({row[f'{what}_{src}_verdict']})"

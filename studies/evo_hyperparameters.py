@@ -39,7 +39,8 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_common_args, add_config_args, base_overrides, job_config, paired, short  # noqa: E402
+from _common import (add_common_args, add_config_args, base_overrides, job_config, paired,  # noqa: E402
+                     paired_markdown, short)
 
 #: the one table: one unit per GEMV input, no split, no refinement (fast to profile; the main job's level window)
 TABLE = ["profile.unit=input", "profile.split=none", "profile.refine=null"]
@@ -212,20 +213,8 @@ def report(frame: pd.DataFrame, meta: dict) -> str:
              "(negative: better), +- one standard error; `tie` within two.", ""]
     cols = ["allocation", "population", "generations", "generations_run", "fitness_windows", "n_evals", "true_evals",
             "fit_kl", "fit_kl_dp", "search_s", "table_kl", "ppl_austen", "kl_austen", "ppl_wiki", "kl_wiki"]
-    table = frame[[c for c in cols if c in frame]].copy()
-    for src in ("austen", "wiki"):
-        if f"dkl_{src}" in frame:
-            table[f"dnll {src}"] = [_pm(r, "nll", src) for _, r in frame.iterrows()]
-            table[f"dkl {src}"] = [_pm(r, "kl", src) for _, r in frame.iterrows()]
-    lines += [table.to_markdown(index=False, floatfmt=".4g"), ""]
+    lines += [paired_markdown(frame, cols), ""]
     return "\n".join(lines)
-
-
-def _pm(row, what: str, src: str) -> str:
-    mean = row.get(f"d{what}_{src}")
-    if mean is None or mean != mean:
-        return "(reference)"
-    return f"{mean:+.4f} +- {row[f'se_{what}_{src}']:.4f} ({row[f'{what}_{src}_verdict']})"
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (add_common_args, add_config_args, base_overrides, byte_sparsity, job_config,  # noqa: E402
-                     paired, short)
+                     paired, paired_markdown, short)
 
 VARIANTS = {
     "dp_input": ["profile.unit=input", "profile.split=none", "profile.refine=null"],
@@ -198,20 +198,8 @@ def report(frame: pd.DataFrame, windows, argv) -> str:
     for budget, part in frame.groupby("budget"):
         lines += [f"## {budget:.0%} of projection bytes", ""]
         cols = ["allocation", "byte_sparsity", "ppl_austen", "kl_austen", "ppl_wiki", "kl_wiki", "seconds"]
-        table = part[[c for c in cols if c in part]].copy()
-        for src in ("austen", "wiki"):
-            if f"dkl_{src}" in part:
-                table[f"dnll {src}"] = [_pm(r, "nll", src) for _, r in part.iterrows()]
-                table[f"dkl {src}"] = [_pm(r, "kl", src) for _, r in part.iterrows()]
-        lines += [table.to_markdown(index=False, floatfmt=".4g"), ""]
+        lines += [paired_markdown(part, cols), ""]
     return "\n".join(lines)
-
-
-def _pm(row, what: str, src: str) -> str:
-    mean = row.get(f"d{what}_{src}")
-    if mean is None or mean != mean:
-        return "(reference)"
-    return f"{mean:+.4f} +- {row[f'se_{what}_{src}']:.4f} ({row[f'{what}_{src}_verdict']})"
 
 
 if __name__ == "__main__":
