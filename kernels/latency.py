@@ -104,9 +104,10 @@ def measure_latency_table(
     unknown = set(paths) - set(PATHS)
     if unknown:
         raise ValueError(f"unknown latency path(s) {sorted(unknown)}; use {PATHS}")
-    lowbit = [f for f in formats if decode_kernel(f) != "bf16"]
-    if "bf16" not in [decode_kernel(f) for f in formats] and not lowbit:
+    if not formats:
         raise ValueError("no format to time")
+    lowbit = [f for f in formats if decode_kernel(f) != "bf16"]
+    sixteen_bit = len(lowbit) < len(formats)
     missing = [f for f in lowbit if decode_kernel(f) is None]
     if missing:
         raise ValueError(f"formats {missing} have no decode kernel; low-bit decode runs {DECODE_KERNELS[1:]} weights")
@@ -127,7 +128,7 @@ def measure_latency_table(
                 for fmt in lowbit:
                     rows += _lowbit_rows(gpu, fmt, d_out, d_in, sparsities, dtype, batch, dense_us, device, g,
                                          rep_ms)
-                if "bf16" not in formats:
+                if not sixteen_bit:
                     continue
                 for rho in rhos:
                     for s in sparsities:

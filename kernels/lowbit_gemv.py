@@ -171,11 +171,7 @@ def lowbit_from_codes(codes: torch.Tensor, scales: torch.Tensor, bits: int, grou
         raise ValueError("INT4 scales out of fp16 range (the kernel keeps fp16 scales)")
     if per_channel:
         s16 = s16.expand(N, triton.cdiv(K, group))
-    u = (codes.to(torch.int16) + 8).to(torch.uint8).T  # [K, N] code + 8
-    if N % 2:
-        u = torch.nn.functional.pad(u, (0, 1), value=8)
-    q = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
-    return LowbitWeight("int4", q, s16.T.contiguous(), N, K, group)
+    return _int4_weight(codes.T, s16.T, group)
 
 
 def pack_int4(w: torch.Tensor, group: int = GROUP) -> LowbitWeight:
@@ -187,7 +183,14 @@ def pack_int4(w: torch.Tensor, group: int = GROUP) -> LowbitWeight:
     scales = (wt.abs().amax(dim=1) / 7.5).clamp_min(torch.finfo(torch.float16).tiny).to(torch.float16)  # [ng, N]
     assert torch.isfinite(scales).all(), "weights too large for fp16 scales"
     codes = torch.round(wt / scales.float()[:, None, :]).clamp_(-8, 7).reshape(ng * group, N)[:K]
-    u = (codes + 8).to(torch.uint8)
+    return _int4_weight(codes, scales, group)
+
+
+def _int4_weight(codes_t: torch.Tensor, scales: torch.Tensor, group: int) -> LowbitWeight:
+    """The INT4 layout from codes [K, N] in [-8, 7] (any dtype) and fp16 scales [ceil(K / group), N]: code + 8
+    two per byte along N (an odd N gets a code-0 padding column)."""
+    K, N = codes_t.shape
+    u = (codes_t.to(torch.int16) + 8).to(torch.uint8)
     if N % 2:
         u = torch.nn.functional.pad(u, (0, 1), value=8)  # a code-0 column
     q = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()

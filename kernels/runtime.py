@@ -343,7 +343,7 @@ class Decoder:
         self._triton = self.device.type == "cuda" or _interpreting()
         self._prefill_runs = self._plan_prefill_fp8(prefill_fp8)
         self._lowbit_runs = self._plan_decode_lowbit(decode_lowbit)
-        self._fused_lowbit = [self._fused_codes(i, given) for i, given in enumerate(decode_lowbit or [])]
+        self._fused_lowbit: list[dict[str, LowbitWeight | None]] | None = None  # built on first fused use
         if keep_dense_weights:  # row-major [N, K], what nn.Linear holds (cuBLAS baseline of "dense")
             for layer in self.layers:
                 layer.update({site + "_dense": layer[site].T.contiguous() for site in SITES})
@@ -445,27 +445,42 @@ class Decoder:
                 out.append(_Run(tuple(kinds), a, b, DecodeWeight(weight, parts[0].act)))
         return out
 
-    def _fused_codes(self, i: int, given: dict) -> dict[str, LowbitWeight | None]:
-        """Per low-bit site of layer i, the whole site's weight for the fused step: INT8 codes in every projection
-        (weight-only), concatenated in column order; None where the fused step cannot read it (INT4, FP8 inputs,
-        bf16 columns beside low-bit ones)."""
-        out = {}
-        for site in self._lowbit_runs[i]:
-            parts = [given.get(kind) for kind in PROJECTIONS[site]]
-            ok = all(p is not None and p.weight.fmt == "int8" and p.act == "bf16" for p in parts)
-            out[site] = LowbitWeight.cat([p.weight.to(self.device) for p in parts]) if ok else None
-        return out
+    def _fused_codes(self) -> list[dict[str, LowbitWeight | None]]:
+        """Per layer and low-bit site, the whole site's weight for the fused step: INT8 codes in every projection
+        (weight-only), its runs' weights in column order (the one run's weight itself when the site is one run);
+        None where the fused step cannot read it (INT4, FP8 inputs, bf16 columns beside low-bit ones). Built once,
+        on first use: a Decoder that never runs the fused step holds no second copy."""
+        if self._fused_lowbit is None:
+            def fused(runs: list[_Run]) -> LowbitWeight | None:
+                if not all(r.weight is not None and r.weight.weight.fmt == "int8" and r.weight.act == "bf16"
+                           for r in runs):
+                    return None
+                return LowbitWeight.cat([r.weight.weight for r in runs])
+            self._fused_lowbit = [{site: fused(runs) for site, runs in row.items()} for row in self._lowbit_runs]
+        return self._fused_lowbit
 
     @property
     def fused_lowbit(self) -> bool:
         """Whether the fused step runs every low-bit site (all INT8 weight-only; see `_fused_codes`)."""
-        return all(w is not None for row in self._fused_lowbit for w in row.values())
+        return all(w is not None for row in self._fused_codes() for w in row.values())
 
     def kind_thresholds(self, i: int, site: str) -> dict[str, float]:
         """Layer i's threshold of each projection kind of `site`."""
         values, _ = self.site_threshold(i, site)
         kinds = PROJECTIONS[site]
         return dict(zip(kinds, values if len(values) == len(kinds) else values * len(kinds)))
+
+    def decode_weight_bytes(self) -> int:
+        """Bytes of the projection weights a decode step reads with every row kept: each low-bit run's packed
+        codes and scales, the 16-bit columns at their element size (the LM head and embedding not counted)."""
+        total = 0
+        for i, layer in enumerate(self.layers):
+            for site in SITES:
+                w = layer[site]
+                runs = self._lowbit_runs[i].get(site) or [_Run((), 0, w.shape[1], None)]
+                total += sum(r.weight.weight.nbytes if r.weight is not None else
+                             (r.end - r.first) * w.shape[0] * w.element_size() for r in runs)
+        return total
 
     @property
     def has_lowbit(self) -> bool:
@@ -722,7 +737,7 @@ class Decoder:
     def _fused_weight(self, i: int, site: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight [K, N], scales or None) the fused step reads for layer i's site: INT8 codes and their column
         scales for a low-bit site, else the 16-bit weight."""
-        packed = self._fused_lowbit[i].get(site) if self._fused_lowbit else None
+        packed = self._fused_codes()[i].get(site)
         return (self.layers[i][site], None) if packed is None else (packed.qweight, packed.scales)
 
     # -- greedy generation --
