@@ -212,8 +212,9 @@ def _kernel_weights(model: nn.Module, state_of) -> tuple[list[dict], list[dict]]
 
 
 def decoder_from_hf(model: nn.Module, plan: CompressionPlan | None = None, *, max_len: int = 2048,
-                    max_batch: int = 1, weights=None):
-    """A ``kernels.runtime.Decoder`` running ``model`` with ``plan``'s thresholds (dense without a plan)."""
+                    max_batch: int = 1, weights=None, keep_dense_weights: bool = False):
+    """A ``kernels.runtime.Decoder`` running ``model`` with ``plan``'s thresholds (dense without a plan);
+    ``keep_dense_weights``: row-major copies too, so mode "dense" is cuBLAS on nn.Linear's layout."""
     from allocator.kernels.llama_decode import DecoderShape
     from allocator.kernels.runtime import Decoder
 
@@ -228,7 +229,8 @@ def decoder_from_hf(model: nn.Module, plan: CompressionPlan | None = None, *, ma
     decode, prefill = quantized_projections(model, plan)
     return Decoder(DecoderShape.from_config(model.config.to_dict()), weights, thresholds=thresholds,
                    max_len=max_len, max_batch=max_batch, dtype=param.dtype, device=param.device,
-                   decode_lowbit=decode if any(decode) else None, prefill_fp8=prefill if any(prefill) else None)
+                   decode_lowbit=decode if any(decode) else None, prefill_fp8=prefill if any(prefill) else None,
+                   keep_dense_weights=keep_dense_weights)
 
 
 @register_evaluator("decode_speed")

@@ -67,21 +67,6 @@ def cases(formats, sparsities, n_layers):
     return out + [("mixed", 0.5, "sparse", mixed)]
 
 
-def weight_bytes(decoder) -> float:
-    """Decode weight bytes of the projections as the runtime reads them (dense columns: 2 bytes per weight)."""
-    total = 0
-    for i, layer in enumerate(decoder.layers):
-        for site in ("qkv", "o", "gate_up", "down"):
-            runs = decoder._lowbit_runs[i].get(site)
-            if runs is None:
-                total += layer[site].numel() * layer[site].element_size()
-                continue
-            for run in runs:
-                total += (run.weight.weight.nbytes if run.weight is not None else
-                          (run.end - run.first) * layer[site].shape[0] * layer[site].element_size())
-    return float(total)
-
-
 def main():
     args = parse_args()
     if args.quick:
@@ -105,13 +90,11 @@ def main():
         todo = [todo[0], todo[-2]]
     for name, s, mode, pairs in todo:
         plan = None if pairs is None else CompressionPlan.build(model, method, pairs)
-        decoder = decoder_from_hf(model, plan, max_len=max(args.context, args.prefill) + 8, weights=weights)
-        if pairs is None:
-            decoder = type(decoder)(decoder.shape, weights, max_len=decoder.max_len, keep_dense_weights=True,
-                                    dtype=decoder.dtype, device=decoder.device)
+        decoder = decoder_from_hf(model, plan, max_len=max(args.context, args.prefill) + 8, weights=weights,
+                                  keep_dense_weights=pairs is None)
         ms = step_ms(decoder, 1, args.context, mode, vocab)
         prefill_ms = timed_prefill_ms(decoder, prompt, rep_ms=60)
-        nbytes = weight_bytes(decoder)
+        nbytes = float(decoder.decode_weight_bytes())
         base = base or {"ms": ms, "bytes": nbytes, "prefill": prefill_ms}
         rows.append({"gpu": gpu, "model": args.model, "dtype": args.dtype, "format": name, "sparsity": s, "mode": mode,
                      "context": args.context, "step_ms": ms, "tokens_per_s": 1e3 / ms, "speedup": base["ms"] / ms,
